@@ -1,0 +1,212 @@
+"""The ``recsys`` command line (DESIGN.md, "Command line").
+
+The CLI is the composition root: it is the one place in ``recsys/`` that reaches into
+``features``, ``training`` and ``serving``, and it does so lazily, per command, so
+``recsys --help`` stays instant and the shared core imports none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from recsys.config import load_config
+from recsys.errors import RecsysError
+from recsys.rundir import RunDir
+
+log = logging.getLogger("recsys")
+
+STEPS = ("prepare", "embed", "train", "index", "evaluate")
+
+
+def _call(target: str, *args: Any, **kwargs: Any) -> Any:
+    """Import ``module:function`` on demand and call it."""
+    module_name, func_name = target.split(":")
+    return getattr(importlib.import_module(module_name), func_name)(*args, **kwargs)
+
+
+STEP_TARGETS: dict[str, str] = {
+    "prepare": "features.pipeline:prepare",
+    "embed": "features.embed:embed",
+    "train": "training.train:train",
+    "index": "serving.index:build_index",
+    "evaluate": "training.evaluate:evaluate",
+}
+
+
+def run_step(step: str, run: RunDir, **kwargs: Any) -> Any:
+    started = time.perf_counter()
+    log.info("== %s (%s)", step, run.root)
+    result = _call(STEP_TARGETS[step], run, **kwargs)
+    log.info("== %s done in %.1f s", step, time.perf_counter() - started)
+    return result
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    if args.nproc is not None:
+        overrides.append(f"train.nproc={args.nproc}")
+    cfg = load_config(args.config, overrides)
+    data_dir = Path(args.data)
+    if not data_dir.is_dir():
+        raise RecsysError(f"--data {data_dir}: no such dataset directory")
+    run = RunDir.create(args.out, cfg, data_dir)
+    for step in STEPS:
+        run_step(step, run)
+    run.write_manifest()
+    log.info("run complete: %s (metrics in %s)", run.root, run.metrics_path)
+    return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    run = RunDir(args.run)
+    run.config()  # fails clearly when RUN is not a run directory
+    kwargs: dict[str, Any] = {}
+    if args.command == "train":
+        kwargs = {"resume": args.resume, "nproc": args.nproc}
+    if args.command == "evaluate" and args.compare:
+        kwargs = {"compare": [Path(p) for p in args.compare]}
+    run_step(args.command, run, **kwargs)
+    if args.command == "evaluate":
+        run.write_manifest()
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.source_kind == "synth":
+        summary = _call(
+            "features.synth:synthesize",
+            Path(args.out),
+            users=args.users,
+            items=args.items,
+            interactions=args.interactions,
+            seed=args.seed,
+            images=not args.no_images,
+            task_correlation=args.task_correlation,
+        )
+    else:
+        summary = _call("features.movielens:convert", Path(args.source), Path(args.out), split=args.split)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    _call("serving.recommend:main", RunDir(args.run), user=args.user, history=args.history, k=args.k)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _call("serving.app:serve", RunDir(args.run), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    _call("training.experiment:ablation", Path(args.data), Path(args.out), config=args.config, overrides=args.set or [])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _call("training.demo:demo", Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description="Multi-task, multimodal recommender.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make a dataset directory (synthetic or MovieLens)")
+    data_sub = data.add_subparsers(dest="source_kind", required=True)
+    synth = data_sub.add_parser("synth", help="synthetic multimodal dataset with ground truth")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--users", type=int, default=2000)
+    synth.add_argument("--items", type=int, default=1000)
+    synth.add_argument("--interactions", type=int, default=None, help="impressions (default 50 per user)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--no-images", action="store_true", help="skip PNG generation (large benchmarks)")
+    synth.add_argument("--task-correlation", type=float, default=0.8, help="correlation of click and conversion signals, in [-1, 1]")
+    synth.set_defaults(func=cmd_data)
+    ml = data_sub.add_parser("movielens", help="MovieLens-100K directory -> dataset contract")
+    ml.add_argument("--source", required=True, help="directory with u.data, u.item, u.user")
+    ml.add_argument("--out", required=True)
+    ml.add_argument("--split", default=None, help="u1..u5, ua, ub (GroupLens split files); default temporal")
+    ml.set_defaults(func=cmd_data)
+
+    run = sub.add_parser("run", help="prepare -> embed -> train -> index -> evaluate")
+    run.add_argument("--data", required=True)
+    run.add_argument("--out", required=True)
+    run.add_argument("--config", default=None)
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.add_argument("--nproc", type=int, default=None, help="training processes (torchrun + TorchRec sharding)")
+    run.set_defaults(func=cmd_run)
+
+    for step in STEPS:
+        p = sub.add_parser(step, help=f"the {step} step on an existing run")
+        p.add_argument("--run", required=True)
+        if step == "train":
+            p.add_argument("--nproc", type=int, default=None)
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if step == "evaluate":
+            p.add_argument("--compare", nargs="*", default=None, help="other run directories to compare against")
+        p.set_defaults(func=cmd_step)
+
+    rec = sub.add_parser("recommend", help="top-k for one user (or a history of item ids)")
+    rec.add_argument("--run", required=True)
+    rec.add_argument("--user", default=None)
+    rec.add_argument("--history", nargs="*", default=None)
+    rec.add_argument("--k", type=int, default=10)
+    rec.set_defaults(func=cmd_recommend)
+
+    serve = sub.add_parser("serve", help="HTTP retrieval service")
+    serve.add_argument("--run", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+
+    exp = sub.add_parser("experiment", help="experiment grids")
+    exp_sub = exp.add_subparsers(dest="experiment", required=True)
+    abl = exp_sub.add_parser("ablation", help="MMoE/shared-bottom/single-task x id/text/image/both")
+    abl.add_argument("--data", required=True)
+    abl.add_argument("--out", required=True)
+    abl.add_argument("--config", default=None)
+    abl.add_argument("--set", action="append", metavar="KEY=VALUE")
+    abl.set_defaults(func=cmd_experiment)
+
+    demo = sub.add_parser("demo", help="synthetic data -> run -> recommendations -> report")
+    demo.add_argument("--out", default="demo")
+    demo.add_argument("--quick", action="store_true", help="smaller data, one epoch")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def setup_logging(quiet: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except RecsysError as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recsys: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
