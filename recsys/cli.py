@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from recsys.config import load_config
+from recsys.config import Config, load_config
 from recsys.errors import RecsysError
 from recsys.rundir import RunDir
 
@@ -48,19 +48,23 @@ def run_step(step: str, run: RunDir, **kwargs: Any) -> Any:
     return result
 
 
+def run_pipeline(data_dir: Path, out: Path, cfg: Config) -> RunDir:
+    """prepare -> embed -> train -> index -> evaluate into a fresh run directory."""
+    if not Path(data_dir).is_dir():
+        raise RecsysError(f"--data {data_dir}: no such dataset directory")
+    run = RunDir.create(out, cfg, data_dir)
+    for step in STEPS:
+        run_step(step, run)
+    run.write_manifest()
+    log.info("run complete: %s (metrics in %s, report in %s)", run.root, run.metrics_path, run.report_html)
+    return run
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.nproc is not None:
         overrides.append(f"train.nproc={args.nproc}")
-    cfg = load_config(args.config, overrides)
-    data_dir = Path(args.data)
-    if not data_dir.is_dir():
-        raise RecsysError(f"--data {data_dir}: no such dataset directory")
-    run = RunDir.create(args.out, cfg, data_dir)
-    for step in STEPS:
-        run_step(step, run)
-    run.write_manifest()
-    log.info("run complete: %s (metrics in %s)", run.root, run.metrics_path)
+    run_pipeline(Path(args.data), Path(args.out), load_config(args.config, overrides))
     return 0
 
 
@@ -111,8 +115,26 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SIZES = {"quick": (300, 200, "train.epochs=1"), "full": (2000, 1000, "train.epochs=4")}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    _call("training.demo:demo", Path(args.out), quick=args.quick)
+    """Synthetic data -> full run -> a few recommendations -> where the report is."""
+    users, items, epochs = DEMO_SIZES["quick" if args.quick else "full"]
+    out = Path(args.out)
+    data_dir = out / "data"
+    if not (data_dir / "interactions.parquet").is_file():
+        log.info("== synthesizing %d users x %d items into %s", users, items, data_dir)
+        _call("features.synth:synthesize", data_dir, users=users, items=items, interactions=None, seed=0, images=True, task_correlation=0.8)
+    run = run_pipeline(data_dir, out / "run", load_config(None, [epochs, *(args.set or [])]))
+    user = _call("serving.recommend:sample_user", run)
+    print(f"\nTop 10 for user {user}:")
+    _call("serving.recommend:main", run, user=user, history=None, k=10)
+    metrics = json.loads(run.metrics_path.read_text())
+    headline = {task: metrics[task] for task in ("click", "conversion", "ctcvr", "rating") if task in metrics}
+    print("\nTest metrics:", json.dumps(headline))
+    print(f"Report: {run.report_html.resolve()}  (summary: {run.report_md.resolve()})")
+    print(f"Serve it: recsys serve --run {run.root}")
     return 0
 
 
@@ -181,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="synthetic data -> run -> recommendations -> report")
     demo.add_argument("--out", default="demo")
     demo.add_argument("--quick", action="store_true", help="smaller data, one epoch")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
