@@ -1,0 +1,270 @@
+"""The synthetic dataset generator: contract, determinism, and labels that follow the oracle."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from features.synth import TEXTURES, TOPIC_WORDS, synthesize
+from recsys.cli import main as cli_main
+from recsys.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A tiny dataset with images: 60 users x 50 impressions, 120 items."""
+    out = tmp_path_factory.mktemp("synth_small")
+    return out, synthesize(out, users=60, items=120, seed=3, images=True)
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Enough rows for calibration checks: 1500 users x 40 impressions, 400 items, no images."""
+    out = tmp_path_factory.mktemp("synth_large")
+    return out, synthesize(out, users=1500, items=400, interactions=60_000, seed=11, images=False)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p) - np.log1p(-p)
+
+
+def _binned_rates(predicted: np.ndarray, observed: np.ndarray, bins: int) -> list[tuple[float, float, int]]:
+    """(mean predicted, observed rate, rows) per quantile bin of the predicted value."""
+    edges = np.quantile(predicted, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, predicted, "right") - 1, 0, bins - 1)
+    return [(predicted[which == b].mean(), observed[which == b].mean(), int((which == b).sum())) for b in range(bins)]
+
+
+# -- determinism ---------------------------------------------------------------------------
+def test_same_arguments_write_byte_identical_files(tmp_path: Path) -> None:
+    synthesize(tmp_path / "a", users=20, items=30, seed=5, images=True)
+    synthesize(tmp_path / "b", users=20, items=30, seed=5, images=True)
+    digests = _digests(tmp_path / "a")
+    assert len(digests) == 6 + 30  # 5 parquet + truth.json, one PNG per item
+    assert digests == _digests(tmp_path / "b")
+
+
+def test_different_seed_gives_different_interactions(tmp_path: Path) -> None:
+    synthesize(tmp_path / "a", users=20, items=30, seed=5, images=False)
+    synthesize(tmp_path / "b", users=20, items=30, seed=6, images=False)
+    first = pl.read_parquet(tmp_path / "a" / "interactions.parquet")
+    second = pl.read_parquet(tmp_path / "b" / "interactions.parquet")
+    assert first.shape == second.shape
+    assert not first.equals(second)
+
+
+# -- the dataset contract ------------------------------------------------------------------
+def test_interactions_have_contract_columns_and_dtypes(small: tuple[Path, dict]) -> None:
+    frame = pl.read_parquet(small[0] / "interactions.parquet")
+    assert frame.schema == pl.Schema(
+        {
+            "user_id": pl.String,
+            "item_id": pl.String,
+            "timestamp": pl.Int64,
+            "click": pl.Int8,
+            "conversion": pl.Int8,
+            "rating": pl.Float32,
+        }
+    )
+    assert frame.height == 60 * 50  # default: 50 impressions per user
+    assert frame["timestamp"].is_sorted()
+
+
+def test_items_and_users_have_contract_columns(small: tuple[Path, dict]) -> None:
+    items = pl.read_parquet(small[0] / "items.parquet")
+    users = pl.read_parquet(small[0] / "users.parquet")
+    assert items.schema == pl.Schema(
+        {"item_id": pl.String, "text": pl.String, "image": pl.String, "category": pl.String, "price": pl.Float64, "created_at": pl.Int64}
+    )
+    assert users.schema == pl.Schema({"user_id": pl.String, "region": pl.String, "age": pl.Int64})
+    assert items["item_id"].to_list()[:3] == ["i0", "i1", "i2"] and items["item_id"].n_unique() == 120
+    assert items["image"][7] == "images/i7.png"
+    assert users["user_id"].n_unique() == 60 and (items["price"] > 0).all()
+
+
+def test_interactions_name_only_catalogue_items_and_known_users(small: tuple[Path, dict]) -> None:
+    out = small[0]
+    frame = pl.read_parquet(out / "interactions.parquet")
+    assert frame["item_id"].is_in(pl.read_parquet(out / "items.parquet")["item_id"].implode()).all()
+    assert frame["user_id"].is_in(pl.read_parquet(out / "users.parquet")["user_id"].implode()).all()
+
+
+def test_conversion_happens_only_on_clicked_rows(large: tuple[Path, dict]) -> None:
+    frame = pl.read_parquet(large[0] / "interactions.parquet")
+    assert frame.filter(pl.col("click") == 0)["conversion"].sum() == 0
+    assert frame.filter(pl.col("click") == 1)["conversion"].sum() > 0
+
+
+def test_rating_is_null_exactly_on_unclicked_rows_and_lies_in_one_to_five(large: tuple[Path, dict]) -> None:
+    frame = pl.read_parquet(large[0] / "interactions.parquet")
+    assert (frame["rating"].is_null() == (frame["click"] == 0)).all()
+    rated = frame["rating"].drop_nulls()
+    assert rated.min() == 1.0 and rated.max() == 5.0
+
+
+def test_truth_rows_align_with_interactions(large: tuple[Path, dict]) -> None:
+    frame = pl.read_parquet(large[0] / "interactions.parquet")
+    truth = pl.read_parquet(large[0] / "truth.parquet")
+    assert truth.select("user_id", "item_id", "timestamp").equals(frame.select("user_id", "item_id", "timestamp"))
+    assert np.allclose(truth["p_ctcvr"], truth["p_click"] * truth["p_conversion"])
+    assert truth["rating_mean"].min() >= 1.0 and truth["rating_mean"].max() <= 5.0
+
+
+def test_items_are_impressed_only_after_their_creation(large: tuple[Path, dict]) -> None:
+    frame = pl.read_parquet(large[0] / "interactions.parquet")
+    items = pl.read_parquet(large[0] / "items.parquet")
+    joined = frame.join(items.select("item_id", "created_at"), on="item_id")
+    assert joined.height == frame.height
+    assert (joined["timestamp"] >= joined["created_at"]).all()
+
+
+def test_without_images_there_is_no_image_column_and_no_pngs(large: tuple[Path, dict]) -> None:
+    assert "image" not in pl.read_parquet(large[0] / "items.parquet").columns
+    assert not (large[0] / "images").exists()
+
+
+# -- labels follow the oracle -------------------------------------------------------------
+def test_click_rate_matches_true_p_click_in_every_bin(large: tuple[Path, dict]) -> None:
+    frame = pl.read_parquet(large[0] / "interactions.parquet")
+    truth = pl.read_parquet(large[0] / "truth.parquet")
+    for predicted, observed, rows in _binned_rates(truth["p_click"].to_numpy(), frame["click"].to_numpy(), bins=10):
+        assert abs(observed - predicted) < 4 * np.sqrt(predicted * (1 - predicted) / rows) + 0.005
+
+
+def test_conversion_rate_among_clicks_matches_true_p_conversion(large: tuple[Path, dict]) -> None:
+    frame = pl.read_parquet(large[0] / "interactions.parquet")
+    truth = pl.read_parquet(large[0] / "truth.parquet").filter(frame["click"] == 1)
+    converted = frame.filter(pl.col("click") == 1)["conversion"].to_numpy()
+    for predicted, observed, rows in _binned_rates(truth["p_conversion"].to_numpy(), converted, bins=5):
+        assert abs(observed - predicted) < 4 * np.sqrt(predicted * (1 - predicted) / rows) + 0.005
+
+
+def test_mean_rating_matches_rating_mean(large: tuple[Path, dict]) -> None:
+    frame = pl.read_parquet(large[0] / "interactions.parquet")
+    truth = pl.read_parquet(large[0] / "truth.parquet").filter(frame["click"] == 1)
+    ratings = frame["rating"].drop_nulls().to_numpy()
+    for predicted, observed, rows in _binned_rates(truth["rating_mean"].to_numpy(), ratings, bins=5):
+        assert abs(observed - predicted) < 4 * 1.0 / np.sqrt(rows)  # star sd is at most 1
+
+
+def test_base_rates_are_realistic_and_the_oracle_separates_clicks(large: tuple[Path, dict]) -> None:
+    summary = large[1]
+    assert 0.10 <= summary["ctr"] <= 0.30
+    assert 0.10 <= summary["cvr_given_click"] <= 0.40
+    assert summary["oracle_click_auc"] > 0.75
+
+
+@pytest.mark.parametrize("low, high", [(-0.5, 0.0), (0.0, 0.5), (0.5, 0.95)])
+def test_higher_task_correlation_gives_more_correlated_click_and_conversion_logits(
+    tmp_path: Path, low: float, high: float
+) -> None:
+    correlations = []
+    for rho in (low, high):
+        synthesize(tmp_path / str(rho), users=400, items=200, interactions=20_000, seed=2, images=False, task_correlation=rho)
+        truth = pl.read_parquet(tmp_path / str(rho) / "truth.parquet")
+        correlations.append(np.corrcoef(_logit(truth["p_click"].to_numpy()), _logit(truth["p_conversion"].to_numpy()))[0, 1])
+    assert correlations[1] > correlations[0] + 0.2
+
+
+# -- cold start and content ----------------------------------------------------------------
+def test_last_tenth_by_time_contains_items_never_seen_before(large: tuple[Path, dict]) -> None:
+    frame = pl.read_parquet(large[0] / "interactions.parquet")
+    cut = int(0.9 * frame.height)
+    seen = frame.head(cut)["item_id"].unique().implode()
+    cold = frame.tail(frame.height - cut).filter(~pl.col("item_id").is_in(seen))["item_id"].n_unique()
+    assert cold >= 5
+    assert cold == large[1]["cold_items_last_10pct"]
+
+
+def test_images_decode_and_their_hue_is_the_item_hue(small: tuple[Path, dict]) -> None:
+    out = small[0]
+    truth = pl.read_parquet(out / "truth_items.parquet")
+    image_hue = []
+    for item_id in truth["item_id"]:
+        hsv = np.asarray(Image.open(out / "images" / f"{item_id}.png").convert("HSV"), dtype=np.float64)
+        assert hsv.shape == (64, 64, 3)
+        angle = hsv[..., 0] / 256 * 2 * np.pi
+        image_hue.append((np.arctan2(np.sin(angle).mean(), np.cos(angle).mean()) / (2 * np.pi)) % 1)
+    gap = np.abs(np.array(image_hue) - truth["hue"].to_numpy())
+    assert np.minimum(gap, 1 - gap).max() < 0.03  # circular distance on the hue wheel
+
+
+def test_patterned_images_vary_more_than_plain_ones(small: tuple[Path, dict]) -> None:
+    out = small[0]
+    truth = pl.read_parquet(out / "truth_items.parquet")
+    spread = {
+        item_id: np.asarray(Image.open(out / "images" / f"{item_id}.png").convert("L"), dtype=np.float64).std()
+        for item_id in truth["item_id"]
+    }
+    plain = [spread[i] for i in truth.filter(pl.col("texture") == "plain")["item_id"]]
+    patterned = [spread[i] for i in truth.filter(pl.col("texture") != "plain")["item_id"]]
+    assert set(truth["texture"]) == set(TEXTURES)
+    assert max(plain) < min(patterned)
+
+
+def test_item_text_is_dominated_by_its_topic_words(small: tuple[Path, dict]) -> None:
+    out = small[0]
+    lexicon = pl.DataFrame(
+        {"word": [w for t in TOPIC_WORDS for w in TOPIC_WORDS[t]], "word_topic": [t for t in TOPIC_WORDS for _ in TOPIC_WORDS[t]]}
+    )
+    words = (
+        pl.read_parquet(out / "items.parquet")
+        .select("item_id", pl.col("text").str.to_lowercase().str.replace_all(r"[^a-z ]", "").str.split(" ").alias("word"))
+        .explode("word")
+        .join(lexicon, on="word")
+    )
+    dominant = (
+        words.group_by("item_id", "word_topic").len().sort("len", "word_topic", descending=True).group_by("item_id").first()
+    )
+    topics = pl.read_parquet(out / "truth_items.parquet").select("item_id", "topic")
+    matched = dominant.join(topics, on="item_id")
+    assert matched.height == 120
+    assert (matched["word_topic"] == matched["topic"]).all()
+
+
+# -- arguments and the command line --------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"users": 0}, "--users"),
+        ({"items": -3}, "--items"),
+        ({"interactions": 0}, "--interactions"),
+        ({"task_correlation": 1.5}, "--task-correlation"),
+        ({"seed": -1}, "--seed"),
+    ],
+)
+def test_bad_arguments_raise_data_error_naming_the_argument(tmp_path: Path, kwargs: dict, named: str) -> None:
+    arguments = {"users": 5, "items": 5, "images": False} | kwargs
+    with pytest.raises(DataError, match=named):
+        synthesize(tmp_path / "out", **arguments)
+
+
+def test_out_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.write_text("not a directory")
+    with pytest.raises(DataError, match="not a directory"):
+        synthesize(target, users=5, items=5, images=False)
+
+
+def test_cli_data_synth_writes_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["-q", "data", "synth", "--out", str(tmp_path / "d"), "--users", "12", "--items", "9", "--no-images"])
+    assert code == 0
+    assert pl.read_parquet(tmp_path / "d" / "interactions.parquet").height == 12 * 50
+    assert '"interactions": 600' in capsys.readouterr().out
+
+
+def test_cli_reports_bad_sizes_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["-q", "data", "synth", "--out", str(tmp_path / "d"), "--users", "0"])
+    assert code == 2
+    assert "--users must be a positive integer" in capsys.readouterr().err
