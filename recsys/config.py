@@ -95,10 +95,14 @@ class IndexConfig:
     """FAISS index of the item tower."""
 
     exact_below: int = 100_000  # catalogues smaller than this use exact inner-product search
-    kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
+    kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"  # auto: flat below exact_below, else ivf
     hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 128  # starting point; raised at build time until target_recall is met
     hnsw_ef_construction: int = 80
+    ivf_nlist: int = 0  # inverted lists; 0 = about 4 * sqrt(items), a power of two
+    ivf_nprobe: int = 0  # lists scanned per query; 0 = the smallest that meets target_recall
+    target_recall: float = 0.95  # ANN recall@100 against exact search, measured at build time
+    recall_queries: int = 500  # sample of queries for that measurement
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class ServeConfig:
     blend_click: float = 1.0  # final score = w_click*p_click + w_ctcvr*p_ctcvr + w_rating*rating_01
     blend_ctcvr: float = 1.0
     blend_rating: float = 0.5
+    threads: int = 1  # torch and FAISS threads per request (requests run concurrently); 0 = library default
+    access_log: bool = True  # one JSON line per request on stderr
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,8 @@ def _validate(cfg: Config) -> None:
         (cfg.train.temperature > 0, "train.temperature must be > 0"),
         (cfg.train.nproc >= 1, "train.nproc must be >= 1"),
         (cfg.serve.candidates >= 1 and cfg.serve.max_k >= 1, "serve.candidates and serve.max_k must be >= 1"),
+        (0 < cfg.index.target_recall <= 1, "index.target_recall must lie in (0, 1]"),
+        (cfg.index.hnsw_m >= 4 and cfg.index.recall_queries >= 1, "index.hnsw_m must be >= 4 and index.recall_queries >= 1"),
         (all(k >= 1 for k in cfg.eval.ks), "eval.ks must be positive"),
     ]
     for ok, message in checks:

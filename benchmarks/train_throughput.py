@@ -1,0 +1,169 @@
+"""Training throughput: TorchRec fused tables vs the same model in plain PyTorch.
+
+Both runs train the full ``RecsysModel`` (towers, fusion, MMoE with three heads, retrieval loss)
+on the same synthetic batches. They differ only in the embedding tables:
+
+- ``torchrec``: tables swapped for ``FusedEmbeddingBagCollection`` (fbgemm kernels, row-wise
+  Adagrad applied inside backward, only touched rows updated); dense parameters on Adam.
+- ``plain``:    the EBC's ``nn.EmbeddingBag`` modules with dense gradients, ``torch.optim.Adagrad``
+  on the tables (every row every step) and Adam on the rest.
+
+Also reports the dense part's achieved GFLOP/s (Linear layers + retrieval logits, forward and
+backward counted as 3x forward, divided by the whole step time) against a measured large-matmul
+peak on the same threads.
+Last line: one JSON object.
+
+    .venv/bin/python benchmarks/train_throughput.py                     # 1M users x 1M items, L=50, B=4096
+    .venv/bin/python benchmarks/train_throughput.py --users 100000 --items 100000 --batch 1024 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recsys.config import ModelConfig  # noqa: E402
+from recsys.losses import TaskWeighting, retrieval_loss, task_losses  # noqa: E402
+from recsys.model import ModelSpec, RecsysModel  # noqa: E402
+from training.train import fuse_tables  # noqa: E402
+
+TEXT_DIM, IMAGE_DIM = 384, 128
+
+
+def make_batches(args, n: int) -> list[dict[str, torch.Tensor]]:
+    """Synthetic batches: Zipf-ish item ids (popular head, long tail), histories of varying length."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        b = args.batch
+        items = (torch.rand(b, generator=g) ** 3 * (args.items - 1)).long() + 1
+        history = (torch.rand(b, args.history, generator=g) ** 3 * (args.items - 1)).long() + 1
+        lengths = torch.randint(0, args.history + 1, (b, 1), generator=g)
+        history = torch.where(torch.arange(args.history) < lengths, history, torch.zeros_like(history))
+        click = (torch.rand(b, generator=g) < 0.3).float()
+        out.append({
+            "user_idx": torch.randint(1, args.users, (b,), generator=g),
+            "item_idx": items,
+            "history": history,
+            "text": torch.randn(b, TEXT_DIM, generator=g),
+            "text_mask": (torch.rand(b, generator=g) < 0.9).float(),
+            "image": torch.randn(b, IMAGE_DIM, generator=g),
+            "image_mask": (torch.rand(b, generator=g) < 0.8).float(),
+            "click": click,
+            "conversion": click * (torch.rand(b, generator=g) < 0.2).float(),
+            "rating": torch.where(click > 0, torch.randint(1, 6, (b,), generator=g).float(), torch.full((b,), float("nan"))),
+        })
+    return out
+
+
+def build(args, fused: bool):
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        n_users=args.users, n_items=args.items, history_len=args.history, text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
+        tasks=("click", "conversion", "rating"), config=ModelConfig(dim=args.dim, embedding_dim=args.dim, expert_dim=args.dim, tower_dim=32),
+    )
+    model = RecsysModel(spec).train()
+    weighting = TaskWeighting(["click", "ctcvr", "rating"], "static")
+    if fused:
+        fuse_tables(model, embedding_lr=0.05)
+        optimizers = [torch.optim.Adam(model.dense_parameters(), lr=1e-3)]
+    else:
+        optimizers = [torch.optim.Adam(model.dense_parameters(), lr=1e-3), torch.optim.Adagrad(model.embedding_tables.parameters(), lr=0.05)]
+    return model, weighting, optimizers
+
+
+def train_step(model, weighting, optimizers, batch, log_q) -> float:
+    outputs = model(batch)
+    losses = task_losses(outputs, batch)
+    loss = weighting(losses) + retrieval_loss(outputs, batch, log_q, 0.05)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return float(loss.detach())
+
+
+def dense_flops_per_step(model, batch, log_q) -> float:
+    """Forward FLOPs of every nn.Linear (2 * in * out per row) + the retrieval logits, times 3 for training."""
+    total = [0.0]
+
+    def hook(module: nn.Linear, inputs, output):
+        total[0] += 2.0 * module.in_features * module.out_features * inputs[0].shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(batch)
+    for h in handles:
+        h.remove()
+    positives = int((batch["click"] > 0).sum())
+    total[0] += 2.0 * positives * positives * model.spec.config.dim
+    return 3.0 * total[0]
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2.0 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def measure(args, fused: bool, batches) -> dict:
+    model, weighting, optimizers = build(args, fused)
+    log_q = torch.zeros(args.items)
+    for batch in batches[: args.warmup]:
+        train_step(model, weighting, optimizers, batch, log_q)
+    started = time.perf_counter()
+    for batch in batches[args.warmup :]:
+        train_step(model, weighting, optimizers, batch, log_q)
+    seconds = time.perf_counter() - started
+    steps = len(batches) - args.warmup
+    flops = dense_flops_per_step(model, batches[0], log_q)
+    return {"samples_per_s": steps * args.batch / seconds, "step_s": seconds / steps, "dense_gflop_per_step": flops / 1e9,
+            "dense_gflops_achieved": flops * steps / seconds / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--history", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    # 1 by default: on a shared, oversubscribed CPU, multi-threaded small matmuls stall (20x slower here).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = make_batches(args, args.warmup + args.steps)
+    peak = matmul_peak_gflops()
+    results = {}
+    for name, fused in (("torchrec_fused", True), ("plain_pytorch", False)):
+        results[name] = measure(args, fused, batches)
+        r = results[name]
+        print(f"{name:15s} {r['samples_per_s']:>10,.0f} samples/s  {r['step_s'] * 1e3:8.1f} ms/step  dense {r['dense_gflops_achieved']:.1f} GFLOP/s", flush=True)
+    ratio = results["torchrec_fused"]["samples_per_s"] / results["plain_pytorch"]["samples_per_s"]
+    dense = results["torchrec_fused"]["dense_gflops_achieved"]
+    print(f"speed-up {ratio:.2f}x (target >= 3x); dense part {dense:.1f} of {peak:.1f} GFLOP/s matmul peak ({100 * dense / peak:.1f}%)")
+    print(json.dumps({
+        "config": {k: v for k, v in vars(args).items()}, "threads": torch.get_num_threads(),
+        **results, "speedup": ratio, "matmul_peak_gflops": peak, "dense_fraction_of_peak": dense / peak,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Losses: per-task losses, the retrieval objective, and how the task losses are weighted.
+
+``L = sum_t lambda_t L_t + retrieval_weight * L_retrieval`` with lambda static (config),
+``uncertainty`` (Kendall et al. 2018: learned log-variances s_t, ``exp(-s_t) L_t + s_t``) or
+``gradnorm`` (Chen et al. 2018: weights learned so each task's gradient norm on a shared layer
+follows its relative training rate).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Loss name per head: the conversion head is trained through ESMM's click-and-convert target.
+LOSS_OF_TASK = {"click": "click", "conversion": "ctcvr", "rating": "rating"}
+
+
+def task_losses(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-task losses over the batch; only heads present in ``outputs``.
+
+    click: BCE over all impressions. ctcvr (ESMM): BCE of p_click * p_cvr against
+    click * conversion over all impressions, so p_cvr is never fit on clicked rows only.
+    rating: MSE over rated rows (NaN = unrated); 0 when the batch has none.
+    """
+    click = batch["click"].float()
+    losses = {"click": F.binary_cross_entropy_with_logits(outputs["logit_click"], click)}
+    if "logit_conversion" in outputs:
+        # log p_ctcvr computed in log space: log sigmoid(a) + log sigmoid(b) stays finite.
+        log_p = F.logsigmoid(outputs["logit_click"]) + F.logsigmoid(outputs["logit_conversion"])
+        log_not_p = torch.log1p(-torch.exp(log_p).clamp(max=1 - 1e-6))
+        target = click * batch["conversion"].float()
+        losses["ctcvr"] = -(target * log_p + (1 - target) * log_not_p).mean()
+    if "rating" in outputs:
+        rated = ~torch.isnan(batch["rating"])
+        pred = outputs["rating"][rated]
+        losses["rating"] = F.mse_loss(pred, batch["rating"][rated]) if rated.any() else outputs["rating"].sum() * 0.0
+    return losses
+
+
+def retrieval_logits(user_vec: torch.Tensor, item_vec: torch.Tensor, item_idx: torch.Tensor, item_log_q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-batch logits ``(P, P)``: ``u_i . v_j / T - log q(item_j)``; other copies of row i's item masked to -inf.
+
+    The log-q correction (Yi et al., RecSys 2019) removes the popularity bias of in-batch
+    negatives: popular items appear as negatives more often than a uniform sample would.
+    """
+    logits = user_vec @ item_vec.T / temperature - item_log_q[item_idx].unsqueeze(0)
+    same_item = item_idx.unsqueeze(0) == item_idx.unsqueeze(1)
+    duplicate = same_item & ~torch.eye(len(item_idx), dtype=torch.bool, device=item_idx.device)
+    return logits.masked_fill(duplicate, float("-inf"))
+
+
+def retrieval_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], item_log_q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-batch softmax cross-entropy over the clicked rows (positive = the row's own item)."""
+    clicked = batch["click"] > 0
+    if int(clicked.sum()) < 2:
+        return outputs["user_vec"].sum() * 0.0
+    logits = retrieval_logits(outputs["user_vec"][clicked], outputs["item_vec"][clicked], batch["item_idx"][clicked], item_log_q, temperature)
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+def item_log_q(item_idx: torch.Tensor, clicked: torch.Tensor, n_items: int) -> torch.Tensor:
+    """``log q`` per item index: q = the item's share of training positives (at least one count)."""
+    counts = torch.bincount(item_idx[clicked > 0], minlength=n_items).double().clamp(min=1.0)
+    return (counts / counts.sum()).log().float()
+
+
+class TaskWeighting(nn.Module):
+    """Combines task losses into one; holds the learned weights of ``uncertainty`` / ``gradnorm``."""
+
+    def __init__(self, losses: list[str], mode: str = "static", static: dict[str, float] | None = None, gradnorm_alpha: float = 1.5):
+        super().__init__()
+        if mode not in ("static", "uncertainty", "gradnorm"):
+            raise ValueError(f"unknown loss weighting {mode!r}")
+        self.losses, self.mode, self.alpha = list(losses), mode, gradnorm_alpha
+        static = static or {}
+        self.register_buffer("static", torch.tensor([static.get(name, 1.0) for name in self.losses]))
+        self.log_var = nn.Parameter(torch.zeros(len(self.losses))) if mode == "uncertainty" else None
+        self.gradnorm_w = nn.Parameter(torch.ones(len(self.losses))) if mode == "gradnorm" else None
+        self.register_buffer("initial_losses", torch.zeros(len(self.losses)))  # GradNorm's L_t(0)
+
+    def weights(self) -> dict[str, float]:
+        """The current effective lambda per task (logged per epoch)."""
+        if self.mode == "uncertainty":
+            w = torch.exp(-self.log_var)
+        elif self.mode == "gradnorm":
+            w = self.gradnorm_w
+        else:
+            w = self.static
+        return {name: float(v) for name, v in zip(self.losses, w.detach())}
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack([losses[name] for name in self.losses])
+        if self.mode == "uncertainty":
+            return (torch.exp(-self.log_var) * stacked + self.log_var).sum()
+        if self.mode == "gradnorm":
+            return (self.gradnorm_w.detach() * stacked).sum()  # the weights learn only from gradnorm_loss
+        return (self.static * stacked).sum()
+
+    def gradnorm_loss(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> torch.Tensor:
+        """GradNorm's auxiliary loss; its gradient w.r.t. ``gradnorm_w`` is all that is used."""
+        stacked = torch.stack([losses[name] for name in self.losses])
+        if not bool(self.initial_losses.any()):
+            self.initial_losses.copy_(stacked.detach().clamp(min=1e-8))
+        norms = torch.stack([
+            torch.autograd.grad(w * loss, shared, retain_graph=True, create_graph=True, allow_unused=True)[0].norm()
+            if loss.requires_grad else w * 0.0
+            for w, loss in zip(self.gradnorm_w, stacked)
+        ])
+        ratio = stacked.detach() / self.initial_losses
+        target = (norms.mean() * (ratio / ratio.mean()) ** self.alpha).detach()
+        return (norms - target).abs().sum()
+
+    @torch.no_grad()
+    def renormalise(self) -> None:
+        """Keep GradNorm weights positive and summing to the number of tasks."""
+        if self.gradnorm_w is not None:
+            w = self.gradnorm_w.clamp(min=1e-3)
+            self.gradnorm_w.copy_(w * len(self.losses) / w.sum())

@@ -1,0 +1,51 @@
+"""The multi-task ranker: experts, one softmax gate per task, a tower per task.
+
+One module covers the three variants compared in the ablations, by what the gates may do:
+
+- ``mmoe``          E shared experts, a learned softmax gate per task (Ma et al., KDD 2018)
+- ``shared_bottom`` one shared expert, every task reads it (gate fixed to 1)
+- ``single_task``   one expert per task, task t reads only expert t (gate fixed one-hot)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(dims: list[int], last_activation: bool = False) -> nn.Sequential:
+    """Linear-ReLU stack through ``dims`` (no activation after the last layer unless asked)."""
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2 or last_activation:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class MultiTaskRanker(nn.Module):
+    """``x (B, in_dim)`` -> one logit per task ``{task: (B,)}`` and the gate weights ``(B, T, E)``."""
+
+    def __init__(self, in_dim: int, tasks: list[str], kind: str = "mmoe", experts: int = 4, expert_dim: int = 64, tower_dim: int = 32):
+        super().__init__()
+        if kind not in ("mmoe", "shared_bottom", "single_task"):
+            raise ValueError(f"unknown ranker {kind!r}")
+        self.tasks = list(tasks)
+        self.kind = kind
+        n_experts = {"mmoe": experts, "shared_bottom": 1, "single_task": len(self.tasks)}[kind]
+        self.experts = nn.ModuleList(mlp([in_dim, expert_dim, expert_dim], last_activation=True) for _ in range(n_experts))
+        # Only the MMoE learns its gates; the other two have fixed routing (a buffer, not a parameter).
+        self.gates = nn.ModuleDict({t: nn.Linear(in_dim, n_experts) for t in self.tasks}) if kind == "mmoe" else None
+        self.register_buffer("fixed_gates", torch.eye(len(self.tasks)) if kind == "single_task" else torch.ones(len(self.tasks), 1), persistent=False)
+        self.towers = nn.ModuleDict({t: mlp([expert_dim, tower_dim, 1]) for t in self.tasks})
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        expert_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, E, expert_dim)
+        if self.gates is not None:
+            gate_weights = torch.stack([torch.softmax(self.gates[t](x), dim=-1) for t in self.tasks], dim=1)  # (B, T, E)
+        else:
+            gate_weights = self.fixed_gates.expand(x.shape[0], -1, -1)
+        mixed = torch.einsum("bte,bed->btd", gate_weights, expert_out)  # (B, T, expert_dim)
+        logits = {t: self.towers[t](mixed[:, i]).squeeze(-1) for i, t in enumerate(self.tasks)}
+        return logits, gate_weights
+

@@ -1,0 +1,286 @@
+"""The model blocks: KJT construction, towers and masks, ESMM, heads, losses, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from recsys.config import ModelConfig
+from recsys.errors import ConfigError
+from recsys.losses import TaskWeighting, retrieval_logits, retrieval_loss, task_losses
+from recsys.mmoe import MultiTaskRanker
+from recsys.model import ModelSpec, RecsysModel, active_tasks, load_model, padded_to_kjt, save_model
+
+torch.set_num_threads(1)
+
+TEXT_DIM, IMAGE_DIM, HISTORY_LEN = 8, 6, 5
+
+
+def make_model(tasks=("click", "conversion", "rating"), seed: int = 0, **config) -> RecsysModel:
+    torch.manual_seed(seed)
+    spec = ModelSpec(
+        n_users=11, n_items=21, history_len=HISTORY_LEN, text_dim=TEXT_DIM, image_dim=IMAGE_DIM, tasks=tuple(tasks),
+        rating_range=(1.0, 5.0), user_features={"cat_age": 4, "num_activity": None}, item_features={"cat_genre": 3, "num_price": None},
+        config=ModelConfig(dim=16, embedding_dim=8, expert_dim=16, tower_dim=8, **config),
+    )
+    model = RecsysModel(spec)
+    model.set_feature_values(
+        user_cat=torch.randint(0, 4, (11, 1)), user_num=torch.randn(11, 1),
+        item_cat=torch.randint(0, 3, (21, 1)), item_num=torch.randn(21, 1),
+    )
+    return model.eval()
+
+
+def make_batch(n: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(1, 21, (n, HISTORY_LEN), generator=g)
+    history[:, 3:] = 0  # padding
+    return {
+        "user_idx": torch.randint(1, 11, (n,), generator=g),
+        "item_idx": torch.arange(1, n + 1),
+        "history": history,
+        "text": torch.randn(n, TEXT_DIM, generator=g),
+        "text_mask": torch.ones(n),
+        "image": torch.randn(n, IMAGE_DIM, generator=g),
+        "image_mask": torch.ones(n),
+        "click": torch.tensor([1.0, 0, 1, 1, 0, 1])[:n],
+        "conversion": torch.tensor([1.0, 0, 0, 1, 0, 0])[:n],
+        "rating": torch.tensor([4.0, float("nan"), 2.0, 5.0, float("nan"), 3.0])[:n],
+    }
+
+
+# -- KJT construction -----------------------------------------------------------------------
+def test_kjt_drops_padding_and_keeps_per_row_lengths_by_key():
+    kjt = padded_to_kjt({"history": torch.tensor([[3, 0, 5], [0, 0, 0], [7, 8, 9]]), "item_id": torch.tensor([[4], [0], [6]])})
+    by_key = kjt.to_dict()
+    assert by_key["history"].lengths().tolist() == [2, 0, 3]
+    assert by_key["history"].values().tolist() == [3, 5, 7, 8, 9]
+    assert by_key["item_id"].lengths().tolist() == [1, 0, 1]
+    assert by_key["item_id"].values().tolist() == [4, 6]
+
+
+def test_history_is_the_mean_of_its_non_padding_item_rows():
+    model = make_model()
+    pooled = model.embedding_tables(padded_to_kjt({
+        "user_id": torch.tensor([[1]]), "history": torch.tensor([[2, 5, 0, 0]]), "item_id": torch.tensor([[0]]),
+        "user_cat_age": torch.tensor([[1]]), "item_cat_genre": torch.tensor([[0]]),
+    }))
+    item_table = model.embedding_tables.state_dict()["embedding_bags.item.weight"]
+    torch.testing.assert_close(pooled["history"][0], item_table[[2, 5]].mean(0))
+    assert torch.count_nonzero(pooled["item_id"]) == 0  # index 0 contributes nothing
+
+
+def test_padding_width_does_not_change_the_user_vector():
+    model = make_model()
+    short = model.user_vectors(torch.tensor([3]), torch.tensor([[4, 9]]))
+    long = model.user_vectors(torch.tensor([3]), torch.tensor([[4, 9, 0, 0, 0, 0]]))
+    torch.testing.assert_close(short, long)
+
+
+def test_unknown_ids_fall_back_to_index_zero():
+    model = make_model()
+    history = torch.zeros(2, HISTORY_LEN, dtype=torch.int64)
+    users = model.user_vectors(torch.tensor([0, 999]), history)
+    torch.testing.assert_close(users[0], users[1])
+    items = model.item_vectors(torch.tensor([0, 12345]))
+    torch.testing.assert_close(items[0], items[1])
+
+
+def test_tower_vectors_are_unit_length():
+    model, batch = make_model(), make_batch()
+    out = model(batch)
+    torch.testing.assert_close(out["user_vec"].norm(dim=-1), torch.ones(6))
+    torch.testing.assert_close(out["item_vec"].norm(dim=-1), torch.ones(6))
+
+
+# -- modalities -----------------------------------------------------------------------------
+@pytest.mark.parametrize("fusion", ["concat", "gated"])
+def test_masked_content_does_not_change_the_item_vector(fusion):
+    model, batch = make_model(fusion=fusion), make_batch()
+    masked = torch.zeros(6)
+    a = model.item_vectors(batch["item_idx"], batch["text"], masked, batch["image"], masked)
+    b = model.item_vectors(batch["item_idx"], batch["text"] * 100 + 3, masked, -batch["image"], masked)
+    torch.testing.assert_close(a, b)
+
+
+def test_missing_modality_uses_the_learned_standin():
+    model, batch = make_model(), make_batch()
+    with torch.no_grad():
+        model.item_tower.text_standin.fill_(0.5)
+    masked = torch.zeros(6)
+    before = model.item_vectors(batch["item_idx"], batch["text"], masked, batch["image"], batch["image_mask"])
+    with torch.no_grad():
+        model.item_tower.text_standin.fill_(-0.5)
+    after = model.item_vectors(batch["item_idx"], batch["text"], masked, batch["image"], batch["image_mask"])
+    assert not torch.allclose(before, after)
+    omitted = model.item_vectors(batch["item_idx"], None, None, batch["image"], batch["image_mask"])
+    torch.testing.assert_close(omitted, after)  # no content at all == content masked
+
+
+def test_present_content_changes_the_item_vector():
+    model, batch = make_model(), make_batch()
+    a = model.item_vectors(batch["item_idx"], batch["text"], batch["text_mask"], batch["image"], batch["image_mask"])
+    b = model.item_vectors(batch["item_idx"], -batch["text"], batch["text_mask"], batch["image"], batch["image_mask"])
+    assert not torch.allclose(a, b)
+
+
+def test_modality_dropout_only_acts_in_training():
+    model, batch = make_model(modality_dropout=0.5), make_batch()
+    eval_a, eval_b = model(batch)["item_vec"], model(batch)["item_vec"]
+    torch.testing.assert_close(eval_a, eval_b)
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model(batch)["item_vec"], eval_a)
+
+
+def test_switched_off_modality_builds_no_projection():
+    model = make_model(use_image=False)
+    assert model.item_tower.image_proj is None and model.item_tower.text_proj is not None
+
+
+def test_gated_fusion_gates_are_a_distribution_over_modalities():
+    out = make_model(fusion="gated")(make_batch())
+    assert out["modality_gates"].shape == (6, 3)
+    torch.testing.assert_close(out["modality_gates"].sum(-1), torch.ones(6))
+
+
+# -- heads ----------------------------------------------------------------------------------
+def test_esmm_ctcvr_is_click_times_cvr_and_a_probability():
+    out = make_model()(make_batch())
+    torch.testing.assert_close(out["p_ctcvr"], out["p_click"] * out["p_cvr"])
+    assert bool(((out["p_ctcvr"] >= 0) & (out["p_ctcvr"] <= 1)).all())
+    assert bool((out["p_ctcvr"] <= out["p_click"]).all())
+
+
+def test_rating_output_stays_within_the_rating_range():
+    model = make_model()
+    u, v = torch.randn(64, 16) * 50, torch.randn(64, 16) * 50
+    with torch.no_grad():
+        model.ranker.towers["rating"][-1].bias.fill_(30.0)
+    with torch.no_grad():
+        rating = model.rank(u, v)["rating"]
+    assert float(rating.min()) >= 1.0 and float(rating.max()) <= 5.0
+    assert float(rating.max()) > 4.9  # saturates towards the top, not clipped below it
+
+
+def test_switched_off_head_yields_no_output_and_no_loss():
+    model, batch = make_model(tasks=("click", "rating")), make_batch()
+    out = model(batch)
+    assert "p_cvr" not in out and "p_ctcvr" not in out and "logit_conversion" not in out
+    assert set(task_losses(out, batch)) == {"click", "rating"}
+    assert "conversion" not in model.ranker.towers
+
+
+def test_heads_follow_the_data_and_the_config():
+    assert active_tasks({"click": True, "conversion": False, "rating": True}, ("click", "conversion", "rating")) == ("click", "rating")
+    assert active_tasks({"click": True, "conversion": True, "rating": True}, ("click", "conversion")) == ("click", "conversion")
+    with pytest.raises(ConfigError, match="click head is required"):
+        active_tasks({"click": True}, ("rating",))
+
+
+def test_rating_loss_uses_rated_rows_only():
+    model, batch = make_model(), make_batch()
+    out = model(batch)
+    rated = ~torch.isnan(batch["rating"])
+    expected = ((out["rating"][rated] - batch["rating"][rated]) ** 2).mean()
+    torch.testing.assert_close(task_losses(out, batch)["rating"], expected)
+
+
+def test_ctcvr_loss_is_bce_of_the_product_over_all_impressions():
+    model, batch = make_model(), make_batch()
+    out = model(batch)
+    expected = torch.nn.functional.binary_cross_entropy(out["p_ctcvr"], batch["click"] * batch["conversion"])
+    torch.testing.assert_close(task_losses(out, batch)["ctcvr"], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, experts", [("mmoe", 4), ("shared_bottom", 1), ("single_task", 3)])
+def test_ranker_variants_route_through_their_experts(kind, experts):
+    ranker = MultiTaskRanker(12, ["click", "conversion", "rating"], kind, experts=4, expert_dim=8, tower_dim=4)
+    logits, gates = ranker(torch.randn(5, 12))
+    assert len(ranker.experts) == experts and gates.shape == (5, 3, experts)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(5, 3))
+    if kind == "single_task":
+        torch.testing.assert_close(gates[0], torch.eye(3))
+    assert set(logits) == {"click", "conversion", "rating"}
+
+
+# -- retrieval ------------------------------------------------------------------------------
+def test_retrieval_loss_is_lower_for_aligned_than_for_random_vectors():
+    torch.manual_seed(0)
+    users = torch.nn.functional.normalize(torch.randn(32, 16), dim=-1)
+    random_items = torch.nn.functional.normalize(torch.randn(32, 16), dim=-1)
+    batch = {"click": torch.ones(32), "item_idx": torch.arange(1, 33)}
+    log_q = torch.zeros(40)
+    aligned = retrieval_loss({"user_vec": users, "item_vec": users}, batch, log_q, 0.1)
+    random = retrieval_loss({"user_vec": users, "item_vec": random_items}, batch, log_q, 0.1)
+    assert float(aligned) < 0.1 < math.log(32) * 0.5 < float(random)
+
+
+def test_log_q_correction_shifts_each_column_by_minus_log_q():
+    torch.manual_seed(0)
+    u, v = torch.randn(4, 8), torch.randn(4, 8)
+    items = torch.tensor([3, 1, 2, 5])
+    log_q = torch.log(torch.tensor([0.1, 0.2, 0.05, 0.4, 0.1, 0.15]))
+    plain = retrieval_logits(u, v, items, torch.zeros(6), 0.5)
+    corrected = retrieval_logits(u, v, items, log_q, 0.5)
+    torch.testing.assert_close(corrected - plain, (-log_q[items]).expand(4, 4))
+
+
+def test_duplicate_items_in_a_batch_are_not_negatives():
+    u = v = torch.eye(3)
+    logits = retrieval_logits(u, v, torch.tensor([7, 7, 2]), torch.zeros(8), 1.0)
+    assert logits[0, 1] == float("-inf") and logits[1, 0] == float("-inf")
+    assert torch.isfinite(logits.diagonal()).all() and torch.isfinite(logits[0, 2])
+
+
+def test_retrieval_loss_only_reads_clicked_rows():
+    users = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    batch = {"click": torch.tensor([1.0, 1, 0, 0]), "item_idx": torch.arange(4)}
+    scrambled = users.clone()
+    scrambled[2:] = torch.randn(2, 8)
+    a = retrieval_loss({"user_vec": users, "item_vec": users}, batch, torch.zeros(4), 0.1)
+    b = retrieval_loss({"user_vec": scrambled, "item_vec": users}, batch, torch.zeros(4), 0.1)
+    torch.testing.assert_close(a, b)
+
+
+# -- task weighting -------------------------------------------------------------------------
+def test_uncertainty_weighting_is_exp_minus_s_times_loss_plus_s():
+    weighting = TaskWeighting(["click", "rating"], "uncertainty")
+    with torch.no_grad():
+        weighting.log_var.copy_(torch.tensor([0.5, -1.0]))
+    total = weighting({"click": torch.tensor(2.0), "rating": torch.tensor(3.0)})
+    torch.testing.assert_close(total, torch.tensor(math.exp(-0.5) * 2 + 0.5 + math.exp(1.0) * 3 - 1.0))
+
+
+def test_static_weighting_uses_the_configured_lambdas():
+    weighting = TaskWeighting(["click", "ctcvr"], "static", {"click": 1.0, "ctcvr": 0.25})
+    torch.testing.assert_close(weighting({"click": torch.tensor(2.0), "ctcvr": torch.tensor(4.0)}), torch.tensor(3.0))
+
+
+# -- save / load ----------------------------------------------------------------------------
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    model, batch = make_model(fusion="gated", ranker="mmoe"), make_batch()
+    save_model(model, tmp_path / "model", {"best_epoch": 3})
+    loaded = load_model(tmp_path / "model")
+    a, b = model(batch), loaded(batch)
+    for key in ("user_vec", "item_vec", "p_click", "p_cvr", "p_ctcvr", "rating"):
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(model.item_cat, loaded.item_cat)  # feature buffers travel with the weights
+    assert loaded.spec == model.spec and not loaded.training
+
+
+def test_load_model_without_weights_names_the_step_to_run(tmp_path):
+    from recsys.errors import RunError
+
+    with pytest.raises(RunError, match="recsys train"):
+        load_model(tmp_path / "model")
+
+
+def test_one_user_row_is_ranked_against_many_candidates():
+    model = make_model()
+    user = torch.nn.functional.normalize(torch.randn(1, 16), dim=-1)
+    items = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    broadcast = model.rank(user, items)["p_click"]
+    torch.testing.assert_close(broadcast, model.rank(user.expand(5, 16), items)["p_click"])

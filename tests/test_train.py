@@ -1,0 +1,214 @@
+"""The training job: end to end on a tiny learnable RUN/ built here (architecture.md formats)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from recsys.config import load_config
+from recsys.errors import RecsysError, RunError
+from recsys.model import load_model
+from recsys.rundir import RunDir, write_json
+
+torch.set_num_threads(1)
+
+N_USERS, N_ITEMS, N_GENRES, HISTORY_LEN, TEXT_DIM, IMAGE_DIM = 80, 60, 3, 6, 8, 5
+
+
+def _split(rng: np.random.Generator, user_genre, item_genre, item_quality, n_rows: int) -> pl.DataFrame:
+    """Impressions whose labels depend on the ids: click when the user's genre matches the item's."""
+    users = rng.integers(1, N_USERS + 1, n_rows)
+    items = rng.integers(1, N_ITEMS + 1, n_rows)
+    match = user_genre[users] == item_genre[items]
+    click = rng.random(n_rows) < np.where(match, 0.85, 0.1)
+    conversion = click & (rng.random(n_rows) < np.where(item_quality[items] > 0, 0.8, 0.15))
+    rating = np.where(click, np.clip(3 + 1.5 * item_quality[items] + rng.normal(0, 0.3, n_rows), 1, 5), np.nan)
+    same_genre = [np.flatnonzero(item_genre[1:] == g) + 1 for g in range(N_GENRES)]
+    history = [rng.choice(same_genre[user_genre[u]], rng.integers(0, HISTORY_LEN + 1)).tolist() for u in users]
+    return pl.DataFrame(
+        {
+            "user_id": [f"u{u}" for u in users],
+            "item_id": [f"i{i}" for i in items],
+            "user_idx": users,
+            "item_idx": items,
+            "timestamp": np.arange(n_rows, dtype=np.int64),
+            "click": click.astype(np.int8),
+            "conversion": conversion.astype(np.int8),
+            "rating": pl.Series(rating, dtype=pl.Float32, nan_to_null=True),
+            "history": pl.Series(history, dtype=pl.List(pl.Int64)),
+            "sampled": np.zeros(n_rows, dtype=bool),
+        }
+    )
+
+
+def make_run(root: Path, *, content: bool = True, overrides: list[str] | None = None, seed: int = 0, n_train: int = 1200) -> RunDir:
+    """A tiny RUN/ with data/, content/ and config.toml (labels learnable from ids and content)."""
+    rng = np.random.default_rng(seed)
+    user_genre = np.r_[0, rng.integers(0, N_GENRES, N_USERS)]
+    item_genre = np.r_[0, rng.integers(0, N_GENRES, N_ITEMS)]
+    item_quality = np.r_[0.0, rng.normal(0, 1, N_ITEMS)]
+    cfg = load_config(None, ["train.epochs=3", "train.batch_size=128", "train.lr=0.01", "model.dim=16", "model.embedding_dim=8",
+                             "model.expert_dim=16", "model.tower_dim=8", "train.patience=5", *(overrides or [])])
+    run = RunDir.create(root, cfg, root)
+    run.data.mkdir(parents=True)
+    _split(rng, user_genre, item_genre, item_quality, n_train).write_parquet(run.data / "train.parquet")
+    _split(rng, user_genre, item_genre, item_quality, 400).write_parquet(run.data / "valid.parquet")
+    pl.DataFrame({
+        "user_id": [f"u{u}" for u in range(1, N_USERS + 1)],
+        "user_idx": np.arange(1, N_USERS + 1),
+        "cat_genre": user_genre[1:] + 1,
+        "num_activity": rng.normal(0, 1, N_USERS).astype(np.float32),
+    }).write_parquet(run.data / "users.parquet")
+    pl.DataFrame({
+        "item_id": [f"i{i}" for i in range(1, N_ITEMS + 1)],
+        "item_idx": np.arange(1, N_ITEMS + 1),
+        "text": [None] * N_ITEMS,
+        "image": [None] * N_ITEMS,
+        "cat_genre": item_genre[1:] + 1,
+        "num_quality": item_quality[1:].astype(np.float32),
+    }, schema_overrides={"text": pl.String, "image": pl.String}).write_parquet(run.data / "items.parquet")
+    write_json(run.data / "meta.json", {
+        "n_users": N_USERS + 1, "n_items": N_ITEMS + 1, "history_len": HISTORY_LEN, "impressions": True,
+        "tasks": {"click": True, "conversion": True, "rating": True}, "rating_range": [1.0, 5.0],
+        "user_features": {"cat_genre": N_GENRES + 1, "num_activity": None},
+        "item_features": {"cat_genre": N_GENRES + 1, "num_quality": None},
+        "split": "given", "rows": {"train": n_train, "valid": 400, "test": 0},
+    })
+    if content:
+        text = np.zeros((N_ITEMS + 1, TEXT_DIM), np.float32)
+        text[np.arange(1, N_ITEMS + 1), item_genre[1:]] = 1.0  # the text shows the genre
+        text[1:] += rng.normal(0, 0.1, (N_ITEMS, TEXT_DIM))
+        text_mask = np.r_[0, (rng.random(N_ITEMS) < 0.8)].astype(np.uint8)  # some items lack text
+        text[text_mask == 0] = 0
+        image = np.zeros((N_ITEMS + 1, IMAGE_DIM), np.float32)
+        image[1:] = rng.normal(0, 1, (N_ITEMS, IMAGE_DIM))
+        run.content.mkdir(parents=True)
+        save_file({"text": torch.from_numpy(text), "text_mask": torch.from_numpy(text_mask),
+                   "image": torch.from_numpy(image), "image_mask": torch.from_numpy(np.r_[0, np.ones(N_ITEMS)].astype(np.uint8))},
+                  str(run.content / "embeddings.safetensors"))
+    return run
+
+
+def read_log(run: RunDir) -> list[dict]:
+    return [json.loads(line) for line in run.train_log.read_text().splitlines()]
+
+
+def test_training_learns_click_auc_well_above_chance(tmp_path):
+    from training.train import train
+
+    run = make_run(tmp_path / "run", overrides=["train.epochs=8"])
+    summary = train(run)
+    log = read_log(run)
+    best = log[summary["best_epoch"] - 1]
+    assert best["valid_auc"]["click"] > 0.8
+    assert best["train_loss"]["click"] < log[0]["train_loss"]["click"]
+    assert json.loads((run.model / "model.json").read_text())["valid"]["auc"]["click"] == best["valid_auc"]["click"]
+
+
+def test_train_log_has_task_losses_aucs_weights_and_gates_per_epoch(tmp_path):
+    from training.train import train
+
+    run = make_run(tmp_path / "run", overrides=["train.epochs=1", "model.experts=3"])
+    train(run)
+    (line,) = read_log(run)
+    assert set(line["train_loss"]) == {"click", "ctcvr", "rating", "retrieval", "total"}
+    assert set(line["valid_auc"]) == {"click", "ctcvr", "conversion"}
+    assert set(line["task_weights"]) == {"click", "ctcvr", "rating"}
+    for task in ("click", "conversion", "rating"):
+        assert len(line["gates"][task]) == 3 and math.isclose(sum(line["gates"][task]), 1.0, rel_tol=1e-4)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["train"]["epochs_run"] == 1
+
+
+def test_best_model_loads_without_training_and_scores_the_heads_that_are_on(tmp_path):
+    from training.train import train
+
+    run = make_run(tmp_path / "run", overrides=["train.epochs=1", "model.tasks=click,conversion"])
+    train(run)
+    model = load_model(run.model)
+    u = model.user_vectors(torch.tensor([1, 2]), torch.zeros(2, HISTORY_LEN, dtype=torch.int64))
+    v = model.item_vectors(torch.tensor([3, 4]))
+    scores = model.rank(u, v)
+    assert set(scores) == {"p_click", "p_cvr", "p_ctcvr"}
+    assert json.loads((run.model / "model.json").read_text())["best_epoch"] == 1
+
+
+def test_resume_after_one_epoch_equals_uninterrupted_training(tmp_path):
+    from training.train import train
+
+    straight = make_run(tmp_path / "straight", overrides=["train.epochs=2", "model.modality_dropout=0.3"])
+    train(straight)
+    resumed = make_run(tmp_path / "resumed", overrides=["train.epochs=1", "model.modality_dropout=0.3"])
+    train(resumed)  # the job "stops" after epoch 1 ...
+    (resumed.root / "config.toml").write_text((straight.root / "config.toml").read_text())
+    summary = train(resumed, resume=True)  # ... and continues to epoch 2
+    assert summary["resumed_from_epoch"] == 1
+
+    a = load_file(str(next((straight.model / "checkpoint").glob("epoch-0002.safetensors"))))
+    b = load_file(str(next((resumed.model / "checkpoint").glob("epoch-0002.safetensors"))))
+    assert a.keys() == b.keys() and any(k.startswith("fused/") for k in a) and any(k.startswith("adam/") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [line["epoch"] for line in read_log(resumed)] == [1, 2]
+
+
+def test_non_finite_loss_stops_the_job_naming_epoch_step_and_batch(tmp_path):
+    from training.train import train
+
+    run = make_run(tmp_path / "run", overrides=["train.epochs=1"])
+    users = pl.read_parquet(run.data / "users.parquet")
+    users.with_columns(pl.lit(float("nan"), dtype=pl.Float32).alias("num_activity")).write_parquet(run.data / "users.parquet")
+    with pytest.raises(RecsysError, match=r"epoch 1, step 1 of 10 .*batch 1 has 128 rows"):
+        train(run)
+
+
+def test_missing_content_turns_the_modalities_off(tmp_path):
+    from training.train import train
+
+    run = make_run(tmp_path / "run", content=False, overrides=["train.epochs=1"])
+    summary = train(run)
+    assert summary["modalities"] == {"text": False, "image": False}
+    assert json.loads((run.model / "model.json").read_text())["text_dim"] == 0
+
+
+def test_train_without_prepared_data_names_the_step_to_run(tmp_path):
+    from training.train import train
+
+    run = RunDir.create(tmp_path / "run", load_config(None, []), tmp_path)
+    with pytest.raises(RunError, match="recsys prepare"):
+        train(run)
+
+
+def test_more_than_one_process_is_refused_clearly(tmp_path):
+    from training.train import train
+
+    run = make_run(tmp_path / "run")
+    with pytest.raises(RecsysError, match="multi-process training .* not implemented yet"):
+        train(run, nproc=2)
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "gradnorm"])
+def test_learned_task_weights_move_away_from_their_start(tmp_path, weighting):
+    from training.train import train
+
+    run = make_run(tmp_path / "run", overrides=["train.epochs=1", f"train.loss_weights={weighting}"], n_train=600)
+    train(run)
+    weights = read_log(run)[0]["task_weights"]
+    assert any(abs(w - 1.0) > 1e-3 for w in weights.values())
+    if weighting == "gradnorm":
+        assert math.isclose(sum(weights.values()), 3.0, rel_tol=1e-4)
+
+
+def test_gated_fusion_logs_mean_modality_gates(tmp_path):
+    from training.train import train
+
+    run = make_run(tmp_path / "run", overrides=["train.epochs=1", "model.fusion=gated"], n_train=300)
+    train(run)
+    gates = read_log(run)[0]["modality_gates"]
+    assert len(gates) == 3 and math.isclose(sum(gates), 1.0, rel_tol=1e-4)

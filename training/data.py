@@ -1,0 +1,157 @@
+"""Batches for training: ``RUN/data`` parquet + ``RUN/content`` matrices -> dicts of tensors.
+
+A split is held as columns (torch tensors) once; a batch is a row slice plus the content rows
+of its items, looked up per batch (the content matrices are inputs, not model parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file
+
+from recsys.errors import DataError, RunError
+from recsys.rundir import RunDir
+
+log = logging.getLogger("recsys.training")
+
+Split = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainingData:
+    meta: dict
+    train: Split
+    valid: Split | None
+    content: dict[str, torch.Tensor] = field(default_factory=dict)  # text, text_mask, image, image_mask (rows = item_idx)
+    user_features: dict[str, int | None] = field(default_factory=dict)
+    item_features: dict[str, int | None] = field(default_factory=dict)
+    feature_values: dict[str, torch.Tensor] = field(default_factory=dict)  # user_cat, user_num, item_cat, item_num
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.content["text"].shape[1]) if "text" in self.content else 0
+
+    @property
+    def image_dim(self) -> int:
+        return int(self.content["image"].shape[1]) if "image" in self.content else 0
+
+
+def padded_history(column: pl.Series, history_len: int) -> np.ndarray:
+    """A ``list[int64]`` column -> ``(N, L)`` int64, left-aligned, padded with 0."""
+    lengths = column.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = column.explode().drop_nulls().to_numpy().astype(np.int64)
+    if len(flat) != lengths.sum() or (lengths > history_len).any():
+        raise DataError(f"history column: lists must hold at most {history_len} non-null item indices (meta.json history_len)")
+    padded = np.zeros((len(column), history_len), dtype=np.int64)
+    rows = np.repeat(np.arange(len(column)), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    padded[rows, cols] = flat
+    return padded
+
+
+def read_split(path: Path, history_len: int, tasks: dict[str, bool]) -> Split:
+    """One split parquet -> columns: user_idx, item_idx, history (N, L), click, conversion, rating (NaN = unrated)."""
+    frame = pl.read_parquet(path)
+    required = ["user_idx", "item_idx", "history", "click"]
+    required += ["conversion"] if tasks.get("conversion") else []
+    required += ["rating"] if tasks.get("rating") else []
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} ({frame.height} rows); rerun `recsys prepare`")
+    split = {
+        "user_idx": torch.from_numpy(frame["user_idx"].to_numpy().astype(np.int64)),
+        "item_idx": torch.from_numpy(frame["item_idx"].to_numpy().astype(np.int64)),
+        "history": torch.from_numpy(padded_history(frame["history"], history_len)),
+        "click": torch.from_numpy(frame["click"].to_numpy().astype(np.float32)),
+    }
+    if tasks.get("conversion"):
+        split["conversion"] = torch.from_numpy(frame["conversion"].fill_null(0).to_numpy().astype(np.float32))
+    if tasks.get("rating"):
+        split["rating"] = torch.from_numpy(frame["rating"].cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32))
+    return split
+
+
+def feature_table(path: Path, idx_column: int | str, n_rows: int, declared: dict[str, int | None]) -> tuple[dict[str, int | None], torch.Tensor, torch.Tensor]:
+    """users/items parquet -> (features, cat (n_rows, C) int64, num (n_rows, N) float32), row = index."""
+    frame = pl.read_parquet(path)
+    cats = sorted(c for c in frame.columns if c.startswith("cat_"))
+    nums = sorted(c for c in frame.columns if c.startswith("num_"))
+    features: dict[str, int | None] = {}
+    for c in cats:
+        card = declared.get(c) or int(frame[c].fill_null(0).max() or 0) + 1
+        features[c] = int(card)
+    features.update({c: None for c in nums})
+    idx = frame[idx_column].to_numpy().astype(np.int64)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n_rows):
+        raise DataError(f"{path}: column {idx_column} has values outside 0..{n_rows - 1} ({len(idx)} rows); meta.json and the file disagree")
+    cat = np.zeros((n_rows, len(cats)), dtype=np.int64)
+    num = np.zeros((n_rows, len(nums)), dtype=np.float32)
+    for j, c in enumerate(cats):
+        cat[idx, j] = np.clip(frame[c].fill_null(0).to_numpy().astype(np.int64), 0, features[c] - 1)
+    for j, c in enumerate(nums):
+        num[idx, j] = frame[c].cast(pl.Float32).fill_null(0.0).to_numpy()
+    return features, torch.from_numpy(cat), torch.from_numpy(num)
+
+
+def read_content(run: RunDir, n_items: int, use_text: bool, use_image: bool) -> dict[str, torch.Tensor]:
+    """``RUN/content/embeddings.safetensors`` -> the modalities that are present and switched on."""
+    path = run.content / "embeddings.safetensors"
+    if not path.is_file():
+        log.warning("no %s: text and image modalities are off (run `recsys embed --run %s` to add them)", path, run.root)
+        return {}
+    tensors = load_file(str(path))
+    content: dict[str, torch.Tensor] = {}
+    for modality, wanted in (("text", use_text), ("image", use_image)):
+        if modality not in tensors:
+            log.warning("%s has no %r embeddings: the %s modality is off", path, modality, modality)
+            continue
+        if not wanted:
+            log.info("model.use_%s = false: the %s modality is off", modality, modality)
+            continue
+        matrix, mask = tensors[modality].float(), tensors[f"{modality}_mask"].float()
+        if matrix.shape[0] != n_items or mask.shape[0] != n_items:
+            raise RunError(f"{path}: {modality} has {matrix.shape[0]} rows, meta.json says n_items={n_items}; rerun `recsys embed --run {run.root}`")
+        content[modality], content[f"{modality}_mask"] = matrix, mask
+    return content
+
+
+def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = True) -> TrainingData:
+    """Everything the training job reads: meta, train/valid splits, feature tables, content."""
+    meta_path = run.require(run.data / "meta.json", "prepare")
+    meta = json.loads(meta_path.read_text())
+    history_len, tasks = int(meta["history_len"]), meta["tasks"]
+    train = read_split(run.require(run.data / "train.parquet", "prepare"), history_len, tasks)
+    valid_path = run.data / "valid.parquet"
+    valid = read_split(valid_path, history_len, tasks) if valid_path.is_file() else None
+    if valid is not None and len(valid["click"]) == 0:
+        valid = None
+    data = TrainingData(meta=meta, train=train, valid=valid, content=read_content(run, int(meta["n_items"]), use_text, use_image))
+    for side, n_key in (("user", "n_users"), ("item", "n_items")):
+        path = run.data / f"{side}s.parquet"
+        if path.is_file():
+            features, cat, num = feature_table(path, f"{side}_idx", int(meta[n_key]), meta.get(f"{side}_features") or {})
+        else:
+            features, cat, num = {}, torch.zeros(int(meta[n_key]), 0, dtype=torch.int64), torch.zeros(int(meta[n_key]), 0)
+        setattr(data, f"{side}_features", features)
+        data.feature_values[f"{side}_cat"], data.feature_values[f"{side}_num"] = cat, num
+    return data
+
+
+def batches(split: Split, batch_size: int, content: dict[str, torch.Tensor], seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Row batches of ``split`` (shuffled by ``seed`` when given), each with its items' content rows."""
+    n = len(split["click"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        batch = {name: column[rows] for name, column in split.items()}
+        for name, matrix in content.items():
+            batch[name] = matrix[batch["item_idx"]]
+        yield batch
