@@ -62,6 +62,7 @@ class ModelConfig:
     use_image: bool = True
     fusion: Literal["concat", "gated"] = "concat"
     modality_dropout: float = 0.1
+    id_dropout: float = 0.1  # share of training rows whose item id embedding is hidden, so content must carry cold items
     ranker: Literal["mmoe", "shared_bottom", "single_task"] = "mmoe"
     experts: int = 4
     expert_dim: int = 64
@@ -253,6 +254,7 @@ def _validate(cfg: Config) -> None:
         (cfg.data.negatives_per_positive >= 0, "data.negatives_per_positive must be >= 0"),
         (cfg.model.dim >= 1 and cfg.model.embedding_dim >= 1, "model.dim and model.embedding_dim must be >= 1"),
         (0 <= cfg.model.modality_dropout < 1, "model.modality_dropout must lie in [0, 1)"),
+        (0 <= cfg.model.id_dropout < 1, "model.id_dropout must lie in [0, 1)"),
         (cfg.model.experts >= 1, "model.experts must be >= 1"),
         (set(cfg.model.tasks) <= {"click", "conversion", "rating"}, "model.tasks may only name click, conversion, rating"),
         (cfg.train.epochs >= 1 and cfg.train.batch_size >= 2, "train.epochs must be >= 1 and train.batch_size >= 2"),

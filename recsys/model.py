@@ -110,6 +110,9 @@ class RecsysModel(nn.Module):
         self.register_buffer("item_cat", torch.zeros(spec.n_items, len(self.item_cat_keys), dtype=torch.int64))
         self.register_buffer("item_num", torch.zeros(spec.n_items, len(item_nums)))
         self.user_num_names, self.item_num_names = user_nums, item_nums
+        # Items with training interactions. Others (cold, or added at serving time) have an
+        # untrained id row: they look up the "unknown" id instead and rely on their content.
+        self.register_buffer("item_trained", torch.ones(spec.n_items, dtype=torch.bool))
 
         self.use_text = cfg.use_text and spec.text_dim > 0
         self.use_image = cfg.use_image and spec.image_dim > 0
@@ -140,13 +143,32 @@ class RecsysModel(nn.Module):
         users = self._known(user_idx, self.spec.n_users) if user_idx is not None else None
         items = self._known(item_idx, self.spec.n_items) if item_idx is not None else None
         features["user_id"] = users.unsqueeze(1) if users is not None else empty
-        features["history"] = self._known(history, self.spec.n_items) if history is not None else empty
-        features["item_id"] = items.unsqueeze(1) if items is not None else empty
+        features["history"] = self._trained_ids(history) if history is not None else empty
+        features["item_id"] = self._item_ids_for_lookup(items).unsqueeze(1) if items is not None else empty
         for j, key in enumerate(self.user_cat_keys):
             features[key] = self.user_cat[users, j : j + 1] if users is not None else empty
         for j, key in enumerate(self.item_cat_keys):
             features[key] = self.item_cat[items, j : j + 1] if items is not None else empty
         return self.embedding_tables(padded_to_kjt(features)), users, items
+
+    def _trained_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Item indices whose id row was never trained become 0 (dropped from the bag)."""
+        idx = self._known(idx, self.spec.n_items)
+        return torch.where(self.item_trained[idx], idx, torch.zeros_like(idx))
+
+    def _item_ids_for_lookup(self, items: torch.Tensor) -> torch.Tensor:
+        """The item-id feature: untrained ids -> unknown; in training, id dropout hides some ids."""
+        ids = self._trained_ids(items)
+        dropout = self.spec.config.id_dropout
+        if self.training and dropout > 0:
+            ids = torch.where(torch.rand(ids.shape) < dropout, torch.zeros_like(ids), ids)
+        return ids
+
+    def set_trained_items(self, item_idx: torch.Tensor) -> None:
+        """Mark which items have training interactions (the rest use the unknown id row)."""
+        self.item_trained.zero_()
+        self.item_trained[0] = True
+        self.item_trained[self._known(item_idx, self.spec.n_items)] = True
 
     def _user_vectors(self, pooled, users: torch.Tensor) -> torch.Tensor:
         parts = [pooled["user_id"], pooled["history"], *(pooled[k] for k in self.user_cat_keys), self.user_num[users]]

@@ -284,3 +284,35 @@ def test_one_user_row_is_ranked_against_many_candidates():
     items = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
     broadcast = model.rank(user, items)["p_click"]
     torch.testing.assert_close(broadcast, model.rank(user.expand(5, 16), items)["p_click"])
+
+
+# -- cold items ------------------------------------------------------------------------------
+def test_items_without_training_interactions_ignore_their_untrained_id_row():
+    model = make_model()
+    model.set_trained_items(torch.tensor([1, 2, 3]))
+    batch = make_batch(n=2)
+    content = (batch["text"], batch["text_mask"], batch["image"], batch["image_mask"])
+    cold, also_cold_same_content = model.item_vectors(torch.tensor([7, 8]), *content), model.item_vectors(torch.tensor([9, 10]), *content)
+    warm = model.item_vectors(torch.tensor([1, 2]), *content)
+    assert torch.allclose(cold, also_cold_same_content)  # only the content differs between items -> none here
+    assert not torch.allclose(cold, warm)
+
+
+def test_untrained_items_in_a_history_are_left_out_of_the_pooled_mean():
+    model = make_model()
+    model.set_trained_items(torch.tensor([1, 2, 3]))
+    user = torch.tensor([4])
+    with_cold = model.user_vectors(user, torch.tensor([[1, 2, 15, 16]]))
+    without = model.user_vectors(user, torch.tensor([[1, 2, 0, 0]]))
+    assert torch.allclose(with_cold, without)
+
+
+def test_id_dropout_hides_item_ids_only_in_training():
+    model = make_model(id_dropout=0.5)
+    items = torch.arange(1, 21)
+    model.train()
+    torch.manual_seed(0)
+    hidden = (model._item_ids_for_lookup(items) == 0).float().mean().item()
+    model.eval()
+    assert 0.25 < hidden < 0.75
+    assert torch.equal(model._item_ids_for_lookup(items), items)

@@ -55,6 +55,7 @@ def build_model(data: TrainingData, cfg: Config) -> RecsysModel:
     torch.manual_seed(cfg.train.seed)
     model = RecsysModel(spec)
     model.set_feature_values(**data.feature_values)
+    model.set_trained_items(data.train["item_idx"])
     return model
 
 
