@@ -290,11 +290,13 @@ def test_one_user_row_is_ranked_against_many_candidates():
 def test_items_without_training_interactions_ignore_their_untrained_id_row():
     model = make_model()
     model.set_trained_items(torch.tensor([1, 2, 3]))
+    model.item_cat[9:11], model.item_num[9:11] = model.item_cat[7:9], model.item_num[7:9]  # same side features
+    model.item_cat[1:3], model.item_num[1:3] = model.item_cat[7:9], model.item_num[7:9]
     batch = make_batch(n=2)
     content = (batch["text"], batch["text_mask"], batch["image"], batch["image_mask"])
     cold, also_cold_same_content = model.item_vectors(torch.tensor([7, 8]), *content), model.item_vectors(torch.tensor([9, 10]), *content)
     warm = model.item_vectors(torch.tensor([1, 2]), *content)
-    assert torch.allclose(cold, also_cold_same_content)  # only the content differs between items -> none here
+    assert torch.allclose(cold, also_cold_same_content)  # same content and features, id rows ignored
     assert not torch.allclose(cold, warm)
 
 
