@@ -1,0 +1,472 @@
+"""The evaluation step (``recsys evaluate``): score the test split, compute metrics.json, write the report.
+
+Reads RUN/data (test rows, train/valid positives), RUN/content (item text/image embeddings),
+RUN/model and RUN/index/index.json. Writes RUN/predictions/test.parquet, RUN/metrics.json
+(keys fixed by DESIGN.md, plus extra sections the report reads) and RUN/report.{html,md}.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from recsys import metrics as m
+from recsys.config import EvalConfig
+from recsys.errors import RunError
+from recsys.model import RecsysModel, load_model
+from recsys.rundir import RunDir, read_json, write_json, write_parquet
+from training import report
+
+log = logging.getLogger("recsys")
+
+BATCH_ROWS = 4096  # test rows scored per forward pass
+SCORES_PER_BATCH = 20_000_000  # users x catalogue items scored per step (~80 MB of float32)
+LEVEL = 0.9  # bootstrap interval level
+ACTIVITY_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, None))  # history length at the event (inclusive bounds)
+PROBABILITY_HEADS = {"click": ("p_click", "click"), "conversion": ("p_cvr", "conversion"), "ctcvr": ("p_ctcvr", "ctcvr")}
+
+
+@dataclass(frozen=True)
+class Content:
+    """Item content tensors indexed by item_idx (None where a modality is off or absent)."""
+
+    text: torch.Tensor | None
+    text_mask: torch.Tensor | None
+    image: torch.Tensor | None
+    image_mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    """Per-user ranking metrics and the data the report slices them by."""
+
+    user_idx: np.ndarray  # (U,) the evaluated users, ascending
+    per_user: dict[str, np.ndarray]  # name -> (U,) over evaluated users
+    user_history_len: np.ndarray  # (U,) history length before each user's first test event
+    pair_item_idx: np.ndarray  # (P,) relevant (user, item) pairs: item_idx
+    pair_ranks: np.ndarray  # (P,) 0-based rank, or metrics.NOT_RETRIEVED
+    top_items: np.ndarray  # (U, max K) item_idx, 0 where nothing eligible
+    item_popularity: np.ndarray  # (n_items,) clicked train rows per item_idx
+    users_without_relevant: int  # test users whose clicked items were all training positives
+
+
+def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
+    """Score RUN/data/test.parquet, write predictions, metrics.json and the report; returns the metrics."""
+    started = time.perf_counter()
+    cfg = run.config().eval
+    data_meta = read_json(run.require(run.data / "meta.json", "prepare"))
+    test = pl.read_parquet(run.require(run.data / "test.parquet", "prepare"))
+    report.load_compare(compare)  # fail before the work when a comparison run has no metrics.json
+    model = load_model(run.require(run.model, "train"))
+    _check_vocabularies(run, model, data_meta)
+    tasks = [t for t in model.tasks if data_meta["tasks"].get(t, False)]
+    content = load_content(run, model)
+
+    scores, mean_gates = score_rows(model, test, content)
+    write_parquet(predictions_frame(test, scores), run.predictions / "test.parquet")
+
+    labels = task_labels(test, tasks)
+    metrics_out: dict[str, Any] = row_metrics(labels, scores)  # the task sections, over all test rows
+    item_vecs = all_item_vectors(model, content)
+    retrieval = rank_catalogue(run, model, item_vecs, test, cfg)
+    metrics_out["retrieval"] = {f"{name}@{k}": _mean(retrieval.per_user[f"{name}@{k}"]) for name in ("recall", "ndcg") for k in cfg.ks}
+    ann = _ann_recall(run)
+    if ann is not None:
+        metrics_out["ann"] = {"recall@100": ann}
+
+    user_ids = test["user_idx"].to_numpy()
+    metrics_out["intervals"] = intervals(labels, scores, user_ids, retrieval, cfg)
+    metrics_out["beyond_accuracy"] = beyond_accuracy(retrieval, cfg.ks, data_meta["n_items"] - 1)
+    metrics_out["group_auc"] = group_aucs(labels, scores, user_ids)
+    metrics_out["calibration"] = calibration(labels, scores)
+    if "rating" in labels:
+        metrics_out["rating_distribution"] = rating_distribution(labels["rating"], scores["rating"], data_meta.get("rating_range", [1.0, 5.0]))
+    metrics_out["slices"] = slices(run, test, labels, scores, retrieval, cfg)
+    metrics_out["gates"] = {"ranker": model.spec.config.ranker, "tasks": list(model.tasks), "weights": mean_gates.tolist()}
+    metrics_out["counts"] = {
+        "test_rows": test.height,
+        "retrieval_users": int(retrieval.user_idx.size),
+        "retrieval_users_without_relevant": retrieval.users_without_relevant,
+        "catalogue_items": data_meta["n_items"] - 1,
+    }
+    metrics_out = _finite_or_none(metrics_out)
+    write_json(run.metrics_path, metrics_out)
+    report.write_report(run, metrics_out, compare)
+
+    summary = {
+        "test_rows": test.height,
+        "retrieval_users": int(retrieval.user_idx.size),
+        "tasks": tasks,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    run.record("evaluate", summary)
+    log.info("evaluate: %s", {k: v for k, v in metrics_out.items() if k in ("click", "conversion", "ctcvr", "rating", "retrieval", "ann")})
+    return metrics_out
+
+
+# -- inputs ------------------------------------------------------------------------------
+def load_content(run: RunDir, model: RecsysModel) -> Content:
+    """RUN/content/embeddings.safetensors for the modalities the model uses; None (model stand-in) otherwise."""
+    path = run.content / "embeddings.safetensors"
+    tensors = load_file(str(path)) if path.is_file() else {}
+    if not tensors and (model.use_text or model.use_image):
+        log.warning("evaluate: %s is missing: items are scored without text/image (run `recsys embed --run %s`)", path, run.root)
+
+    def modality(name: str, used: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not used or name not in tensors:
+            return None, None
+        return tensors[name].float(), tensors[f"{name}_mask"].float()
+
+    text, text_mask = modality("text", model.use_text)
+    image, image_mask = modality("image", model.use_image)
+    return Content(text, text_mask, image, image_mask)
+
+
+def content_masks(run: RunDir) -> dict[str, np.ndarray]:
+    """``text_mask`` / ``image_mask`` (n_items,) from RUN/content, for whichever modality was embedded."""
+    path = run.content / "embeddings.safetensors"
+    if not path.is_file():
+        return {}
+    tensors = load_file(str(path))
+    return {name: tensors[name].numpy().astype(bool) for name in ("text_mask", "image_mask") if name in tensors}
+
+
+def padded_history(history: pl.Series, length: int) -> np.ndarray:
+    """list[int64] column -> (N, length) int64, oldest first, padded with 0 at the end (last ``length`` kept)."""
+    lists = history.list.tail(length)
+    lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = lists.explode().drop_nulls().to_numpy().astype(np.int64)
+    out = np.zeros((len(history), length), dtype=np.int64)
+    rows = np.repeat(np.arange(len(history)), lengths)
+    cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = flat
+    return out
+
+
+def _item_content(content: Content, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Content rows for a batch of item indices (only the modalities present)."""
+    out: dict[str, torch.Tensor] = {}
+    for name in ("text", "text_mask", "image", "image_mask"):
+        tensor = getattr(content, name)
+        if tensor is not None:
+            out[name] = tensor[item_idx]
+    return out
+
+
+# -- scoring -----------------------------------------------------------------------------
+@torch.inference_mode()
+def score_rows(model: RecsysModel, test: pl.DataFrame, content: Content) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every head's score for every test row, and the ranker's gate weights averaged over rows (T, E)."""
+    user_idx = torch.from_numpy(test["user_idx"].to_numpy().astype(np.int64))
+    item_idx = torch.from_numpy(test["item_idx"].to_numpy().astype(np.int64))
+    history = torch.from_numpy(padded_history(test["history"], model.spec.history_len))
+    heads = ["p_click"] + (["p_cvr", "p_ctcvr"] if "conversion" in model.tasks else []) + (["rating"] if "rating" in model.tasks else [])
+    chunks: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
+    gate_sum: torch.Tensor | None = None
+    for start in tqdm(range(0, test.height, BATCH_ROWS), desc="evaluate: scoring test rows", leave=False):
+        rows = slice(start, start + BATCH_ROWS)
+        batch = {"user_idx": user_idx[rows], "item_idx": item_idx[rows], "history": history[rows], **_item_content(content, item_idx[rows])}
+        out = model(batch)
+        for head in heads:
+            chunks[head].append(out[head].float())
+        batch_gates = out["gates"].float().sum(dim=0)  # (T, E)
+        gate_sum = batch_gates if gate_sum is None else gate_sum + batch_gates
+    scores = {h: torch.cat(c).numpy() if c else np.zeros(0, np.float32) for h, c in chunks.items()}
+    mean_gates = (gate_sum / max(test.height, 1)).numpy() if gate_sum is not None else np.zeros((len(model.tasks), 0))
+    return scores, mean_gates
+
+
+@torch.inference_mode()
+def all_item_vectors(model: RecsysModel, content: Content) -> torch.Tensor:
+    """Item-tower vectors for item_idx 0..n_items-1 (row 0 is padding and never ranked) -> (n_items, d)."""
+    n_items = model.spec.n_items
+    parts = []
+    for start in range(0, n_items, BATCH_ROWS):
+        idx = torch.arange(start, min(start + BATCH_ROWS, n_items))
+        parts.append(model.item_vectors(idx, **_item_content(content, idx)))
+    return torch.cat(parts)
+
+
+def predictions_frame(test: pl.DataFrame, scores: dict[str, np.ndarray]) -> pl.DataFrame:
+    """RUN/predictions/test.parquet: one row per test row, columns of absent heads left out."""
+    names = {"p_click": "p_click", "p_cvr": "p_conversion", "p_ctcvr": "p_ctcvr", "rating": "rating_pred"}
+    return test.select("user_id", "item_id", "timestamp").with_columns(
+        [pl.Series(names[h], scores[h].astype(np.float32)) for h in names if h in scores]
+    )
+
+
+def task_labels(test: pl.DataFrame, tasks: list[str]) -> dict[str, np.ndarray]:
+    """Label arrays over all test rows: click, conversion (0 where not clicked), ctcvr, rating (nan where unrated)."""
+    click = test["click"].to_numpy().astype(np.float64)
+    labels = {"click": click}
+    if "conversion" in tasks:
+        labels["conversion"] = test["conversion"].fill_null(0).to_numpy().astype(np.float64)
+        labels["ctcvr"] = click * labels["conversion"]
+    if "rating" in tasks:
+        labels["rating"] = test["rating"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    return labels
+
+
+# -- headline metrics --------------------------------------------------------------------
+def row_metrics(labels: dict[str, np.ndarray], scores: dict[str, np.ndarray], rows: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """The DESIGN.md ranking/rating metrics over ``rows`` (a boolean mask or row indices; all rows when None)."""
+    if rows is not None:
+        labels = {name: values[rows] for name, values in labels.items()}
+        scores = {name: values[rows] for name, values in scores.items()}
+    click = labels["click"]
+    out: dict[str, dict[str, float]] = {"click": {"auc": m.auc(click, scores["p_click"]), "logloss": m.logloss(click, scores["p_click"])}}
+    if "conversion" in labels:
+        clicked = click > 0.5
+        out["conversion"] = {"auc": m.auc(labels["conversion"][clicked], scores["p_cvr"][clicked])}
+        out["ctcvr"] = {"auc": m.auc(labels["ctcvr"], scores["p_ctcvr"])}
+    if "rating" in labels:
+        rated = np.isfinite(labels["rating"])
+        true, predicted = labels["rating"][rated], scores["rating"][rated]
+        out["rating"] = {"rmse": m.rmse(true, predicted), "mae": m.mae(true, predicted)}
+    return out
+
+
+def intervals(
+    labels: dict[str, np.ndarray], scores: dict[str, np.ndarray], user_ids: np.ndarray, retrieval: RetrievalResult, cfg: EvalConfig
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals (users resampled) for every headline metric."""
+    out: dict[str, Any] = {"level": LEVEL, "resamples": cfg.bootstrap, "unit": "user"}
+    if cfg.bootstrap <= 0 or user_ids.size == 0:
+        return out
+    rows = m.bootstrap_intervals(
+        lambda idx: _flatten(row_metrics(labels, scores, idx)), user_ids.size, groups=user_ids, n_boot=cfg.bootstrap, level=LEVEL, seed=0
+    )
+    users = m.bootstrap_intervals(
+        lambda idx: {f"retrieval.{name}": _mean(v[idx]) for name, v in retrieval.per_user.items()},
+        retrieval.user_idx.size,
+        n_boot=cfg.bootstrap,
+        level=LEVEL,
+        seed=0,
+    ) if retrieval.user_idx.size else {}
+    return out | {name: list(bounds) for name, bounds in (rows | users).items()}
+
+
+def group_aucs(labels: dict[str, np.ndarray], scores: dict[str, np.ndarray], user_ids: np.ndarray) -> dict[str, Any]:
+    """Per-user AUC weighted by impressions (users with one class skipped)."""
+    out: dict[str, Any] = {}
+    gauc, users = m.group_auc(labels["click"], scores["p_click"], user_ids)
+    out["click"] = {"gauc": gauc, "users": users}
+    if "ctcvr" in labels:
+        gauc, users = m.group_auc(labels["ctcvr"], scores["p_ctcvr"], user_ids)
+        out["ctcvr"] = {"gauc": gauc, "users": users}
+    return out
+
+
+def calibration(labels: dict[str, np.ndarray], scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """ECE and reliability bins per probability head (conversion over clicked rows)."""
+    out: dict[str, Any] = {}
+    clicked = labels["click"] > 0.5
+    for task, (head, label) in PROBABILITY_HEADS.items():
+        if label not in labels:
+            continue
+        rows = clicked if task == "conversion" else np.ones_like(clicked)
+        y, p = labels[label][rows], scores[head][rows]
+        bins = m.reliability_bins(y, p)
+        out[task] = {
+            "ece": m.expected_calibration_error(y, p),
+            "mean_pred": float(p.mean()) if p.size else None,
+            "observed": float(y.mean()) if y.size else None,
+            "bins": {k: v.tolist() for k, v in bins.items()},
+        }
+    return out
+
+
+def rating_distribution(true: np.ndarray, predicted: np.ndarray, rating_range: list[float]) -> dict[str, Any]:
+    """Histograms of true and predicted ratings over rated rows (same edges)."""
+    rated = np.isfinite(true)
+    lo, hi = float(rating_range[0]), float(rating_range[1])
+    edges = np.linspace(lo - 0.25, hi + 0.25, int(round((hi - lo) * 4)) + 3)  # quarter-star bins around whole stars
+    return {
+        "edges": edges.tolist(),
+        "true": np.histogram(true[rated], edges)[0].tolist(),
+        "predicted": np.histogram(predicted[rated], edges)[0].tolist(),
+        "true_mean": float(true[rated].mean()) if rated.any() else None,
+        "predicted_mean": float(predicted[rated].mean()) if rated.any() else None,
+        "predicted_std": float(predicted[rated].std()) if rated.any() else None,
+        "true_std": float(true[rated].std()) if rated.any() else None,
+    }
+
+
+# -- retrieval ---------------------------------------------------------------------------
+def _positive_pairs(run: RunDir, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clicked (user_idx, item_idx) pairs of train and valid, and clicked train rows per item_idx (popularity)."""
+    frames = [pl.read_parquet(run.require(run.data / "train.parquet", "prepare"), columns=["user_idx", "item_idx", "click"])]
+    if (run.data / "valid.parquet").is_file():
+        frames.append(pl.read_parquet(run.data / "valid.parquet", columns=["user_idx", "item_idx", "click"]))
+    popularity = np.bincount(frames[0].filter(pl.col("click") == 1)["item_idx"].to_numpy(), minlength=n_items)[:n_items]
+    positives = pl.concat(frames).filter(pl.col("click") == 1).select("user_idx", "item_idx").unique()
+    return positives.to_numpy().astype(np.int64), popularity
+
+
+@torch.inference_mode()
+def rank_catalogue(run: RunDir, model: RecsysModel, item_vecs: torch.Tensor, test: pl.DataFrame, cfg: EvalConfig) -> RetrievalResult:
+    """Full-catalogue ranking for each test user with a clicked test item, training positives excluded."""
+    n_items = model.spec.n_items
+    positives, popularity = _positive_pairs(run, n_items)
+    first_event = test.sort("timestamp").group_by("user_idx", maintain_order=True).first().select("user_idx", "history")
+    relevant = test.filter(pl.col("click") == 1).select("user_idx", "item_idx").unique()
+
+    def pair_key(users: Any, items: Any) -> np.ndarray:  # one int64 per (user_idx, item_idx)
+        return np.asarray(users, np.int64) * n_items + np.asarray(items, np.int64)
+
+    seen_before = np.isin(pair_key(relevant["user_idx"], relevant["item_idx"]), pair_key(positives[:, 0], positives[:, 1]))
+    users_with_clicks = relevant["user_idx"].n_unique()
+    relevant = relevant.filter(~pl.Series(seen_before))
+    users_without_relevant = users_with_clicks - relevant["user_idx"].n_unique()
+    users = first_event.join(relevant.select("user_idx").unique(), on="user_idx", how="semi").sort("user_idx")
+    if cfg.max_eval_users and users.height > cfg.max_eval_users:
+        users = users.sample(cfg.max_eval_users, seed=0).sort("user_idx")
+    user_idx = users["user_idx"].to_numpy().astype(np.int64)
+    row_of_user = np.full(model.spec.n_users + 1, -1, dtype=np.int64)
+    row_of_user[user_idx] = np.arange(user_idx.size)
+    history = torch.from_numpy(padded_history(users["history"], model.spec.history_len))
+
+    k_max = min(max(cfg.ks), n_items - 1)
+    catalogue = item_vecs[1:]  # column j is item_idx j + 1
+    excluded = positives[row_of_user[np.clip(positives[:, 0], 0, model.spec.n_users)] >= 0]
+    excluded_rows, excluded_cols = row_of_user[excluded[:, 0]], excluded[:, 1] - 1
+    top = np.full((user_idx.size, k_max), -1, dtype=np.int64)
+    batch_users = max(1, min(1024, SCORES_PER_BATCH // max(catalogue.shape[0], 1)))
+    for start in tqdm(range(0, user_idx.size, batch_users), desc="evaluate: ranking the catalogue", leave=False):
+        stop = min(start + batch_users, user_idx.size)
+        user_vec = model.user_vectors(torch.from_numpy(user_idx[start:stop]), history[start:stop])
+        in_batch = (excluded_rows >= start) & (excluded_rows < stop)
+        exclude = torch.zeros(stop - start, catalogue.shape[0], dtype=torch.bool)
+        exclude[torch.from_numpy(excluded_rows[in_batch] - start), torch.from_numpy(excluded_cols[in_batch])] = True
+        top[start:stop] = m.top_k(user_vec @ catalogue.T, k_max, exclude).numpy()
+
+    relevant = relevant.filter(pl.col("user_idx").is_in(user_idx))
+    pair_user = row_of_user[relevant["user_idx"].to_numpy()]
+    pair_item = relevant["item_idx"].to_numpy().astype(np.int64)
+    ranks = m.relevant_ranks(top, pair_user, pair_item - 1)
+    return RetrievalResult(
+        user_idx=user_idx,
+        per_user=m.retrieval_per_user(ranks, pair_user, user_idx.size, cfg.ks),
+        user_history_len=users["history"].list.len().fill_null(0).to_numpy(),
+        pair_item_idx=pair_item,
+        pair_ranks=ranks,
+        top_items=top + 1,  # back to item_idx; -1 padding becomes 0
+        item_popularity=popularity,
+        users_without_relevant=int(users_without_relevant),
+    )
+
+
+def beyond_accuracy(retrieval: RetrievalResult, ks: tuple[int, ...], n_catalogue: int) -> dict[str, Any]:
+    """Hit rate, MRR, catalogue coverage and popularity bias of the top-K lists."""
+    out: dict[str, Any] = {}
+    for k in ks:
+        top = retrieval.top_items[:, :k] - 1  # catalogue columns; -1 = nothing eligible
+        bias = m.popularity_bias(top, retrieval.item_popularity[1:])
+        out[f"hit_rate@{k}"] = _mean(retrieval.per_user[f"hit_rate@{k}"])
+        out[f"mrr@{k}"] = _mean(retrieval.per_user[f"mrr@{k}"])
+        out[f"coverage@{k}"] = m.catalogue_coverage(top, n_catalogue)
+        out[f"gini@{k}"] = bias["gini"]
+        out[f"mean_log_popularity@{k}"] = bias["mean_log_popularity"]
+    out["catalogue_mean_log_popularity"] = float(np.log1p(retrieval.item_popularity[1:]).mean())
+    return out
+
+
+# -- slices ------------------------------------------------------------------------------
+def slice_k(ks: tuple[int, ...]) -> int:
+    """The one K the slice tables use: 20 when configured, else the largest."""
+    return 20 if 20 in ks else max(ks)
+
+
+def slices(
+    run: RunDir, test: pl.DataFrame, labels: dict[str, np.ndarray], scores: dict[str, np.ndarray], retrieval: RetrievalResult, cfg: EvalConfig
+) -> dict[str, Any]:
+    """Every metric per slice with its row count: cold/warm items, missing text/image, users by activity."""
+    k = slice_k(cfg.ks)
+    item_idx = test["item_idx"].to_numpy()
+    train_path = run.data / "train.parquet"
+    train = pl.read_parquet(train_path, columns=[c for c in ("item_idx", "sampled") if c in pl.read_parquet_schema(train_path)])
+    real = train.filter(~pl.col("sampled")) if "sampled" in train.columns else train  # sampled negatives were never shown
+    seen = np.zeros(retrieval.item_popularity.size, dtype=bool)
+    seen[real["item_idx"].to_numpy()] = True
+    item_slices: dict[str, dict[str, np.ndarray]] = {"items": {"warm (in train)": seen, "cold (not in train)": ~seen}}
+    masks = content_masks(run)
+    for modality in ("text", "image"):
+        if f"{modality}_mask" in masks:
+            present = masks[f"{modality}_mask"]
+            item_slices[modality] = {f"with {modality}": present, f"missing {modality}": ~present}
+
+    out: dict[str, Any] = {"recall_k": k}
+    for family, groups in item_slices.items():
+        out[family] = {}
+        for name, item_in_slice in groups.items():
+            rows = item_in_slice[item_idx]
+            pairs = item_in_slice[retrieval.pair_item_idx]
+            entry: dict[str, Any] = {"rows": int(rows.sum()), **_flatten(row_metrics(labels, scores, rows))}
+            entry["relevant_pairs"] = int(pairs.sum())
+            entry[f"retrieval.recall@{k}"] = float((retrieval.pair_ranks[pairs] < k).mean()) if pairs.any() else None
+            out[family][name] = entry
+
+    row_history = test["history"].list.len().fill_null(0).to_numpy()
+    out["user_activity"] = {}
+    for lo, hi in ACTIVITY_BUCKETS:
+        name = f"history {lo}-{hi}" if hi is not None else f"history {lo}+"
+        if hi == lo:
+            name = f"history {lo}"
+        rows = (row_history >= lo) & (row_history <= (hi if hi is not None else np.iinfo(np.int64).max))
+        users = (retrieval.user_history_len >= lo) & (retrieval.user_history_len <= (hi if hi is not None else np.iinfo(np.int64).max))
+        entry = {"rows": int(rows.sum()), **_flatten(row_metrics(labels, scores, rows)), "users": int(users.sum())}
+        entry[f"retrieval.recall@{k}"] = _mean(retrieval.per_user[f"recall@{k}"][users]) if users.any() else None
+        out["user_activity"][name] = entry
+    return out
+
+
+# -- helpers -----------------------------------------------------------------------------
+def _check_vocabularies(run: RunDir, model: RecsysModel, data_meta: dict[str, Any]) -> None:
+    """The model's id tables must match RUN/data's vocabularies, else its rows mean other users/items."""
+    for key in ("n_users", "n_items"):
+        if getattr(model.spec, key) != data_meta[key]:
+            raise RunError(
+                f"{run.model / 'model.json'} has {key}={getattr(model.spec, key)} but {run.data / 'meta.json'} has "
+                f"{key}={data_meta[key]}: the model was trained on other data; run `recsys train --run {run.root}` again"
+            )
+
+
+def _ann_recall(run: RunDir) -> float | None:
+    """``ann_recall@100`` from RUN/index/index.json, when the index step measured it."""
+    path = run.index / "index.json"
+    if not path.is_file():
+        return None
+    value = read_json(path).get("ann_recall@100")
+    return float(value) if value is not None else None
+
+
+def _mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _flatten(nested: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{task}.{name}": value for task, values in nested.items() for name, value in values.items()}
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """nan/inf -> None, so metrics.json is strict JSON (null = undefined, e.g. a single-class AUC)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
