@@ -1,0 +1,247 @@
+"""Serving benchmark: `recsys serve` (uvicorn, one process) over a 1M-item catalogue, loopback only.
+
+Builds (once, cached in ``--run-dir``) a run with 1M items, 100k users, random content vectors
+and an untrained model, indexes it with ``recsys index``'s ``build_index``, starts
+``python -m recsys serve`` in a subprocess and drives it from a separate client process with a
+light keep-alive HTTP/1.1 client (asyncio streams, so the client's own CPU stays small on a
+2-core machine):
+
+1. open loop at ``--rate`` req/s for ``--seconds``: p50/p99 latency measured from each request's
+   scheduled send time (no coordinated omission);
+2. stepped open-loop rates (``--steps``), each for ``--step-seconds``: the highest rate served
+   with no errors, at least 95% of the offered rate completed and p99 under ``--max-p99-ms``.
+
+Every phase is bounded in request count and time. Where the time goes comes from the server's
+own /metrics (pipeline stage histograms vs. in-app request time vs. client latency).
+Prints a final JSON line.
+
+    python benchmarks/serving.py [--items 1000000 --candidates 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# -- the run ---------------------------------------------------------------------------------
+def build_run(root: Path, items: int, users: int, events: int, candidates: int, seed: int = 0) -> None:
+    """A complete run (data, content, untrained model, index) with random data."""
+    import polars as pl
+    import torch
+    from safetensors.numpy import save_file
+
+    from recsys.config import load_config
+    from recsys.model import ModelSpec, RecsysModel, save_model
+    from recsys.rundir import RunDir, write_json, write_parquet
+    from serving.index import build_index
+
+    history_len, text_dim = 20, 32
+    cfg = load_config(None, ["embed.text_model=none", "embed.image_model=none", f"serve.candidates={candidates}", f"data.history_len={history_len}"])
+    run = RunDir.create(root, cfg, root)
+    rng = np.random.default_rng(seed)
+    item_idx = np.arange(1, items + 1)
+    write_parquet(pl.DataFrame({"item_idx": item_idx}).with_columns(
+        pl.format("it{}", "item_idx").alias("item_id"), pl.lit(None, pl.String).alias("text"), pl.lit(None, pl.String).alias("image")
+    ).select("item_id", "item_idx", "text", "image"), run.data / "items.parquet")
+    write_parquet(pl.DataFrame({"user_idx": np.arange(1, users + 1)}).with_columns(pl.format("u{}", "user_idx").alias("user_id")).select("user_id", "user_idx"), run.data / "users.parquet")
+    popular = np.minimum(rng.zipf(1.3, events), items)  # a long-tailed popularity
+    history = np.minimum(rng.zipf(1.3, (events, history_len)), items)
+    train = pl.DataFrame({
+        "user_idx": rng.integers(1, users + 1, events), "item_idx": popular, "timestamp": rng.integers(0, 10**6, events),
+        "click": np.ones(events, np.int8), "conversion": rng.integers(0, 2, events).astype(np.int8),
+        "rating": rng.uniform(1, 5, events).astype(np.float32), "sampled": np.zeros(events, bool),
+    }).with_columns(pl.Series("history", history).cast(pl.List(pl.Int64)), pl.format("u{}", "user_idx").alias("user_id"), pl.format("it{}", "item_idx").alias("item_id"))
+    write_parquet(train, run.data / "train.parquet")
+    write_json(run.data / "meta.json", {"n_users": users + 1, "n_items": items + 1, "history_len": history_len, "impressions": False,
+                                        "tasks": {"click": True, "conversion": True, "rating": True}, "rating_range": [1.0, 5.0],
+                                        "user_features": {}, "item_features": {}, "split": "temporal", "rows": {"train": events}})
+    text = rng.normal(size=(items + 1, text_dim)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    run.content.mkdir(parents=True, exist_ok=True)
+    save_file({"text": text, "text_mask": np.ones(items + 1, np.uint8)}, str(run.content / "embeddings.safetensors"))
+    torch.manual_seed(seed)
+    spec = ModelSpec(n_users=users + 1, n_items=items + 1, history_len=history_len, text_dim=text_dim,
+                     tasks=("click", "conversion", "rating"), config=cfg.model)
+    save_model(RecsysModel(spec).eval(), run.model)
+    print(f"index: {build_index(run)}", file=sys.stderr)
+
+
+# -- a light load generator (runs in its own process) ----------------------------------------
+class Connection:
+    """One keep-alive HTTP/1.1 connection; requests on it run one at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    async def post(self, path: str, body: bytes) -> int:
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await self.reader.readexactly(length)
+        return status
+
+
+async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, connections: int = 16) -> dict:
+    """Send at ``rate`` req/s for ``seconds``; latency counted from each scheduled send time."""
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(Connection(*await asyncio.open_connection("127.0.0.1", port)))
+    total = int(rate * seconds)
+    latencies: list[float] = []
+    errors = 0
+    rng = random.Random(0)
+    bodies = [json.dumps({"user_id": f"u{rng.randint(1, users)}", "k": k}).encode() if i % 10 else
+              json.dumps({"history": [f"it{rng.randint(1, 1000)}" for _ in range(5)], "k": k}).encode() for i in range(total)]
+    started = time.perf_counter()
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        scheduled = started + i / rate
+        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        connection = await pool.get()
+        try:
+            status = await asyncio.wait_for(connection.post("/recommend", bodies[i]), timeout=10)
+            errors += status != 200
+            latencies.append(time.perf_counter() - scheduled)
+            pool.put_nowait(connection)
+        except (asyncio.TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            errors += 1
+            pool.put_nowait(Connection(*await asyncio.open_connection("127.0.0.1", port)))
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(total))), timeout=seconds + 30)
+    elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {
+        "offered_rps": rate, "achieved_rps": round(len(latencies) / elapsed, 1), "requests": total, "errors": errors,
+        "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
+        "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None,
+    }
+
+
+def client_process(port: int, phases: list[tuple[float, float]], users: int, k: int, out: multiprocessing.Queue) -> None:
+    out.put([asyncio.run(open_loop(port, rate, seconds, users, k)) for rate, seconds in phases])
+
+
+def run_client(port: int, phases: list[tuple[float, float]], users: int, k: int) -> list[dict]:
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no copied state
+    queue = context.Queue()
+    process = context.Process(target=client_process, args=(port, phases, users, k, queue))
+    process.start()
+    try:
+        return queue.get(timeout=sum(s for _, s in phases) + 60 * len(phases))
+    finally:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+
+
+# -- server-side breakdown -------------------------------------------------------------------
+def mean_ms(metrics: str, name: str, label: str) -> float | None:
+    total = re.search(rf'{name}_sum{{{label}}} ([0-9.e+-]+)', metrics)
+    count = re.search(rf'{name}_count{{{label}}} ([0-9]+)', metrics)
+    if not (total and count) or int(count.group(1)) == 0:
+        return None
+    return round(1000 * float(total.group(1)) / int(count.group(1)), 3)
+
+
+def breakdown(metrics: str) -> dict:
+    stages = {stage: mean_ms(metrics, "recsys_stage_duration_seconds", f'stage="{stage}"') for stage in ("prepare", "user_tower", "retrieve", "rank")}
+    in_app = mean_ms(metrics, "recsys_request_duration_seconds", 'endpoint="/recommend"')
+    pipeline = sum(v for v in stages.values() if v)
+    return {"stages_mean_ms": stages, "in_app_mean_ms": in_app, "framework_mean_ms": round(in_app - pipeline, 3) if in_app else None}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--run-dir", default="/tmp/recsys-bench-serving", help="cached between runs (rebuilt when incomplete)")
+    parser.add_argument("--rate", type=float, default=100)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--steps", default="200,300,400,500,600")
+    parser.add_argument("--step-seconds", type=float, default=8)
+    parser.add_argument("--max-p99-ms", type=float, default=100)
+    args = parser.parse_args()
+
+    root = Path(args.run_dir) / f"items{args.items}-c{args.candidates}"
+    if not (root / "index" / "index.json").is_file():
+        t0 = time.perf_counter()
+        build_run(root, args.items, args.users, args.events, args.candidates)
+        print(f"run built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen([sys.executable, "-m", "recsys", "-q", "serve", "--run", str(root), "--port", str(port)],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        t0 = time.perf_counter()
+        while True:
+            if server.poll() is not None:
+                raise SystemExit("server exited during start-up")
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()
+                break
+            except httpx.TransportError:
+                if time.perf_counter() - t0 > 300:
+                    raise SystemExit("server not healthy within 300 s")
+                time.sleep(0.5)
+        load_s = time.perf_counter() - t0
+        print(f"server up in {load_s:.1f} s: {health}", file=sys.stderr)
+        run_client(port, [(50, 3)], args.users, args.k)  # warm-up
+        steady = run_client(port, [(args.rate, args.seconds)], args.users, args.k)[0]
+        steady_breakdown = breakdown(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+        print(f"at {args.rate} req/s: {steady}", file=sys.stderr)
+        steps = []
+        for rate in (float(r) for r in args.steps.split(",")):
+            result = run_client(port, [(rate, args.step_seconds)], args.users, args.k)[0]
+            print(f"step {rate}: {result}", file=sys.stderr)
+            steps.append(result)
+            if not (result["errors"] == 0 and result["achieved_rps"] >= 0.95 * rate and result["p99_ms"] <= args.max_p99_ms):
+                break
+        sustained = max([s["offered_rps"] for s in steps if s["errors"] == 0 and s["achieved_rps"] >= 0.95 * s["offered_rps"] and s["p99_ms"] <= args.max_p99_ms], default=0)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    print(json.dumps({
+        "benchmark": "serving", "items": health["items"], "index": health["index_type"], "candidates": args.candidates, "k": args.k,
+        "server_start_s": round(load_s, 1), "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "at_rate": steady, "where_time_goes": steady_breakdown, "steps": steps, "sustained_rps": sustained,
+        "targets_met": bool(steady["p99_ms"] is not None and steady["p99_ms"] <= 10 and sustained >= 300),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""The HTTP retrieval service (DESIGN.md, "HTTP service"): FastAPI app factory and ``recsys serve``.
+
+Endpoints: GET /healthz, POST /recommend, GET /items/{item_id}/similar, POST /items (admin),
+POST /admin/reload (admin), GET /metrics (Prometheus text). Admin calls need
+``Authorization: Bearer <RECSYS_ADMIN_TOKEN>``; the token is read once by ``serve`` and passed
+in, and admin calls are refused (403) when there is none.
+
+The live ``Recommender`` is one attribute: a reload builds the new one off to the side, then
+swaps the reference, so a request that started on the old model and index finishes on them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from recsys.errors import RecsysError
+from recsys.rundir import RunDir
+from serving.pipeline import DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
+
+log = logging.getLogger("recsys.serve")
+access_log = logging.getLogger("recsys.access")
+
+ItemId = Annotated[str, Field(min_length=1, max_length=256)] | StrictInt
+MAX_HISTORY = 1000  # request history ids accepted (the model keeps the last history_len)
+MAX_NEW_ITEMS = 256  # items per POST /items
+MAX_IMAGE_BASE64 = 8_000_000  # characters (~6 MB image)
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+# -- request and response models -------------------------------------------------------------
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(Strict):
+    user_id: ItemId | None = None
+    history: list[ItemId] | None = Field(default=None, max_length=MAX_HISTORY)
+    k: int = Field(default=10, ge=1)
+
+
+class RecommendedItem(BaseModel):
+    item_id: str | int
+    score: float
+    p_click: float
+    p_conversion: float | None
+    p_ctcvr: float | None
+    rating: float | None
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItem]
+    warnings: list[str]
+    source: Literal["user", "history", "popular"]
+
+
+class SimilarItem(BaseModel):
+    item_id: str | int
+    score: float
+
+
+class SimilarResponse(BaseModel):
+    items: list[SimilarItem]
+
+
+class NewItemRequest(Strict):
+    item_id: ItemId
+    text: str | None = Field(default=None, max_length=100_000)
+    image_base64: str | None = Field(default=None, max_length=MAX_IMAGE_BASE64)
+
+
+class AddItemsRequest(Strict):
+    items: list[NewItemRequest] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
+
+
+class AddedItem(BaseModel):
+    item_id: str | int
+    faiss_id: int
+
+
+class AddItemsResponse(BaseModel):
+    added: list[AddedItem]
+    count: int  # items in the index now
+    warnings: list[str]
+
+
+class ReloadRequest(Strict):
+    run: str = Field(min_length=1, max_length=4096)
+
+
+class StatusResponse(BaseModel):
+    status: str
+    run: str
+    model_version: str
+    index_type: str
+    items: int
+
+
+# -- metrics ---------------------------------------------------------------------------------
+class Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.total_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total_s += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out, cumulative = [], 0
+        for bound, count in zip((*map(str, LATENCY_BUCKETS_S), "+Inf"), self.counts):
+            cumulative += count
+            out.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
+        out += [f"{name}_sum{{{labels}}} {self.total_s:.6f}", f"{name}_count{{{labels}}} {cumulative}"]
+        return out
+
+
+class Metrics:
+    """Request counts and latency histograms per endpoint, pipeline stage histograms; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[str, Histogram] = {}
+        self.stages: dict[str, Histogram] = {}
+        self.reloads = 0
+
+    def request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        with self._lock:
+            key = (endpoint, method, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.latency.setdefault(endpoint, Histogram()).observe(seconds)
+
+    def stage_times(self, timings_ms: dict[str, float]) -> None:
+        with self._lock:
+            for stage, ms in timings_ms.items():
+                if stage != "total":
+                    self.stages.setdefault(stage, Histogram()).observe(ms / 1000)
+
+    def render(self, recommender: Recommender) -> str:
+        with self._lock:
+            lines = ["# HELP recsys_requests_total HTTP requests by endpoint, method and status.", "# TYPE recsys_requests_total counter"]
+            lines += [f'recsys_requests_total{{endpoint="{e}",method="{m}",status="{s}"}} {n}' for (e, m, s), n in sorted(self.requests.items())]
+            lines += ["# HELP recsys_request_duration_seconds Request latency by endpoint.", "# TYPE recsys_request_duration_seconds histogram"]
+            for endpoint, histogram in sorted(self.latency.items()):
+                lines += histogram.lines("recsys_request_duration_seconds", f'endpoint="{endpoint}"')
+            lines += ["# HELP recsys_stage_duration_seconds Time in each /recommend pipeline stage.", "# TYPE recsys_stage_duration_seconds histogram"]
+            for stage, histogram in sorted(self.stages.items()):
+                lines += histogram.lines("recsys_stage_duration_seconds", f'stage="{stage}"')
+            lines += ["# HELP recsys_reloads_total Successful model and index swaps.", "# TYPE recsys_reloads_total counter", f"recsys_reloads_total {self.reloads}"]
+        lines += [
+            "# HELP recsys_index_items Items in the live FAISS index.", "# TYPE recsys_index_items gauge",
+            f"recsys_index_items {recommender.index.count}",
+            "# HELP recsys_model_info The live model and index.", "# TYPE recsys_model_info gauge",
+            f'recsys_model_info{{version="{_label(recommender.model_version)}",run="{_label(str(recommender.run.root))}",index_type="{recommender.index.kind}"}} 1',
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class AccessLogMiddleware:
+    """Pure ASGI: one JSON access-log line and the metrics per request (route template as label)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            seconds = time.perf_counter() - started
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"  # template, never the raw path
+            self.metrics.request(endpoint, scope["method"], status, seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client") or ("", 0)
+                access_log.info(json.dumps({
+                    "ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"], "endpoint": endpoint,
+                    "status": status, "ms": round(1000 * seconds, 3), "client": client[0],
+                }))
+
+
+# -- the app ---------------------------------------------------------------------------------
+class Service:
+    """The live recommender and the swap that replaces it."""
+
+    def __init__(self, recommender: Recommender):
+        self.recommender = recommender
+        self.reload_lock = threading.Lock()
+
+    def reload(self, run_dir: str) -> Recommender:
+        if not self.reload_lock.acquire(blocking=False):
+            raise HTTPException(409, "a reload is already in progress")
+        try:
+            fresh = Recommender.load(RunDir(run_dir))  # the old one keeps serving meanwhile
+            self.recommender = fresh  # one reference swap: model and index change together
+            return fresh
+        finally:
+            self.reload_lock.release()
+
+
+def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> FastAPI:
+    """The service over one run directory (loaded now); admin endpoints need ``admin_token``."""
+    service = Service(Recommender.load(run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)))
+    metrics = Metrics()
+    app = FastAPI(title="recsys", description="Retrieval and ranking service", version="1")
+    app.state.service = service
+
+    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not admin_token:
+            raise HTTPException(403, "admin endpoints are disabled: start the service with RECSYS_ADMIN_TOKEN set")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(401, "admin endpoint: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), admin_token.encode()):
+            raise HTTPException(403, "admin endpoint: wrong token")
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
+        code = 404 if isinstance(exc, UnknownItem) else 409 if isinstance(exc, DuplicateItem) else 422
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    def status(recommender: Recommender) -> StatusResponse:
+        return StatusResponse(
+            status="ok", run=str(recommender.run.root), model_version=recommender.model_version,
+            index_type=recommender.index.kind, items=recommender.index.count,
+        )
+
+    @app.get("/healthz", response_model=StatusResponse)
+    def healthz() -> StatusResponse:
+        return status(service.recommender)
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    def recommend(body: RecommendRequest) -> RecommendResponse:
+        recommender = service.recommender  # one model + index for the whole request
+        result = recommender.recommend(user_id=body.user_id, history=body.history, k=body.k)
+        metrics.stage_times(result.timings_ms)
+        return RecommendResponse(items=[RecommendedItem(**vars(item)) for item in result.items], warnings=result.warnings, source=result.source)
+
+    @app.get("/items/{item_id}/similar", response_model=SimilarResponse)
+    def similar(item_id: Annotated[str, PathParam(max_length=256)], k: Annotated[int, Query(ge=1)] = 10) -> SimilarResponse:
+        pairs = service.recommender.similar(item_id, k)
+        return SimilarResponse(items=[SimilarItem(item_id=i, score=s) for i, s in pairs])
+
+    @app.post("/items", response_model=AddItemsResponse, status_code=201, dependencies=[Depends(require_admin)])
+    def add_items(body: AddItemsRequest) -> AddItemsResponse:
+        new_items = []
+        for item in body.items:
+            if not item.text and not item.image_base64:
+                raise RequestError(f"item {item.item_id!r} needs text or image_base64")
+            image = decode_image_base64(item.image_base64) if item.image_base64 else None
+            new_items.append(NewItem(item.item_id, item.text, image))
+        recommender = service.recommender
+        faiss_ids, warnings = recommender.add_items(new_items)
+        added = [AddedItem(item_id=recommender.item_key(item.item_id), faiss_id=f) for item, f in zip(body.items, faiss_ids)]
+        return AddItemsResponse(added=added, count=recommender.index.count, warnings=warnings)
+
+    @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)])
+    def reload(body: ReloadRequest) -> StatusResponse:
+        try:
+            fresh = service.reload(body.run)
+        except HTTPException:
+            raise
+        except Exception as exc:  # an incomplete or unreadable run: the old one stays live
+            if not isinstance(exc, RecsysError):
+                log.exception("reload of %s failed", body.run)
+            raise HTTPException(400, f"reload refused, still serving {service.recommender.run.root}: {exc}") from None
+        metrics.reloads += 1
+        log.info("reloaded %s (model %s, %d items)", fresh.run.root, fresh.model_version, fresh.index.count)
+        return status(fresh)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(service.recommender), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    return app
+
+
+def configure_threads(threads: int) -> None:
+    """Intra-op threads of torch and FAISS: requests run concurrently, each on few threads."""
+    import faiss
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+
+def serve(run: RunDir, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """``recsys serve``: load the run and serve it with uvicorn (JSON access logs on stderr)."""
+    import uvicorn
+
+    cfg = run.config()
+    configure_threads(cfg.serve.threads)
+    admin_token = os.environ.get("RECSYS_ADMIN_TOKEN") or None  # read once, here
+    if admin_token is None:
+        log.warning("RECSYS_ADMIN_TOKEN is unset: POST /items and /admin/reload are disabled")
+    app = create_app(run, admin_token=admin_token)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO if cfg.serve.access_log else logging.WARNING)
+    access_log.propagate = False
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")

@@ -1,0 +1,361 @@
+"""FAISS index of the item tower (``RUN/index/``) and the ``recsys index`` step.
+
+``ItemIndex`` holds L2-normalised item vectors under stable FAISS ids (``IndexIDMap2``), so
+results never depend on insertion positions. Small catalogues are searched exactly
+(``IndexFlatIP``); larger ones with an inverted file (IVF, exact inner products inside the
+scanned lists) or HNSW, whose search knob (nprobe / efSearch) is raised at build time until
+recall@100 against exact search reaches ``index.target_recall`` on a sample of queries.
+
+Catalogue items get ``faiss_id = item_idx``; items added at serving time get fresh ids above
+every existing one and ``item_idx = 0`` (unknown to the model's id table).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import polars as pl
+
+from recsys.config import IndexConfig
+from recsys.errors import RunError
+from recsys.rundir import RunDir, atomic_path, read_json, sha256_file, write_json, write_parquet
+
+log = logging.getLogger("recsys")
+
+INDEX_FILE = "items.faiss"
+IDS_FILE = "ids.parquet"
+META_FILE = "index.json"
+RECALL_AT = 100
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Float32, C-contiguous, unit L2 rows (zero rows stay zero). (n, d) -> (n, d)"""
+    out = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 0)
+    return out
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, n: int) -> np.ndarray:
+    """Row positions of the exact inner-product top-n of each query. (q, d) -> (q, n)"""
+    _, positions = faiss.knn(queries, vectors, n, metric=faiss.METRIC_INNER_PRODUCT)
+    return positions
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row of ``truth`` found in the same row of ``found`` (both (q, n))."""
+    hits = [len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, int((t >= 0).sum())) for f, t in zip(found, truth)]
+    return float(np.mean(hits))
+
+
+def _nlist_for(count: int, configured: int) -> int:
+    if configured > 0:
+        return configured
+    return int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(count)))))
+
+
+def _make_base(kind: str, dim: int, count: int, cfg: IndexConfig) -> tuple[faiss.Index, dict[str, Any]]:
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim), {}
+    if kind == "hnsw":
+        base = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = cfg.hnsw_ef_construction
+        return base, {"m": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction}
+    nlist = min(_nlist_for(count, cfg.ivf_nlist), max(1, count // 39))  # faiss wants >= 39 points per centroid
+    quantizer = faiss.IndexFlatIP(dim)
+    base = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)  # keeps a reference to quantizer
+    return base, {"nlist": nlist}
+
+
+def _knob_name(kind: str) -> str | None:
+    return {"ivf": "nprobe", "hnsw": "ef_search"}.get(kind)
+
+
+def _set_knob(index: faiss.IndexIDMap2, kind: str, value: int) -> None:
+    base = faiss.downcast_index(index.index)
+    if kind == "ivf":
+        base.nprobe = value
+    elif kind == "hnsw":
+        base.hnsw.efSearch = value
+
+
+class ItemIndex:
+    """Item vectors under stable FAISS ids, with their ``item_idx`` / ``item_id``; thread-safe."""
+
+    def __init__(self, index: faiss.IndexIDMap2, kind: str, ids: pl.DataFrame, params: dict[str, Any], recall: float):
+        self.index = index
+        self.kind = kind
+        self.params = params
+        self.recall = recall  # ann recall@100 measured at build time (1.0 for exact search)
+        self._lock = threading.Lock()  # faiss adds must not overlap searches
+        self._save_lock = threading.Lock()  # one writer of the files at a time
+        self._set_ids(ids)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        faiss_ids: np.ndarray,
+        item_idx: np.ndarray,
+        item_ids: Sequence[Any] | pl.Series,
+        cfg: IndexConfig,
+        queries: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> "ItemIndex":
+        """Index ``vectors`` (n, d) under ``faiss_ids`` (n,); tune the ANN knob on ``queries`` (q, d).
+
+        Without ``queries`` the calibration uses perturbed catalogue vectors.
+        """
+        vectors = normalise(vectors)
+        count, dim = vectors.shape
+        faiss_ids = np.asarray(faiss_ids, dtype=np.int64)
+        if count == 0:
+            raise ValueError("cannot build an index over zero items")
+        if len(np.unique(faiss_ids)) != count or faiss_ids.min() < 0:
+            raise ValueError("faiss ids must be unique and non-negative")
+        kind = cfg.kind if cfg.kind != "auto" else ("flat" if count < cfg.exact_below else "ivf")
+        base, params = _make_base(kind, dim, count, cfg)
+        rng = np.random.default_rng(seed)
+        if not base.is_trained:
+            train = vectors[rng.choice(count, size=min(count, params["nlist"] * 64), replace=False)]
+            base.train(train)
+        index = faiss.IndexIDMap2(base)
+        if kind == "ivf":
+            base.make_direct_map()  # lets reconstruct() fetch vectors of candidates for the ranker
+        index.add_with_ids(vectors, faiss_ids)
+        ids = pl.DataFrame(
+            {"faiss_id": faiss_ids, "item_idx": np.asarray(item_idx, dtype=np.int64), "item_id": item_ids}
+        )
+        item_index = cls(index, kind, ids, params, recall=1.0)
+        if kind != "flat":
+            if queries is None:
+                sample = vectors[rng.choice(count, size=min(count, cfg.recall_queries), replace=False)]
+                queries = sample + rng.normal(scale=0.5 / math.sqrt(dim), size=sample.shape).astype(np.float32)
+            item_index._calibrate(vectors, faiss_ids, normalise(queries[: cfg.recall_queries]), cfg)
+        return item_index
+
+    def _calibrate(self, vectors: np.ndarray, faiss_ids: np.ndarray, queries: np.ndarray, cfg: IndexConfig) -> None:
+        """Smallest nprobe / efSearch whose recall@100 against exact search meets the target."""
+        n = min(RECALL_AT, len(faiss_ids))
+        truth = faiss_ids[exact_top(vectors, queries, n)]
+        knob = _knob_name(self.kind)
+        assert knob is not None
+        if self.kind == "ivf":
+            nlist = self.params["nlist"]
+            fixed = cfg.ivf_nprobe
+            candidates = [fixed] if fixed > 0 else [p for p in (2 ** i for i in range(13)) if p < nlist] + [nlist]
+        else:
+            start = max(cfg.hnsw_ef_search, n)
+            candidates = [start * 2 ** i for i in range(6)]
+        for value in candidates:
+            _set_knob(self.index, self.kind, value)
+            found, _ = self.search(queries, n)
+            self.recall = recall_at(found, truth)
+            self.params[knob] = value
+            if self.recall >= cfg.target_recall:
+                break
+        if self.recall < cfg.target_recall:
+            log.warning("index: recall@%d %.3f below target %.2f at %s=%d", n, self.recall, cfg.target_recall, knob, value)
+
+    # -- ids ---------------------------------------------------------------------------
+    def _set_ids(self, ids: pl.DataFrame) -> None:
+        self.ids = ids
+        faiss_ids = ids["faiss_id"].to_numpy()
+        self._row_of = np.full(int(faiss_ids.max(initial=-1)) + 1, -1, dtype=np.int64)  # faiss_id -> row of ids
+        self._row_of[faiss_ids] = np.arange(len(faiss_ids))
+        self._item_idx = ids["item_idx"].to_numpy()
+        self._item_ids = ids["item_id"].to_list()
+        self._faiss_id_of = dict(zip(self._item_ids, faiss_ids.tolist()))
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def faiss_id(self, item_id: Any) -> int | None:
+        """The FAISS id of ``item_id``, or None when the index does not hold it."""
+        return self._faiss_id_of.get(item_id)
+
+    def item_ids(self, faiss_ids: np.ndarray) -> list[Any]:
+        rows = self._row_of[faiss_ids]
+        return [self._item_ids[r] for r in rows.tolist()]
+
+    def item_idx(self, faiss_ids: np.ndarray) -> np.ndarray:
+        """Model vocabulary index of each id (0 for items added at serving time). (n,) -> (n,)"""
+        return self._item_idx[self._row_of[faiss_ids]]
+
+    # -- queries -----------------------------------------------------------------------
+    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-n by inner product: (q, d) -> faiss ids (q, n), -1 where fewer exist; scores (q, n)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        with self._lock:
+            scores, ids = self.index.search(queries, n)
+        return ids, scores
+
+    def vectors(self, faiss_ids: np.ndarray) -> np.ndarray:
+        """Stored (normalised) vectors of ``faiss_ids``. (n,) -> (n, d)"""
+        with self._lock:
+            return self.index.reconstruct_batch(np.ascontiguousarray(faiss_ids, dtype=np.int64))
+
+    # -- updates -----------------------------------------------------------------------
+    def add(self, vectors: np.ndarray, item_ids: Sequence[Any], item_idx: np.ndarray | None = None) -> np.ndarray:
+        """Add items (fresh FAISS ids above all existing ones); returns their faiss ids.
+
+        Items whose ``item_id`` is already indexed are refused (ValueError): FAISS ids are stable.
+        """
+        vectors = normalise(vectors)
+        if vectors.shape[1] != self.dim or len(vectors) != len(item_ids):
+            raise ValueError(f"expected ({len(item_ids)}, {self.dim}) vectors, got {vectors.shape}")
+        repeated = [item for item, times in Counter(item_ids).items() if times > 1]
+        duplicates = [item for item in item_ids if item in self._faiss_id_of] + repeated
+        if duplicates:
+            raise ValueError(f"items already indexed or repeated: {sorted(map(str, set(duplicates)))[:5]}")
+        with self._save_lock:
+            start = int(self.ids["faiss_id"].max()) + 1
+            new_ids = np.arange(start, start + len(item_ids), dtype=np.int64)
+            idx = np.zeros(len(item_ids), dtype=np.int64) if item_idx is None else np.asarray(item_idx, dtype=np.int64)
+            added = pl.DataFrame({"faiss_id": new_ids, "item_idx": idx, "item_id": list(item_ids)})
+            ids = pl.concat([self.ids, added.cast(self.ids.schema)])
+            with self._lock:
+                self.index.add_with_ids(vectors, new_ids)
+                self._set_ids(ids)
+        return new_ids
+
+    # -- files -------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> dict[str, Any]:
+        """Write items.faiss, ids.parquet and index.json (each atomically); returns index.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._save_lock:
+            with atomic_path(directory / INDEX_FILE) as tmp:
+                faiss.write_index(self.index, str(tmp))
+            write_parquet(self.ids, directory / IDS_FILE)
+            meta = {
+                "type": self.kind,
+                "dim": self.dim,
+                "count": self.count,
+                "sha256": sha256_file(directory / INDEX_FILE),
+                "params": self.params,
+                f"ann_recall@{RECALL_AT}": round(self.recall, 4),
+            }
+            write_json(directory / META_FILE, meta)  # written last: it vouches for the other two
+        return meta
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ItemIndex":
+        """Read an index written by ``save``; checks the checksum and counts agree."""
+        directory = Path(directory)
+        for name in (META_FILE, INDEX_FILE, IDS_FILE):
+            if not (directory / name).is_file():
+                raise RunError(f"{directory / name} is missing: run `recsys index --run {directory.parent}` first")
+        meta = read_json(directory / META_FILE)
+        if sha256_file(directory / INDEX_FILE) != meta["sha256"]:
+            raise RunError(f"{directory / INDEX_FILE} does not match the checksum in {META_FILE}: rebuild it with `recsys index --run {directory.parent}`")
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        if not isinstance(index, faiss.IndexIDMap2):
+            raise RunError(f"{directory / INDEX_FILE} is not an id-mapped index: rebuild it with `recsys index --run {directory.parent}`")
+        ids = pl.read_parquet(directory / IDS_FILE)
+        if not (index.ntotal == len(ids) == meta["count"]):
+            raise RunError(
+                f"{directory}: {INDEX_FILE} holds {index.ntotal} vectors, {IDS_FILE} {len(ids)} rows, {META_FILE} says {meta['count']}; "
+                f"rebuild with `recsys index --run {directory.parent}`"
+            )
+        knob = _knob_name(meta["type"])
+        if knob and knob in meta["params"]:
+            _set_knob(index, meta["type"], int(meta["params"][knob]))
+        return cls(index, meta["type"], ids, dict(meta["params"]), recall=float(meta.get(f"ann_recall@{RECALL_AT}", 1.0)))
+
+
+# -- the `recsys index` step ---------------------------------------------------------------
+def build_index(run: RunDir) -> dict[str, Any]:
+    """Item-tower vectors of the whole catalogue -> FAISS index in RUN/index/; returns the summary."""
+    import torch
+    from recsys.model import load_model
+
+    started = time.perf_counter()
+    cfg = run.config()
+    model = load_model(run.model)
+    items = pl.read_parquet(run.require(run.data / "items.parquet", "prepare"), columns=["item_id", "item_idx"])
+    content = load_content(run, model)
+    item_idx = items["item_idx"].to_numpy()
+    vectors = catalogue_vectors(model, item_idx, content)
+    queries = sample_queries(run, model, cfg.index.recall_queries, seed=cfg.data.seed)
+    embedded_s = time.perf_counter() - started
+    torch_threads = torch.get_num_threads()
+    log.info("index: %d item vectors in %.1f s (%d threads); building %s", len(item_idx), embedded_s, torch_threads, cfg.index.kind)
+    index = ItemIndex.build(vectors, item_idx, item_idx, items["item_id"], cfg.index, queries=queries, seed=cfg.data.seed)
+    meta = index.save(run.index)
+    summary = {
+        **{k: v for k, v in meta.items() if k != "sha256"},
+        "calibration_queries": "user vectors of sampled training events" if queries is not None else "perturbed item vectors",
+        "embed_s": round(embedded_s, 2),
+        "build_s": round(time.perf_counter() - started - embedded_s, 2),
+    }
+    run.record("index", summary)
+    log.info("index: %d items, %s %s, recall@100 %.3f", meta["count"], meta["type"], meta["params"], index.recall)
+    return summary
+
+
+def load_content(run: RunDir, model: Any) -> dict[str, np.ndarray]:
+    """RUN/content/embeddings.safetensors (row = item_idx), checked against the model's dims."""
+    from safetensors.numpy import load_file
+
+    path = run.content / "embeddings.safetensors"
+    if not (model.use_text or model.use_image):
+        return {}
+    content = load_file(str(run.require(path, "embed")))
+    for modality, used, dim in (("text", model.use_text, model.spec.text_dim), ("image", model.use_image, model.spec.image_dim)):
+        if used and (modality not in content or content[modality].shape[1] != dim):
+            found = content[modality].shape if modality in content else "nothing"
+            raise RunError(f"{path}: the model expects {modality} vectors of dim {dim}, found {found}; re-run `recsys embed` and `recsys train`")
+    return content
+
+
+def catalogue_vectors(model: Any, item_idx: np.ndarray, content: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
+    """Item-tower vectors of ``item_idx`` (n,) in batches -> (n, d) float32."""
+    import torch
+    from tqdm.auto import tqdm
+
+    out = np.empty((len(item_idx), model.spec.config.dim), dtype=np.float32)
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(item_idx), batch_size), desc="item tower", unit="batch", leave=False):
+            rows = item_idx[start : start + batch_size]
+            inputs: dict[str, torch.Tensor] = {}
+            for modality, used in (("text", model.use_text), ("image", model.use_image)):
+                if used:
+                    inputs[modality] = torch.from_numpy(content[modality][rows])
+                    inputs[f"{modality}_mask"] = torch.from_numpy(content[f"{modality}_mask"][rows].astype(np.float32))
+            out[start : start + len(rows)] = model.item_vectors(torch.tensor(rows), **inputs).numpy()
+    return out
+
+
+def sample_queries(run: RunDir, model: Any, count: int, seed: int) -> np.ndarray | None:
+    """User-tower vectors of sampled training events: the queries the service will see. (q, d)"""
+    import torch
+
+    path = run.data / "train.parquet"
+    if not path.is_file():
+        return None
+    events = pl.read_parquet(path, columns=["user_idx", "history"])
+    if events.height == 0:
+        return None
+    events = events.sample(min(count, events.height), seed=seed)
+    history_len = model.spec.history_len
+    history = np.zeros((events.height, history_len), dtype=np.int64)
+    for row, items in enumerate(events["history"].to_list()):  # at most recall_queries rows
+        tail = (items or [])[-history_len:]
+        history[row, : len(tail)] = tail
+    with torch.inference_mode():
+        return model.user_vectors(torch.tensor(events["user_idx"].to_numpy()), torch.from_numpy(history)).numpy()

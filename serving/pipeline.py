@@ -1,0 +1,372 @@
+"""Retrieve -> rank -> top-k, loaded from a run directory.
+
+``Recommender.load(run)`` reads the model (``RUN/model/``), the index (``RUN/index/``) and, from
+``RUN/data/``, each known user's latest clicked history and everything they have seen, plus item
+popularity. A request then goes:
+
+    user tower (known user: user_idx + stored history; unknown: request history; neither: the
+    unknown-user vector over the most popular items) -> FAISS top-N (serve.candidates) -> drop
+    seen items -> one batched ``rank()`` -> blended score -> top-k with per-task predictions.
+
+Each stage is timed (``Result.timings_ms``) so the service can export where the time goes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+
+from recsys.config import Config, ServeConfig
+from recsys.errors import RecsysError, RunError
+from recsys.model import RecsysModel, load_model
+from recsys.rundir import RunDir, read_json, sha256_file
+from serving.index import ItemIndex
+
+SPLITS = ("train", "valid", "test")
+TASK_COLUMNS = ("p_click", "p_conversion", "p_ctcvr", "rating")
+
+
+class RequestError(RecsysError):
+    """A request that cannot be served as asked (the service answers 4xx with this message)."""
+
+
+class UnknownItem(RequestError):
+    """An item id the index does not hold."""
+
+
+class DuplicateItem(RequestError):
+    """An item id that is already indexed (ids are stable: an item cannot be re-added)."""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item_id: Any
+    score: float  # blended, in [0, 1]
+    p_click: float
+    p_conversion: float | None  # p(convert | click); None when the head is off
+    p_ctcvr: float | None
+    rating: float | None  # on the data's rating scale
+
+
+@dataclass
+class Result:
+    items: list[Recommendation]
+    warnings: list[str]
+    source: str  # "user", "history" or "popular"
+    timings_ms: dict[str, float] = field(default_factory=dict)  # user_tower, retrieve, rank, total
+
+
+@dataclass
+class NewItem:
+    item_id: Any
+    text: str | None = None
+    image: bytes | None = None  # encoded image file (PNG, JPEG, ...)
+
+
+def decode_image_base64(value: str) -> bytes:
+    """Strict base64 -> bytes, or RequestError."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("image_base64 is not valid base64") from None
+
+
+# -- run-directory data --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Behaviour:
+    """Per-user stored behaviour, dense by user_idx (row 0 = unknown user)."""
+
+    history: np.ndarray  # (U+1, L) int64: last L clicked item_idx over all splits, oldest first, 0-padded
+    seen_ptr: np.ndarray  # (U+2,) CSR offsets into seen_items
+    seen_items: np.ndarray  # item_idx of every item the user interacted with (not sampled negatives)
+    popular: np.ndarray  # item_idx by descending click count
+
+
+def _interaction_frames(run: RunDir) -> list[Path]:
+    paths = [run.data / f"{split}.parquet" for split in SPLITS if (run.data / f"{split}.parquet").is_file()]
+    if not paths:
+        raise RunError(f"{run.data}/train.parquet is missing: run `recsys prepare --run {run.root}` first")
+    return paths
+
+
+def load_behaviour(run: RunDir, n_users: int, history_len: int) -> Behaviour:
+    """Histories, seen sets and popularity from RUN/data/*.parquet (columnar; no row loops)."""
+    frames = []
+    for path in _interaction_frames(run):
+        frame = pl.scan_parquet(path)
+        names = frame.collect_schema().names()
+        keep = pl.col("click") == 1 if "click" in names else pl.lit(True)
+        if "sampled" in names:
+            keep = keep & ~pl.col("sampled")
+        frames.append(frame.filter(keep).select("user_idx", "item_idx", "timestamp"))
+    positives = (
+        pl.concat(frames)
+        .filter((pl.col("user_idx") > 0) & (pl.col("user_idx") < n_users))
+        .sort(["user_idx", "timestamp"])
+        .collect()
+    )
+    user_idx = positives["user_idx"].to_numpy()
+    item_idx = positives["item_idx"].to_numpy()
+    seen_ptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.add.at(seen_ptr, user_idx + 1, 1)
+    seen_ptr = np.cumsum(seen_ptr)
+
+    history = np.zeros((n_users, history_len), dtype=np.int64)
+    from_end = seen_ptr[user_idx + 1] - 1 - np.arange(len(user_idx))  # 0 = the user's latest click
+    kept = np.minimum(seen_ptr[user_idx + 1] - seen_ptr[user_idx], history_len)
+    last = from_end < history_len
+    history[user_idx[last], (kept - 1 - from_end)[last]] = item_idx[last]  # oldest first
+
+    counts = positives.group_by("item_idx").len().sort(["len", "item_idx"], descending=[True, False])
+    return Behaviour(history, seen_ptr, item_idx, counts["item_idx"].to_numpy())
+
+
+def id_lookup(ids: pl.Series) -> tuple[dict[Any, int], bool]:
+    """Original id -> row, and whether ids are integers (request ids are then parsed as int)."""
+    return dict(zip(ids.to_list(), range(len(ids)))), ids.dtype.is_integer()
+
+
+def parse_id(raw: Any, integer: bool) -> Any:
+    """A request id in the catalogue's id type (int or str), or None when it cannot be one."""
+    if integer:
+        if isinstance(raw, bool):
+            return None
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+            return int(raw)
+        return None
+    return str(raw)
+
+
+def blend(predictions: dict[str, torch.Tensor], serve: ServeConfig, rating_range: tuple[float, float]) -> torch.Tensor:
+    """Weighted mean of p_click, p_ctcvr and the rating mapped to [0, 1] (heads that are on). (B,)"""
+    lo, hi = rating_range
+    terms = [(serve.blend_click, predictions["p_click"])]
+    if "p_ctcvr" in predictions:
+        terms.append((serve.blend_ctcvr, predictions["p_ctcvr"]))
+    if "rating" in predictions:
+        terms.append((serve.blend_rating, (predictions["rating"] - lo) / max(hi - lo, 1e-9)))
+    total = sum(w for w, _ in terms)
+    if total <= 0:
+        return predictions["p_click"]
+    return sum(w * p for w, p in terms) / total
+
+
+# -- the recommender -----------------------------------------------------------------------
+class Recommender:
+    """Model + index + stored behaviour of one run; ``recommend`` and ``similar`` are thread-safe."""
+
+    def __init__(self, run: RunDir, cfg: Config, model: RecsysModel, index: ItemIndex, users: pl.Series, behaviour: Behaviour, texts: pl.DataFrame):
+        self.run = run
+        self.cfg = cfg
+        self.model = model
+        self.index = index
+        self.behaviour = behaviour
+        self.user_row, self.user_ids_are_int = id_lookup(users)  # user_id -> user_idx
+        self.item_ids_are_int = index.ids["item_id"].dtype.is_integer()
+        self._texts = dict(zip(texts["item_id"].to_list(), texts["text"].to_list()))
+        self.history_len = model.spec.history_len
+        self.rating_range = model.spec.rating_range
+        meta = read_json(run.model / "model.json")
+        weights = sha256_file(run.model / "model.safetensors")[:12]
+        self.model_version = f"v{meta.get('version', 0)}-{weights}"  # format version + which weights
+        self._encoders: tuple[Any, Any] | None = None
+        self._add_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, run: RunDir | str | Path) -> "Recommender":
+        run = run if isinstance(run, RunDir) else RunDir(run)
+        cfg = run.config()
+        model = load_model(run.model)
+        index = ItemIndex.load(run.index)
+        users_path = run.require(run.data / "users.parquet", "prepare")
+        users = pl.read_parquet(users_path, columns=["user_id", "user_idx"]).sort("user_idx")
+        if len(users) and users["user_idx"].to_list() != list(range(1, len(users) + 1)):
+            raise RunError(f"{users_path}: user_idx must run 1..{len(users)}; re-run `recsys prepare --run {run.root}`")
+        users = pl.concat([pl.DataFrame({"user_id": [None], "user_idx": [0]}, schema=users.schema), users])["user_id"]
+        behaviour = load_behaviour(run, model.spec.n_users, model.spec.history_len)
+        texts = pl.read_parquet(run.require(run.data / "items.parquet", "prepare"), columns=["item_id", "text"])
+        recommender = cls(run, cfg, model, index, users, behaviour, texts)
+        recommender.warm_up()
+        return recommender
+
+    def warm_up(self) -> None:
+        """One pass through every stage: the first torch/FAISS call is slow (lazy initialisation)."""
+        self.recommend(k=1)
+        with torch.inference_mode():
+            user_vec = self.model.user_vectors(torch.zeros(1, dtype=torch.int64), torch.zeros(1, self.history_len, dtype=torch.int64))
+        found, _ = self.index.search(user_vec.numpy(), min(self.index.count, self.cfg.serve.candidates))
+        self._rank(user_vec, torch.from_numpy(self.index.vectors(found[0][found[0] >= 0])), found[0][found[0] >= 0], 1)
+
+    # -- ids -----------------------------------------------------------------------------
+    def item_key(self, raw: Any) -> Any:
+        return parse_id(raw, self.item_ids_are_int)
+
+    def text_of(self, item_id: Any) -> str | None:
+        return self._texts.get(item_id)
+
+    # -- recommend -----------------------------------------------------------------------
+    def recommend(self, user_id: Any = None, history: Sequence[Any] | None = None, k: int = 10) -> Result:
+        """Top-k for a known user, a history of item ids, or neither (popular items)."""
+        started = time.perf_counter()
+        serve = self.cfg.serve
+        if not 1 <= k <= serve.max_k:
+            raise RequestError(f"k must lie in 1..{serve.max_k} (serve.max_k), got {k}")
+        warnings: list[str] = []
+        user_idx = 0
+        if user_id is not None:
+            key = parse_id(user_id, self.user_ids_are_int)
+            user_idx = self.user_row.get(key, 0) if key is not None else 0
+            if user_idx == 0:
+                warnings.append(f"unknown user_id {user_id!r}: recommending from the request history or popular items")
+        stored = self.behaviour.history[user_idx] if user_idx else np.zeros(0, dtype=np.int64)
+        stored = stored[stored > 0]
+        request_ids, unknown = self._history_ids(history or [])
+        if unknown:
+            warnings.append(f"ignored {len(unknown)} unknown history item id(s): {', '.join(map(repr, unknown[:10]))}")
+        request_idx = self.index.item_idx(request_ids)
+        model_history = np.concatenate([stored, request_idx[request_idx > 0]])[-self.history_len :]
+        padded = np.zeros((1, self.history_len), dtype=np.int64)
+        padded[0, : len(model_history)] = model_history
+        seen = np.union1d(self._seen(user_idx), request_ids)  # faiss ids (== item_idx for catalogue items)
+        source = "user" if user_idx else ("history" if len(request_ids) else "popular")
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            user_vec = self.model.user_vectors(torch.tensor([user_idx]), torch.from_numpy(padded))  # (1, d)
+        t1 = time.perf_counter()
+        n = serve.candidates
+        if source == "popular":
+            candidates = self._popular(n, seen)
+        else:
+            found, _ = self.index.search(user_vec.numpy(), min(self.index.count, n + len(seen)))
+            candidates = found[0][(found[0] >= 0) & ~np.isin(found[0], seen)][:n]
+        item_vec = torch.from_numpy(self.index.vectors(candidates)) if len(candidates) else torch.zeros(0, user_vec.shape[1])
+        t2 = time.perf_counter()
+        items = self._rank(user_vec, item_vec, candidates, k)
+        t3 = time.perf_counter()
+        timings = {"prepare": t0 - started, "user_tower": t1 - t0, "retrieve": t2 - t1, "rank": t3 - t2, "total": t3 - started}
+        return Result(items, warnings, source, {stage: round(1000 * s, 3) for stage, s in timings.items()})
+
+    def _history_ids(self, history: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        """Request item ids -> faiss ids (unknown ones listed apart), in request order."""
+        found, unknown = [], []
+        for raw in history:
+            key = self.item_key(raw)
+            faiss_id = self.index.faiss_id(key) if key is not None else None
+            (found.append(faiss_id) if faiss_id is not None else unknown.append(raw))
+        return np.asarray(found, dtype=np.int64), unknown
+
+    def _seen(self, user_idx: int) -> np.ndarray:
+        ptr = self.behaviour.seen_ptr
+        return self.behaviour.seen_items[ptr[user_idx] : ptr[user_idx + 1]] if user_idx else np.zeros(0, dtype=np.int64)
+
+    def _popular(self, n: int, seen: np.ndarray) -> np.ndarray:
+        popular = self.behaviour.popular
+        return popular[~np.isin(popular, seen)][:n]
+
+    def _rank(self, user_vec: torch.Tensor, item_vec: torch.Tensor, candidates: np.ndarray, k: int) -> list[Recommendation]:
+        """All candidates through rank() in one batch, blended, top-k."""
+        if len(candidates) == 0:
+            return []
+        with torch.inference_mode():
+            predictions = self.model.rank(user_vec.expand(len(candidates), -1), item_vec)
+            scores = blend(predictions, self.cfg.serve, self.rating_range)
+            top = torch.topk(scores, min(k, len(candidates))).indices
+        columns = {
+            "score": scores[top],
+            "p_click": predictions["p_click"][top],
+            "p_conversion": predictions["p_cvr"][top] if "p_cvr" in predictions else None,
+            "p_ctcvr": predictions["p_ctcvr"][top] if "p_ctcvr" in predictions else None,
+            "rating": predictions["rating"][top] if "rating" in predictions else None,
+        }
+        values = {name: (col.tolist() if col is not None else [None] * len(top)) for name, col in columns.items()}
+        item_ids = self.index.item_ids(candidates[top.numpy()])
+        return [Recommendation(item_id, *(values[c][i] for c in ("score", *TASK_COLUMNS))) for i, item_id in enumerate(item_ids)]
+
+    # -- similar items -------------------------------------------------------------------
+    def similar(self, item_id: Any, k: int) -> list[tuple[Any, float]]:
+        """Nearest items to ``item_id`` in the item-tower space (itself excluded): (item_id, cosine)."""
+        if not 1 <= k <= self.cfg.serve.max_k:
+            raise RequestError(f"k must lie in 1..{self.cfg.serve.max_k} (serve.max_k), got {k}")
+        key = self.item_key(item_id)
+        faiss_id = self.index.faiss_id(key) if key is not None else None
+        if faiss_id is None:
+            raise UnknownItem(f"unknown item_id {item_id!r}")
+        query = self.index.vectors(np.array([faiss_id]))
+        found, scores = self.index.search(query, min(self.index.count, k + 1))
+        keep = (found[0] >= 0) & (found[0] != faiss_id)
+        ids, kept_scores = found[0][keep][:k], scores[0][keep][:k]
+        return list(zip(self.index.item_ids(ids), kept_scores.tolist()))
+
+    # -- cold start ----------------------------------------------------------------------
+    def add_items(self, items: Sequence[NewItem]) -> tuple[list[int], list[str]]:
+        """Embed new items with the configured encoders, add them to the live index and persist it.
+
+        Returns their faiss ids and warnings. Known or repeated ids raise RequestError.
+        """
+        warnings: list[str] = []
+        keys = [self.item_key(item.item_id) for item in items]
+        bad = [item.item_id for item, key in zip(items, keys) if key is None]
+        if bad:
+            raise RequestError(f"item ids must be integers in this catalogue: {bad[:5]}")
+        with self._add_lock:
+            known = [key for key in keys if self.index.faiss_id(key) is not None]
+            if known or len(set(keys)) != len(keys):
+                raise DuplicateItem(f"item ids already indexed or repeated in the request: {(known or keys)[:5]}")
+            content, content_warnings = self._embed_content(items)
+            warnings += content_warnings
+            with torch.inference_mode():
+                vectors = self.model.item_vectors(torch.zeros(len(items), dtype=torch.int64), **content).numpy()
+            faiss_ids = self.index.add(vectors, keys)
+            self.index.save(self.run.index)
+            self._texts.update({key: item.text for key, item in zip(keys, items)})
+        return faiss_ids.tolist(), warnings
+
+    def _embed_content(self, items: Sequence[NewItem]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        from features.encoders import build_image_encoder, build_text_encoder
+
+        if self._encoders is None:  # loaded on first use: a transformer takes seconds to load
+            self._encoders = (
+                build_text_encoder(self.cfg.embed) if self.model.use_text else None,
+                build_image_encoder(self.cfg.embed) if self.model.use_image else None,
+            )
+        text_encoder, image_encoder = self._encoders
+        content: dict[str, torch.Tensor] = {}
+        warnings: list[str] = []
+        n = len(items)
+        if text_encoder is not None:
+            _check_dim(text_encoder.dim, self.model.spec.text_dim, "text")
+            rows = [i for i, item in enumerate(items) if item.text]
+            text, mask = np.zeros((n, text_encoder.dim), np.float32), np.zeros(n, np.float32)
+            if rows:
+                text[rows] = text_encoder.encode_texts([items[i].text for i in rows])
+                mask[rows] = 1
+            content |= {"text": torch.from_numpy(text), "text_mask": torch.from_numpy(mask)}
+        elif any(item.text for item in items):
+            warnings.append("text ignored: this model uses no text")
+        if image_encoder is not None:
+            _check_dim(image_encoder.dim, self.model.spec.image_dim, "image")
+            vectors, mask = image_encoder.encode_images([item.image for item in items])
+            undecodable = [items[i].item_id for i in range(n) if items[i].image is not None and not mask[i]]
+            if undecodable:
+                warnings.append(f"images that could not be decoded (indexed without image): {undecodable[:10]}")
+            content |= {"image": torch.from_numpy(vectors), "image_mask": torch.from_numpy(mask.astype(np.float32))}
+        elif any(item.image for item in items):
+            warnings.append("image ignored: this model uses no images")
+        return content, warnings
+
+
+def _check_dim(encoder_dim: int, model_dim: int, modality: str) -> None:
+    if encoder_dim != model_dim:
+        raise RunError(f"the configured {modality} encoder gives {encoder_dim}-d vectors but the model expects {model_dim}: check [embed] in config.toml")
