@@ -209,12 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(quiet: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    """recsys's own loggers at INFO; libraries (fbgemm, faiss, transformers) only when they warn."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("recsys").setLevel(logging.WARNING if quiet else logging.INFO)
+    # torch.fx warns on every TorchRec trace check; it is not actionable for users.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

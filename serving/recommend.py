@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import polars as pl
+
+from recsys.errors import RunError
 from recsys.rundir import RunDir
 from serving.pipeline import Recommender
 
@@ -42,3 +45,20 @@ def main(run: RunDir, user: str | None = None, history: Sequence[str] | None = N
         print(f"warning: {warning}")
     print(format_table(recommender, result.items))
     print(f"timings (ms): {', '.join(f'{stage} {ms:.2f}' for stage, ms in result.timings_ms.items())}")
+
+
+def sample_user(run: RunDir) -> str:
+    """A user worth showing: the one with the most clicks in the test split (ties: smallest id)."""
+    path = run.require(run.data / "test.parquet", "prepare")
+    counts = (
+        pl.scan_parquet(path)
+        .filter(pl.col("click") == 1)
+        .group_by("user_id")
+        .len()
+        .sort(["len", "user_id"], descending=[True, False])
+        .head(1)
+        .collect()
+    )
+    if counts.height == 0:
+        raise RunError(f"{path} has no clicked rows: no user to show recommendations for")
+    return str(counts["user_id"][0])
