@@ -131,8 +131,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nTop 10 for user {user}:")
     _call("serving.recommend:main", run, user=user, history=None, k=10)
     metrics = json.loads(run.metrics_path.read_text())
-    headline = {task: metrics[task] for task in ("click", "conversion", "ctcvr", "rating") if task in metrics}
-    print("\nTest metrics:", json.dumps(headline))
+    headline = {
+        f"{task}.{name}": round(value, 4)
+        for task in ("click", "conversion", "ctcvr", "rating", "retrieval")
+        for name, value in metrics.get(task, {}).items()
+        if isinstance(value, float) and (task != "retrieval" or name.endswith("@20"))
+    }
+    print("\nTest metrics:", ", ".join(f"{k} {v}" for k, v in headline.items()))
     print(f"Report: {run.report_html.resolve()}  (summary: {run.report_md.resolve()})")
     print(f"Serve it: recsys serve --run {run.root}")
     return 0
