@@ -15,6 +15,12 @@ Last line: one JSON object.
 
     .venv/bin/python benchmarks/train_throughput.py                     # 1M users x 1M items, L=50, B=4096
     .venv/bin/python benchmarks/train_throughput.py --users 100000 --items 100000 --batch 1024 --steps 5
+
+``--nproc N`` instead compares the multi-process job's step (TorchRec DMP with ``--sharding``, DDP
+dense part, gloo/nccl, cross-rank retrieval negatives) in 1 process and in N processes on this
+machine, with the global batch ``--batch`` split over the ranks:
+
+    .venv/bin/python benchmarks/train_throughput.py --nproc 2 --users 100000 --items 100000 --batch 1024 --steps 10
 """
 
 from __future__ import annotations
@@ -134,6 +140,84 @@ def measure(args, fused: bool, batches) -> dict:
             "dense_gflops_achieved": flops * steps / seconds / 1e9}
 
 
+def _sharded_rank(rank: int, world_size: int, port: int, args, out: str) -> None:
+    """One rank of the --nproc measurement: the training job's sharded step on this rank's B / N rows."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads() // world_size))
+    import torch.distributed as dist
+    import torchrec.optim as trec_optim
+    from torch.distributed.optim import _apply_optimizer_in_backward
+
+    from training import distributed as D
+    from training.train import retrieval_loss_across_ranks
+
+    ctx = D.init_process_group()
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        n_users=args.users, n_items=args.items, history_len=args.history, text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
+        tasks=("click", "conversion", "rating"), config=ModelConfig(dim=args.dim, embedding_dim=args.dim, expert_dim=args.dim, tower_dim=32),
+    )  # fmt: skip
+    model = RecsysModel(spec).train()
+    _apply_optimizer_in_backward(trec_optim.RowWiseAdagrad, model.embedding_tables.parameters(), {"lr": 0.05})
+    local_batch = args.batch // world_size
+    dmp = D.shard_model(model, args.sharding, ctx.device, world_size, batch_size=local_batch)
+    opt = D.keyed_optimizer(dmp, lambda ps: torch.optim.Adam(ps, lr=1e-3), lambda ps: trec_optim.RowWiseAdagrad(ps, lr=0.05))
+    weighting = TaskWeighting(["click", "ctcvr", "rating"], "static")
+    log_q = torch.zeros(args.items)
+    rows = slice(rank * local_batch, (rank + 1) * local_batch)
+    local = [{k: v[rows] for k, v in batch.items()} for batch in make_batches(args, args.warmup + args.steps)]
+
+    def step(batch):
+        outputs = dmp(batch)
+        loss = weighting(task_losses(outputs, batch)) + retrieval_loss_across_ranks(outputs, batch, log_q, 0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for batch in local[: args.warmup]:
+        step(batch)
+    dist.barrier()
+    started = time.perf_counter()
+    for batch in local[args.warmup :]:
+        step(batch)
+    dist.barrier()
+    seconds = time.perf_counter() - started
+    if rank == 0:
+        Path(out).write_text(json.dumps({
+            "processes": world_size, "samples_per_s": args.steps * local_batch * world_size / seconds, "step_s": seconds / args.steps,
+            "threads_per_process": torch.get_num_threads(), "plan": str(dmp.plan),
+        }))  # fmt: skip
+    D.destroy_process_group()
+
+
+def measure_processes(args, world_size: int) -> dict:
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
+        out = str(Path(tmp) / "rank0.json")
+        mp.start_processes(_sharded_rank, args=(world_size, port, args, out), nprocs=world_size, start_method="spawn", join=True)
+        return json.loads(Path(out).read_text())
+
+
+def main_nproc(args) -> None:
+    results = {}
+    for world_size in (1, args.nproc):
+        results[world_size] = r = measure_processes(args, world_size)
+        print(f"{world_size} process(es): {r['samples_per_s']:>10,.0f} samples/s  {r['step_s'] * 1e3:8.1f} ms/step  ({r['threads_per_process']} threads each)", flush=True)
+    ratio = results[args.nproc]["samples_per_s"] / results[1]["samples_per_s"]
+    print(f"{args.nproc} vs 1 process: {ratio:.2f}x (sharding {args.sharding}, global batch {args.batch})")
+    print(json.dumps({"config": vars(args), "cpus": __import__("os").cpu_count(), "one": results[1], "n": results[args.nproc], "ratio": ratio}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=1_000_000)
@@ -145,8 +229,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     # 1 by default: on a shared, oversubscribed CPU, multi-threaded small matmuls stall (20x slower here).
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default)")
+    parser.add_argument("--nproc", type=int, default=0, help="compare the sharded job step in 1 vs N processes instead")
+    parser.add_argument("--sharding", default="auto", choices=["auto", "data_parallel", "table_wise", "column_wise", "row_wise"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.nproc:
+        main_nproc(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = make_batches(args, args.warmup + args.steps)

@@ -185,14 +185,6 @@ def test_train_without_prepared_data_names_the_step_to_run(tmp_path):
         train(run)
 
 
-def test_more_than_one_process_is_refused_clearly(tmp_path):
-    from training.train import train
-
-    run = make_run(tmp_path / "run")
-    with pytest.raises(RecsysError, match="multi-process training .* not implemented yet"):
-        train(run, nproc=2)
-
-
 @pytest.mark.parametrize("weighting", ["uncertainty", "gradnorm"])
 def test_learned_task_weights_move_away_from_their_start(tmp_path, weighting):
     from training.train import train

@@ -34,6 +34,7 @@ class TrainingData:
     user_features: dict[str, int | None] = field(default_factory=dict)
     item_features: dict[str, int | None] = field(default_factory=dict)
     feature_values: dict[str, torch.Tensor] = field(default_factory=dict)  # user_cat, user_num, item_cat, item_num
+    valid_rows: int = 0  # rows of valid.parquet (one rank's part may hold fewer, or repeats marked is_padding)
 
     @property
     def text_dim(self) -> int:
@@ -57,9 +58,12 @@ def padded_history(column: pl.Series, history_len: int) -> np.ndarray:
     return padded
 
 
-def read_split(path: Path, history_len: int, tasks: dict[str, bool]) -> Split:
-    """One split parquet -> columns: user_idx, item_idx, history (N, L), click, conversion, rating (NaN = unrated)."""
-    frame = pl.read_parquet(path)
+def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.DataFrame | None = None) -> Split:
+    """One split parquet -> columns: user_idx, item_idx, history (N, L), click, conversion, rating (NaN = unrated).
+
+    ``frame``: rows of ``path`` already read (one rank's part); its ``is_padding`` column, if any, is kept.
+    """
+    frame = pl.read_parquet(path) if frame is None else frame
     required = ["user_idx", "item_idx", "history", "click"]
     required += ["conversion"] if tasks.get("conversion") else []
     required += ["rating"] if tasks.get("rating") else []
@@ -76,6 +80,8 @@ def read_split(path: Path, history_len: int, tasks: dict[str, bool]) -> Split:
         split["conversion"] = torch.from_numpy(frame["conversion"].fill_null(0).to_numpy().astype(np.float32))
     if tasks.get("rating"):
         split["rating"] = torch.from_numpy(frame["rating"].cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32))
+    if "is_padding" in frame.columns:
+        split["is_padding"] = torch.from_numpy(frame["is_padding"].to_numpy().astype(bool))
     return split
 
 
@@ -123,17 +129,30 @@ def read_content(run: RunDir, n_items: int, use_text: bool, use_image: bool) -> 
     return content
 
 
-def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = True) -> TrainingData:
-    """Everything the training job reads: meta, train/valid splits, feature tables, content."""
+def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = True, rank: int = 0, world_size: int = 1) -> TrainingData:
+    """Everything the training job reads: meta, train/valid splits, feature tables, content.
+
+    With ``world_size > 1`` the splits are this rank's part (``training.distributed.read_rank_part``):
+    train rows ``rank, rank + N, ...`` (interleaved, so each rank spans the whole time range; the
+    last ``n % N`` rows are left out), valid a contiguous range padded to equal length
+    (``is_padding`` marks the repeats) for ``gather_to_rank0``.
+    """
     meta_path = run.require(run.data / "meta.json", "prepare")
     meta = json.loads(meta_path.read_text())
     history_len, tasks = int(meta["history_len"]), meta["tasks"]
-    train = read_split(run.require(run.data / "train.parquet", "prepare"), history_len, tasks)
-    valid_path = run.data / "valid.parquet"
-    valid = read_split(valid_path, history_len, tasks) if valid_path.is_file() else None
-    if valid is not None and len(valid["click"]) == 0:
-        valid = None
-    data = TrainingData(meta=meta, train=train, valid=valid, content=read_content(run, int(meta["n_items"]), use_text, use_image))
+    train_path, valid_path = run.require(run.data / "train.parquet", "prepare"), run.data / "valid.parquet"
+    valid_rows = pl.scan_parquet(valid_path).select(pl.len()).collect().item() if valid_path.is_file() else 0
+    if world_size > 1:
+        from training.distributed import read_rank_part
+
+        train = read_split(train_path, history_len, tasks, read_rank_part(train_path, rank, world_size, "drop", interleave=True))
+        valid = read_split(valid_path, history_len, tasks, read_rank_part(valid_path, rank, world_size, "pad")) if valid_rows else None
+    else:
+        train = read_split(train_path, history_len, tasks)
+        valid = read_split(valid_path, history_len, tasks) if valid_rows else None
+    data = TrainingData(
+        meta=meta, train=train, valid=valid, content=read_content(run, int(meta["n_items"]), use_text, use_image), valid_rows=valid_rows
+    )
     for side, n_key in (("user", "n_users"), ("item", "n_items")):
         path = run.data / f"{side}s.parquet"
         if path.is_file():

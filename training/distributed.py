@@ -450,10 +450,21 @@ def rank_rows(n_rows: int, rank: int, world_size: int, tail: TailPolicy = "drop"
     raise ValueError(f"tail must be 'drop' or 'pad', got {tail!r}")
 
 
-def read_rank_part(path: str | Path, rank: int, world_size: int, tail: TailPolicy = "drop", columns: list[str] | None = None):
+def read_rank_part(
+    path: str | Path,
+    rank: int,
+    world_size: int,
+    tail: TailPolicy = "drop",
+    columns: list[str] | None = None,
+    *,
+    interleave: bool = False,
+):
     """This rank's part of a parquet file (a polars DataFrame; only its row range is read).
 
-    With ``tail="pad"`` a boolean column ``is_padding`` marks the repeated rows.
+    With ``tail="pad"`` a boolean column ``is_padding`` marks the repeated rows. With
+    ``interleave=True`` (``tail="drop"`` only) rank r takes rows r, r + N, r + 2N, ... instead of a
+    contiguous range, so every rank sees the whole span of a file ordered by time (the file is
+    scanned, not sliced: fine on one machine; past it, write the file in N shuffled parts).
     """
     import polars as pl
 
@@ -462,6 +473,10 @@ def read_rank_part(path: str | Path, rank: int, world_size: int, tail: TailPolic
         lazy = lazy.select(columns)
     n_rows = pl.scan_parquet(path).select(pl.len()).collect().item()
     part = rank_rows(n_rows, rank, world_size, tail)
+    if interleave:
+        if tail != "drop":
+            raise ValueError("interleave=True needs tail='drop' (gather_to_rank0 restores file order only for contiguous parts)")
+        return lazy.gather_every(world_size, offset=rank).head(part.stop - part.start).collect()
     frame = lazy.slice(part.start, part.stop - part.start).collect()
     if tail == "pad":
         frame = frame.with_columns(is_padding=pl.lit(False))
@@ -504,16 +519,19 @@ def save_checkpoint(
     optimizer: KeyedOptimizer | None = None,
     train_state: dict[str, Any] | None = None,
     keep: int = 2,
+    extra: dict[str, nn.Module] | None = None,
 ) -> Path:
     """Collective: every rank writes its shards to ``checkpoint_root/tag`` with ``dcp.save``.
 
     Once all ranks are done, rank 0 writes ``train_state.json`` (epoch, step, ...) into it and only
     then points ``checkpoint_root/latest`` at it, so a crash mid-save leaves the previous one in use;
-    older checkpoints beyond ``keep`` are removed.
+    older checkpoints beyond ``keep`` are removed. ``extra`` modules (replicated, e.g. learned loss
+    weights) are saved under their names next to the model.
     """
     root = Path(checkpoint_root)
     path = root / tag
     state: dict[str, Any] = {"model": model.state_dict()}
+    state.update({name: module.state_dict() for name, module in (extra or {}).items()})
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     dcp.save(state, checkpoint_id=path)
@@ -530,12 +548,30 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: KeyedOptimizer | None = None) -> dict[str, Any]:
-    """Load a DCP checkpoint into ``model`` (and ``optimizer``) in place; returns its ``train_state``.
+def _missing_from_checkpoint(path: Path, state: dict[str, Any]) -> list[str]:
+    """Flattened keys of ``state`` (as DCP names them) that the checkpoint at ``path`` does not hold."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    flat, _ = flatten_state_dict(state)
+    return sorted(key for key in flat if key not in saved)
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: KeyedOptimizer | None = None,
+    extra: dict[str, nn.Module] | None = None,
+    *,
+    collective: bool = True,
+) -> dict[str, Any]:
+    """Load a DCP checkpoint into ``model`` (and ``optimizer``, ``extra``) in place; returns its ``train_state``.
 
     ``path`` is one checkpoint directory or ``RUN/model/checkpoint`` (then its ``latest``). Works
     for any sharding and number of processes, and for an unsharded model with no process group
     (weights only; resuming with the optimizer needs the DMP path, also with 1 process).
+    ``collective=False`` lets one rank of a group read the checkpoint alone into an unsharded
+    model (rank 0 exporting ``model.safetensors``).
     """
     path = Path(path)
     if not (path / ".metadata").is_file():
@@ -544,11 +580,19 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: KeyedOptimize
             raise RecsysError(f"{path}: no complete checkpoint (no .metadata, no 'latest'); train without --resume")
         path = latest
     state: dict[str, Any] = {"model": model.state_dict()}
+    state.update({name: module.state_dict() for name, module in (extra or {}).items()})
     if optimizer is not None:
         optimizer.init_state()  # state tensors must exist before DCP can fill them
         state["optimizer"] = optimizer.state_dict()
-    dcp.load(state, checkpoint_id=path)
+    missing = _missing_from_checkpoint(path, state)
+    if any(not key.startswith("optimizer.") for key in missing):
+        raise RecsysError(f"{path}: the checkpoint lacks {', '.join(k for k in missing if not k.startswith('optimizer.'))}; it was written for another model")
+    if missing:  # e.g. a table data_parallel when saved (unfused Adagrad "sum") and sharded now (fused "momentum1")
+        log.warning("%s: no saved optimizer state for %s (the sharding type of its table changed); it starts afresh", path, ", ".join(missing))
+    dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True), no_dist=not collective)
     model.load_state_dict(state["model"])
+    for name, module in (extra or {}).items():
+        module.load_state_dict(state[name])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     train_state = path / "train_state.json"
