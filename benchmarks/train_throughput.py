@@ -152,7 +152,7 @@ def _sharded_rank(rank: int, world_size: int, port: int, args, out: str) -> None
     from torch.distributed.optim import _apply_optimizer_in_backward
 
     from training import distributed as D
-    from training.train import retrieval_loss_across_ranks
+    from training.train_sharded import retrieval_loss_across_ranks
 
     ctx = D.init_process_group()
     torch.manual_seed(0)

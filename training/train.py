@@ -21,29 +21,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
 import torchrec.optim as trec_optim
 from safetensors.torch import load_file, save_file
-from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from tqdm import tqdm
 
 from recsys import metrics
 from recsys.config import Config
-from recsys.errors import ConfigError, RecsysError, RunError
+from recsys.errors import ConfigError, RecsysError
 from recsys.losses import LOSS_OF_TASK, TaskWeighting, item_log_q, retrieval_loss, task_losses
 from recsys.model import ModelSpec, RecsysModel, active_tasks, model_state_dict, save_model
-from recsys.rundir import RunDir, atomic_path, atomic_write_text, write_json
+from recsys.rundir import RunDir, atomic_path, write_json
 from training.data import TrainingData, batches, load_training_data
-from training.distributed import (
-    DistContext, destroy_process_group, gather_to_rank0, in_torchrun, init_process_group, keyed_optimizer, latest_checkpoint, launch,
-    load_unsharded_state, shard_model, unwrap,
-)  # fmt: skip
-from training.distributed import load_checkpoint as load_sharded_checkpoint
-from training.distributed import save_checkpoint as save_sharded_checkpoint
+from training.distributed import in_torchrun, latest_checkpoint
 
 log = logging.getLogger("recsys.training")
 
@@ -237,7 +227,9 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
     """Train on RUN/data (+ RUN/content); write RUN/model/ and RUN/train_log.jsonl; return the summary."""
     cfg = run.config()
     nproc = nproc if nproc is not None else cfg.train.nproc
-    if nproc > 1 or in_torchrun() or (resume and _uses_sharded_checkpoint(run.model / "checkpoint")):
+    if nproc > 1 or in_torchrun() or (resume and latest_checkpoint(run.model / "checkpoint") is not None):
+        from training.train_sharded import train_sharded  # imports this module's helpers
+
         return train_sharded(run, cfg, resume, nproc)  # N processes, or 1 resuming an N-process checkpoint
     started = time.perf_counter()
     data = load_training_data(run, cfg.model.use_text, cfg.model.use_image)
@@ -285,31 +277,10 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
             last_valid = validate(model, weighting, data.valid, data.content, log_q, cfg)
         else:
             last_valid = {"loss": {}, "auc": {}, "gates": {}, "score": -train_losses["total"]}
-        improved = state["best_epoch"] == 0 or last_valid["score"] > state["best_score"]
+        improved = end_of_epoch(state, last_valid, cfg, epoch)
         if improved:
-            state.update(best_epoch=epoch, best_score=last_valid["score"], bad_epochs=0)
             save_model(model, run.model, {"best_epoch": epoch, "valid": _valid_summary(last_valid)})
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["stopped_early"] = state["bad_epochs"] >= cfg.train.patience and epoch < cfg.train.epochs
-        line = {
-            "epoch": epoch,
-            "train_loss": train_losses,
-            "valid_loss": last_valid["loss"],
-            "valid_auc": last_valid["auc"],
-            **({"valid_rating_rmse": last_valid["rating_rmse"]} if "rating_rmse" in last_valid else {}),
-            "score": last_valid["score"],
-            "best": improved,
-            "task_weights": weighting.weights(),
-            "gates": last_valid["gates"],
-            **({"modality_gates": last_valid["modality_gates"]} if "modality_gates" in last_valid else {}),
-            "samples_per_s": rate,
-            "seconds": time.perf_counter() - epoch_started,
-        }
-        with open(run.train_log, "a") as handle:
-            handle.write(json.dumps(line) + "\n")
-        log.info("epoch %d: train %s | valid auc %s | score %.4f%s", epoch, _fmt(train_losses), _fmt(last_valid["auc"]), last_valid["score"], " (best)" if improved else "")
+        log_epoch(run, epoch, train_losses, last_valid, weighting, improved, rate, epoch_started)
         save_checkpoint(ckpt_dir, model, weighting, dense_opt, {**state, "config_digest": _resume_digest(cfg), "seed": cfg.train.seed, "rng": "torch.manual_seed(epoch_seed(seed, epoch)) at each epoch start"})
         if state["stopped_early"]:
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
@@ -332,6 +303,40 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
     return summary
 
 
+def end_of_epoch(state: dict[str, Any], last_valid: dict[str, Any], cfg: Config, epoch: int) -> bool:
+    """Early-stopping bookkeeping after ``epoch``; returns whether it is the best so far."""
+    improved = state["best_epoch"] == 0 or last_valid["score"] > state["best_score"]
+    if improved:
+        state.update(best_epoch=epoch, best_score=last_valid["score"], bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch
+    state["stopped_early"] = state["bad_epochs"] >= cfg.train.patience and epoch < cfg.train.epochs
+    return improved
+
+
+def log_epoch(run: RunDir, epoch: int, train_losses, last_valid, weighting, improved: bool, rate: float, epoch_started: float, **extra: Any) -> None:
+    """One line of RUN/train_log.jsonl (the report reads it) and one log message."""
+    line = {
+        "epoch": epoch,
+        "train_loss": train_losses,
+        "valid_loss": last_valid["loss"],
+        "valid_auc": last_valid["auc"],
+        **({"valid_rating_rmse": last_valid["rating_rmse"]} if "rating_rmse" in last_valid else {}),
+        "score": last_valid["score"],
+        "best": improved,
+        "task_weights": weighting.weights(),
+        "gates": last_valid["gates"],
+        **({"modality_gates": last_valid["modality_gates"]} if "modality_gates" in last_valid else {}),
+        "samples_per_s": rate,
+        "seconds": time.perf_counter() - epoch_started,
+        **extra,
+    }
+    with open(run.train_log, "a") as handle:
+        handle.write(json.dumps(line) + "\n")
+    log.info("epoch %d: train %s | valid auc %s | score %.4f%s", epoch, _fmt(train_losses), _fmt(last_valid["auc"]), last_valid["score"], " (best)" if improved else "")
+
+
 def _valid_summary(valid: dict[str, Any]) -> dict[str, Any]:
     return {k: valid[k] for k in ("auc", "rating_rmse", "score") if k in valid}
 
@@ -345,343 +350,6 @@ def _truncate_log(path: Path, last_epoch: int) -> None:
     if path.is_file():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
         path.write_text("".join(ln + "\n" for ln in lines))
-
-
-# -- the job in N processes (torchrun + TorchRec DMP) ------------------------------------------
-# The same epochs as above, with the tables sharded by TorchRec's planner, the dense part in DDP,
-# each rank on its own part of train.parquet, validation gathered to rank 0 and DCP checkpoints
-# (written by N processes, resumable by M). Batch size stays global: each rank takes B / N rows.
-def _uses_sharded_checkpoint(ckpt_dir: Path) -> bool:
-    return latest_checkpoint(ckpt_dir) is not None
-
-
-def train_sharded(run: RunDir, cfg: Config, resume: bool, nproc: int) -> dict[str, Any]:
-    """``train`` with TorchRec sharding: launches N torchrun workers, or is one of them (or a 1-process group)."""
-    ckpt_dir = run.model / "checkpoint"
-    if resume and not _uses_sharded_checkpoint(ckpt_dir) and (ckpt_dir / "state.json").is_file():
-        raise RunError(
-            f"{ckpt_dir} holds a single-process checkpoint (state.json + safetensors); resume it with one process "
-            f"(`recsys train --run {run.root} --resume --nproc 1`), or train afresh with --nproc {nproc}"
-        )
-    if cfg.train.loss_weights == "gradnorm":
-        raise ConfigError("train.loss_weights = 'gradnorm' works with one process only (its per-task gradient norms are not all-reduced); use 'uncertainty' or 'static' with --nproc > 1")
-    if nproc > 1 and not in_torchrun():
-        launch(run.root, nproc, ["--resume"] if resume else [])  # each worker calls train() again, inside torchrun
-        return json.loads(run.summary_path.read_text())["train"]
-    ctx = init_process_group()
-    try:
-        summary = _train_sharded_worker(run, cfg, resume, ctx)
-    except BaseException:
-        if ctx.world_size == 1:  # in-process group: leave it so a later call can make a new one; torchrun stops the other workers
-            dist.destroy_process_group()
-        raise
-    destroy_process_group()
-    return summary
-
-
-def _global_item_counts(split: dict[str, torch.Tensor], n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, clicked rows) per item_idx over every rank's part: which ids are trained, and log q."""
-    counts = torch.stack([
-        torch.bincount(split["item_idx"], minlength=n_items),
-        torch.bincount(split["item_idx"][split["click"] > 0], minlength=n_items),
-    ]).to(torch.int64)  # fmt: skip
-    dist.all_reduce(counts)
-    return counts[0], counts[1]
-
-
-def _sharded_optimizer(dmp, weighting: TaskWeighting, cfg: Config) -> CombinedOptimizer:
-    """Fused row-wise Adagrad (sharded tables), unfused row-wise Adagrad (data_parallel tables), Adam (dense + loss weights)."""
-
-    def adam(params):
-        return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-    optims: list[Any] = [keyed_optimizer(dmp, adam, table_optimizer=lambda ps: trec_optim.RowWiseAdagrad(ps, lr=cfg.train.embedding_lr))]
-    learned = dict(weighting.named_parameters())
-    if learned:
-        optims.append(("weighting", KeyedOptimizerWrapper(learned, adam)))
-    return CombinedOptimizer(optims)
-
-
-def _export_best(run: RunDir, data: TrainingData, cfg: Config, checkpoint: Path, meta: dict[str, Any]) -> None:
-    """Rank 0: the checkpoint's weights -> a plain RecsysModel -> ``model.safetensors`` + ``model.json``."""
-    plain = build_model(data, cfg)
-    load_sharded_checkpoint(checkpoint, plain, collective=False)
-    save_model(plain, run.model, meta)
-
-
-def retrieval_loss_across_ranks(outputs, batch, log_q: torch.Tensor, temperature: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """``recsys.losses.retrieval_loss`` over the global batch: this rank's clicked users against every rank's clicked items.
-
-    The item vectors are all-gathered with autograd (their gradients go back to the rank that made
-    them), so N ranks of B / N rows optimise the same in-batch softmax as one process with B rows;
-    scaled so that DDP's average over ranks is the mean over all clicked rows. ``keep`` masks rows out
-    (validation padding). Every rank must call it the same number of times (it is collective).
-    """
-    world = dist.get_world_size()
-    clicked = batch["click"] > 0 if keep is None else (batch["click"] > 0) & keep
-    if world == 1:
-        rows = {"user_vec": outputs["user_vec"], "item_vec": outputs["item_vec"], "click": batch["click"], "item_idx": batch["item_idx"]}
-        if keep is not None:
-            rows = {k: v[keep] for k, v in rows.items()}
-        return retrieval_loss(rows, rows, log_q, temperature)
-    user_vec, item_vec, items = outputs["user_vec"][clicked], outputs["item_vec"][clicked], batch["item_idx"][clicked]
-    counts_list = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(counts_list, torch.tensor([len(items)], dtype=torch.int64))
-    counts = [int(c) for c in counts_list]
-    if sum(counts) < 2:
-        return outputs["user_vec"].sum() * 0.0
-    most = max(counts)
-    gathered_vecs = dist_nn.all_gather(F.pad(item_vec, (0, 0, 0, most - len(items))))
-    gathered_items = [torch.zeros(most, dtype=items.dtype) for _ in range(world)]
-    dist.all_gather(gathered_items, F.pad(items, (0, most - len(items))))
-    all_vec = torch.cat([v[:c] for v, c in zip(gathered_vecs, counts)])  # (P_all, d)
-    all_items = torch.cat([i[:c] for i, c in zip(gathered_items, counts)])
-    if len(items) == 0:  # still in the graph: the all-gather's backward is collective too
-        return all_vec.sum() * 0.0 + outputs["user_vec"].sum() * 0.0
-    positive = torch.arange(len(items)) + sum(counts[: dist.get_rank()])  # this rank's rows in the global batch
-    logits = user_vec @ all_vec.T / temperature - log_q[all_items].unsqueeze(0)  # (P_local, P_all)
-    other_copy = items.unsqueeze(1) == all_items.unsqueeze(0)
-    other_copy[torch.arange(len(items)), positive] = False
-    logits = logits.masked_fill(other_copy, float("-inf"))
-    return F.cross_entropy(logits, positive, reduction="sum") * world / sum(counts)
-
-
-def train_epoch_sharded(dmp, weighting, opt, split, content, log_q, cfg: Config, epoch: int, global_step: int, ctx: DistContext) -> tuple[dict[str, float], int, float]:
-    """One pass over this rank's shuffled part -> mean losses over all ranks, global step, samples/s of all ranks."""
-    dmp.train()
-    rank_seed = epoch_seed(cfg.train.seed, epoch) + 7_919 * ctx.rank  # rank 0 = the single-process seed; other ranks other masks/orders
-    torch.manual_seed(rank_seed)  # modality / id dropout
-    batch_size = cfg.train.batch_size // ctx.world_size
-    n_rows = len(split["click"])
-    n_batches = math.ceil(n_rows / batch_size)
-    sums: dict[str, float] = {}
-    seen, started = 0, time.perf_counter()
-    progress = tqdm(total=n_rows * ctx.world_size, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False, disable=not ctx.is_main)
-    for step, batch in enumerate(batches(split, batch_size, content, seed=rank_seed), 1):
-        outputs = dmp(batch)
-        losses = task_losses(outputs, batch)
-        losses["retrieval"] = retrieval_loss_across_ranks(outputs, batch, log_q, cfg.train.temperature)
-        total = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
-        if not torch.isfinite(total):
-            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            raise RecsysError(
-                f"training stopped on rank {ctx.rank} of {ctx.world_size}: non-finite loss at epoch {epoch}, step {step} of {n_batches} "
-                f"(global step {global_step + 1}); batch {step} has {len(batch['click'])} rows, user_idx {batch['user_idx'][:5].tolist()}..., "
-                f"item_idx {batch['item_idx'][:5].tolist()}...; task losses: {shown}. Look for NaN/inf in RUN/data features or content, "
-                "or lower train.lr / train.embedding_lr"
-            )
-        opt.zero_grad(set_to_none=True)
-        total.backward()  # sharded tables are updated here (fused row-wise Adagrad); DDP averages the dense gradients
-        for p in weighting.parameters():  # learned loss weights live outside DDP: average them by hand
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= ctx.world_size
-        opt.step()
-        weighting.renormalise()
-        global_step += 1
-        rows = len(batch["click"])
-        seen += rows
-        for k, v in [*losses.items(), ("total", total)]:
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) * rows
-        progress.update(rows * ctx.world_size)
-    progress.close()
-    seconds = time.perf_counter() - started
-    names = sorted(sums)
-    totals = torch.tensor([seen, *(sums[k] for k in names)], dtype=torch.float64)
-    dist.all_reduce(totals)
-    slowest = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    seen_all = float(totals[0])
-    return {k: float(v) / max(seen_all, 1.0) for k, v in zip(names, totals[1:])}, global_step, seen_all / max(float(slowest), 1e-9)
-
-
-@torch.no_grad()
-def validate_sharded(dmp, weighting, split, content, log_q, cfg: Config, n_rows: int, ctx: DistContext) -> dict[str, Any]:
-    """``validate`` over every rank's padded part: scores gathered to rank 0, sums all-reduced; the result broadcast to all."""
-    dmp.eval()
-    tasks = unwrap(dmp).tasks
-    loss_keys = [*loss_names(tasks), "retrieval", "total"]
-    sums = torch.zeros(1 + len(loss_keys), dtype=torch.float64)  # real rows, then loss * rows
-    gate_sums: dict[str, torch.Tensor] = {}  # gates (T, E), modality_gates (M,): summed over real rows
-    scores: dict[str, list[torch.Tensor]] = {}
-    for batch in batches(split, cfg.train.batch_size // ctx.world_size, content):
-        outputs = dmp(batch)  # every rank runs the same number of batches (padding included)
-        for k in ("p_click", "p_cvr", "p_ctcvr", "rating"):
-            if k in outputs:
-                scores.setdefault(f"score_{k}", []).append(outputs[k])
-        real = ~batch["is_padding"] if "is_padding" in batch else torch.ones(len(batch["click"]), dtype=torch.bool)
-        for k in ("gates", "modality_gates"):
-            if k in outputs:
-                weighted = (outputs[k] * real.view(-1, *[1] * (outputs[k].dim() - 1))).sum(0)
-                gate_sums[k] = gate_sums[k] + weighted if k in gate_sums else weighted
-        retrieval = retrieval_loss_across_ranks(outputs, batch, log_q, cfg.train.temperature, keep=real)  # collective: before any skip
-        rows = int(real.sum())
-        if rows == 0:
-            continue
-        outputs = {k: v[real] for k, v in outputs.items()}
-        batch = {k: v[real] for k, v in batch.items()}
-        losses = task_losses(outputs, batch)
-        losses["retrieval"] = retrieval
-        losses["total"] = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
-        sums += torch.tensor([rows, *(float(losses[k]) * rows for k in loss_keys)], dtype=torch.float64)
-    dist.all_reduce(sums)
-    for k in sorted(gate_sums):
-        dist.all_reduce(gate_sums[k])
-    labels = {k: split[k].numpy() for k in ("click", "conversion", "rating") if k in split}
-    gathered = gather_to_rank0({**{k: torch.cat(v).numpy() for k, v in scores.items()}, **labels}, n_rows=n_rows)
-    result: dict[str, Any] | None = None
-    if ctx.is_main:
-        assert gathered is not None
-        n = max(float(sums[0]), 1.0)
-        col = {k: torch.from_numpy(v) for k, v in gathered.items()}
-        click = col["click"]
-        auc = {"click": metrics.auc(click, col["score_p_click"])}
-        if "score_p_ctcvr" in col:
-            auc["ctcvr"] = metrics.auc(click * col["conversion"], col["score_p_ctcvr"])
-            clicked = click > 0
-            auc["conversion"] = metrics.auc(col["conversion"][clicked], col["score_p_cvr"][clicked])
-        result = {"loss": {k: float(v) / n for k, v in zip(loss_keys, sums[1:])}, "auc": auc}
-        if "score_rating" in col:
-            rated = ~torch.isnan(col["rating"])
-            result["rating_rmse"] = metrics.rmse(col["rating"][rated], col["score_rating"][rated])
-        result["gates"] = {t: (gate_sums["gates"][i] / n).tolist() for i, t in enumerate(tasks)}
-        if "modality_gates" in gate_sums:
-            result["modality_gates"] = (gate_sums["modality_gates"] / n).tolist()
-        head_aucs = [v for k, v in auc.items() if k in ("click", "ctcvr") and not math.isnan(v)]
-        result["score"] = float(np.mean(head_aucs)) if head_aucs else -result["loss"]["total"]
-    shared = [result]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
-
-
-def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistContext) -> dict[str, Any]:
-    """One rank's training job (all ranks run it; rank 0 alone writes the log, the model and the summary)."""
-    started = time.perf_counter()
-    if cfg.train.batch_size // ctx.world_size < 2:
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is the global batch: it must give each of {ctx.world_size} ranks at least 2 rows")
-    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, ctx.rank, ctx.world_size)
-    n_items = int(data.meta["n_items"])
-    item_rows, item_clicks = _global_item_counts(data.train, n_items)
-    model = build_model(data, cfg)  # the same seed on every rank: the same initial weights
-    model.set_trained_items(torch.nonzero(item_rows).squeeze(1))  # from every rank's rows, not just this part
-    initial = model_state_dict(model)
-    _apply_optimizer_in_backward(trec_optim.RowWiseAdagrad, model.embedding_tables.parameters(), {"lr": cfg.train.embedding_lr})
-    logging.disable(logging.INFO)  # fbgemm logs every kernel argument at INFO on the root logger
-    try:
-        dmp = shard_model(model, cfg.train.sharding, ctx.device, ctx.world_size, batch_size=cfg.train.batch_size // ctx.world_size, local_world_size=ctx.local_world_size)
-    finally:
-        logging.disable(logging.NOTSET)
-    load_unsharded_state(dmp, initial)  # DMP builds its shards afresh: start from the seeded weights
-    if ctx.is_main:
-        run.model.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.model / "sharding_plan.txt", f"# train.sharding = {cfg.train.sharding}, {ctx.world_size} ranks\n{dmp.plan}\n")
-    tasks = unwrap(dmp).tasks
-    static = {"click": cfg.train.click_weight, "ctcvr": cfg.train.conversion_weight, "rating": cfg.train.rating_weight}
-    weighting = TaskWeighting(loss_names(tasks), cfg.train.loss_weights, static)
-    opt = _sharded_optimizer(dmp, weighting, cfg)
-    counts = item_clicks.double().clamp(min=1.0)
-    log_q = (counts / counts.sum()).log().float()  # recsys.losses.item_log_q over every rank's rows
-    train_rows = int(item_rows.sum())
-    if ctx.is_main:
-        log.info(
-            "train: %d rows on %d ranks (%d each, global batch %d), valid: %d rows, tasks %s, sharding %s (plan in %s)",
-            train_rows, ctx.world_size, len(data.train["click"]), cfg.train.batch_size, data.valid_rows, ",".join(tasks),
-            cfg.train.sharding, run.model / "sharding_plan.txt",
-        )  # fmt: skip
-
-    ckpt_dir = run.model / "checkpoint"
-    state = {"epoch": 0, "global_step": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False}
-    resumed_from = None
-    if resume and _uses_sharded_checkpoint(ckpt_dir):
-        saved = json.loads((latest_checkpoint(ckpt_dir) / "train_state.json").read_text())  # type: ignore[operator]
-        if saved.get("config_digest") != _resume_digest(cfg):
-            raise ConfigError(f"{ckpt_dir}: the checkpoint was made with other [model]/[train] settings; start afresh without --resume")
-        loaded = load_sharded_checkpoint(ckpt_dir, dmp, opt, extra={"weighting": weighting})
-        state = {k: v for k, v in loaded.items() if k in state}
-        resumed_from = state["epoch"]
-        if ctx.is_main:
-            log.info("resuming after epoch %d (best epoch %d), saved by %d processes, now %d", state["epoch"], state["best_epoch"], loaded.get("world_size", 0), ctx.world_size)
-            _truncate_log(run.train_log, state["epoch"])
-    else:
-        if resume and ctx.is_main:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-        if ctx.is_main:
-            run.train_log.unlink(missing_ok=True)
-            _clear_checkpoints(ckpt_dir)
-        dist.barrier()  # nobody writes a checkpoint before rank 0 has cleared the old ones
-
-    rates: list[float] = []
-    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
-        if state["stopped_early"]:
-            break
-        epoch_started = time.perf_counter()
-        train_losses, state["global_step"], rate = train_epoch_sharded(dmp, weighting, opt, data.train, data.content, log_q, cfg, epoch, state["global_step"], ctx)
-        rates.append(rate)
-        if data.valid is not None:
-            last_valid = validate_sharded(dmp, weighting, data.valid, data.content, log_q, cfg, data.valid_rows, ctx)
-        else:
-            last_valid = {"loss": {}, "auc": {}, "gates": {}, "score": -train_losses["total"]}
-        improved = state["best_epoch"] == 0 or last_valid["score"] > state["best_score"]
-        if improved:
-            state.update(best_epoch=epoch, best_score=last_valid["score"], bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["stopped_early"] = state["bad_epochs"] >= cfg.train.patience and epoch < cfg.train.epochs
-        train_state = {**state, "config_digest": _resume_digest(cfg), "seed": cfg.train.seed, "world_size": ctx.world_size, "sharding": cfg.train.sharding}
-        checkpoint = save_sharded_checkpoint(ckpt_dir, f"epoch-{epoch:04d}", dmp, opt, train_state, extra={"weighting": weighting})
-        if ctx.is_main:
-            if improved:  # from the checkpoint just written, before a later epoch's checkpoint replaces it
-                _export_best(run, data, cfg, checkpoint, {"best_epoch": epoch, "valid": _valid_summary(last_valid), "trained_with": {"processes": ctx.world_size, "sharding": cfg.train.sharding}})
-            line = {
-                "epoch": epoch,
-                "train_loss": train_losses,
-                "valid_loss": last_valid["loss"],
-                "valid_auc": last_valid["auc"],
-                **({"valid_rating_rmse": last_valid["rating_rmse"]} if "rating_rmse" in last_valid else {}),
-                "score": last_valid["score"],
-                "best": improved,
-                "task_weights": weighting.weights(),
-                "gates": last_valid["gates"],
-                **({"modality_gates": last_valid["modality_gates"]} if "modality_gates" in last_valid else {}),
-                "samples_per_s": rate,
-                "seconds": time.perf_counter() - epoch_started,
-                "processes": ctx.world_size,
-            }
-            with open(run.train_log, "a") as handle:
-                handle.write(json.dumps(line) + "\n")
-            log.info("epoch %d: train %s | valid auc %s | score %.4f%s", epoch, _fmt(train_losses), _fmt(last_valid["auc"]), last_valid["score"], " (best)" if improved else "")
-            if state["stopped_early"]:
-                log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
-        dist.barrier()  # model.safetensors is written before any rank goes on
-
-    summary = {
-        "epochs_run": state["epoch"],
-        "best_epoch": state["best_epoch"],
-        "best_score": state["best_score"],
-        "score": "mean valid AUC of click and ctcvr (or -train loss without a valid split)",
-        "stopped_early": state["stopped_early"],
-        "resumed_from_epoch": resumed_from,
-        "train_rows": train_rows,
-        "train_rows_left_out": _file_rows(run.data / "train.parquet") - train_rows,  # the n % N tail
-        "valid_rows": data.valid_rows,
-        "tasks": list(tasks),
-        "modalities": {"text": unwrap(dmp).use_text, "image": unwrap(dmp).use_image},
-        "processes": ctx.world_size,
-        "sharding": cfg.train.sharding,
-        "sharding_plan": str(run.model / "sharding_plan.txt"),
-        "samples_per_s": float(np.mean(rates)) if rates else None,
-        "seconds": time.perf_counter() - started,
-    }
-    if ctx.is_main:
-        run.record("train", summary)
-    return summary
-
-
-def _file_rows(path: Path) -> int:
-    import polars as pl
-
-    return int(pl.scan_parquet(path).select(pl.len()).collect().item())
 
 
 def _clear_checkpoints(ckpt_dir: Path) -> None:
