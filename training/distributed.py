@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
@@ -149,7 +150,15 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     from recsys.rundir import RunDir
 
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # force: torchrec's import-time warnings may already have given the root logger a handler.
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.getLogger("recsys").setLevel(logging.INFO)
+    # The planner warns about its own defaults (topology construction, storage heuristics) on every run.
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")  # rank 0's plain export
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     module_name, func_name = args.target.split(":")
     kwargs: dict[str, Any] = {"resume": True} if args.resume else {}
     for flag in rest:  # further flags as --key=value
