@@ -148,7 +148,7 @@ class RecsysModel(nn.Module):
         for j, key in enumerate(self.user_cat_keys):
             features[key] = self.user_cat[users, j : j + 1] if users is not None else empty
         for j, key in enumerate(self.item_cat_keys):
-            features[key] = self.item_cat[items, j : j + 1] if items is not None else empty
+            features[key] = self._trained_item_values(items, j) if items is not None else empty
         return self.embedding_tables(padded_to_kjt(features)), users, items
 
     def _trained_ids(self, idx: torch.Tensor) -> torch.Tensor:
@@ -169,6 +169,16 @@ class RecsysModel(nn.Module):
         self.item_trained.zero_()
         self.item_trained[0] = True
         self.item_trained[self._known(item_idx, self.spec.n_items)] = True
+
+    def _trained_item_values(self, items: torch.Tensor, j: int) -> torch.Tensor:
+        """Categorical item feature j as ``(B, 1)``; values that no trained item has become 0 (unknown).
+
+        An item-specific value (a creation time, a brand of one) would otherwise give a cold
+        item an untrained, random row.
+        """
+        values = self.item_cat[items, j]
+        seen = torch.isin(values, self.item_cat[self.item_trained, j])
+        return torch.where(seen, values, torch.zeros_like(values)).unsqueeze(1)
 
     def _user_vectors(self, pooled, users: torch.Tensor) -> torch.Tensor:
         parts = [pooled["user_id"], pooled["history"], *(pooled[k] for k in self.user_cat_keys), self.user_num[users]]

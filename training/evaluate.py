@@ -25,7 +25,7 @@ from recsys.config import EvalConfig
 from recsys.errors import RunError
 from recsys.model import RecsysModel, load_model
 from recsys.rundir import RunDir, read_json, write_json, write_parquet
-from training import report
+from training import baseline, report
 
 log = logging.getLogger("recsys")
 
@@ -80,6 +80,8 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     item_vecs = all_item_vectors(model, content)
     retrieval = rank_catalogue(run, model, item_vecs, test, cfg)
     metrics_out["retrieval"] = {f"{name}@{k}": _mean(retrieval.per_user[f"{name}@{k}"]) for name in ("recall", "ndcg") for k in cfg.ks}
+    if cfg.baseline_mf:
+        metrics_out["baseline_mf"] = baseline_mf(run, model, test, cfg)
     ann = _ann_recall(run)
     if ann is not None:
         metrics_out["ann"] = {"recall@100": ann}
@@ -112,6 +114,25 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     run.record("evaluate", summary)
     log.info("evaluate: %s", {k: v for k, v in metrics_out.items() if k in ("click", "conversion", "ctcvr", "rating", "retrieval", "ann")})
     return metrics_out
+
+
+def baseline_mf(run: RunDir, model: RecsysModel, test: pl.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
+    """BPR-MF retrieval and biased-MF ratings (training.baseline), scored like the model."""
+    started = time.perf_counter()
+    train_rows = pl.read_parquet(run.data / "train.parquet")
+    spec = baseline.MFSpec(model.spec.n_users, model.spec.n_items, model.spec.history_len)
+    bpr = baseline.train_bpr(train_rows, spec)
+    ranking = rank_catalogue(run, bpr, bpr.item_vectors(), test, cfg)
+    out: dict[str, Any] = {"retrieval": {f"{name}@{k}": _mean(ranking.per_user[f"{name}@{k}"]) for name in ("recall", "ndcg") for k in cfg.ks}}
+    rating_mf = baseline.train_rating_mf(train_rows, spec.n_users, spec.n_items) if "rating" in test.columns else None
+    if rating_mf is not None:
+        rated = test.filter(pl.col("rating").is_not_null())
+        with torch.no_grad():
+            predicted = rating_mf(torch.from_numpy(rated["user_idx"].to_numpy()), torch.from_numpy(rated["item_idx"].to_numpy())).numpy()
+        true = rated["rating"].cast(pl.Float64).to_numpy()
+        out["rating"] = {"rmse": m.rmse(true, predicted), "mae": m.mae(true, predicted)}
+    out["seconds"] = round(time.perf_counter() - started, 2)
+    return out
 
 
 # -- inputs ------------------------------------------------------------------------------
