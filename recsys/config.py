@@ -85,6 +85,7 @@ class TrainConfig:
     click_weight: float = 1.0
     conversion_weight: float = 1.0
     rating_weight: float = 1.0
+    cvr_on_clicks: float = 1.0  # weight of a direct p_cvr loss on clicked rows, added to the ESMM ctcvr loss (0 = pure ESMM)
     patience: int = 2  # early stopping on the validation metric
     seed: int = 0
     nproc: int = 1

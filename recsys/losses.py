@@ -16,11 +16,14 @@ from torch import nn
 LOSS_OF_TASK = {"click": "click", "conversion": "ctcvr", "rating": "rating"}
 
 
-def task_losses(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def task_losses(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], cvr_on_clicks: float = 0.0) -> dict[str, torch.Tensor]:
     """Per-task losses over the batch; only heads present in ``outputs``.
 
     click: BCE over all impressions. ctcvr (ESMM): BCE of p_click * p_cvr against
     click * conversion over all impressions, so p_cvr is never fit on clicked rows only.
+    ``cvr_on_clicks`` > 0 adds that weight times a direct BCE of p_cvr on the clicked rows to
+    the ctcvr loss: the ESMM term still covers the whole impression space, the direct term
+    gives p_cvr a sharper signal where conversions are observed.
     rating: MSE over rated rows (NaN = unrated); 0 when the batch has none.
     """
     click = batch["click"].float()
@@ -31,6 +34,10 @@ def task_losses(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
         log_not_p = torch.log1p(-torch.exp(log_p).clamp(max=1 - 1e-6))
         target = click * batch["conversion"].float()
         losses["ctcvr"] = -(target * log_p + (1 - target) * log_not_p).mean()
+        clicked = click > 0
+        if cvr_on_clicks > 0 and clicked.any():
+            direct = F.binary_cross_entropy_with_logits(outputs["logit_conversion"][clicked], batch["conversion"].float()[clicked])
+            losses["ctcvr"] = losses["ctcvr"] + cvr_on_clicks * direct
     if "rating" in outputs:
         rated = ~torch.isnan(batch["rating"])
         pred = outputs["rating"][rated]

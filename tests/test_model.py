@@ -195,6 +195,15 @@ def test_ctcvr_loss_is_bce_of_the_product_over_all_impressions():
     torch.testing.assert_close(task_losses(out, batch)["ctcvr"], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_direct_cvr_term_adds_bce_of_p_cvr_on_clicked_rows_only():
+    model, batch = make_model(), make_batch()
+    out = model(batch)
+    clicked = batch["click"] > 0
+    direct = torch.nn.functional.binary_cross_entropy(out["p_cvr"][clicked], batch["conversion"][clicked])
+    esmm = task_losses(out, batch)["ctcvr"]
+    torch.testing.assert_close(task_losses(out, batch, cvr_on_clicks=0.5)["ctcvr"], esmm + 0.5 * direct, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind, experts", [("mmoe", 4), ("shared_bottom", 1), ("single_task", 3)])
 def test_ranker_variants_route_through_their_experts(kind, experts):
     ranker = MultiTaskRanker(12, ["click", "conversion", "rating"], kind, experts=4, expert_dim=8, tower_dim=4)

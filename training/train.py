@@ -99,7 +99,7 @@ def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: in
     progress = tqdm(total=n_rows, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False)
     for step, batch in enumerate(batches(data.train, cfg.train.batch_size, data.content, seed=epoch_seed(cfg.train.seed, epoch)), 1):
         outputs = model(batch)
-        losses = task_losses(outputs, batch)
+        losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
         losses["retrieval"] = retrieval_loss(outputs, batch, log_q, cfg.train.temperature)
         total = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
         if not torch.isfinite(total):
@@ -140,7 +140,7 @@ def validate(model, weighting, split, content, log_q, cfg: Config) -> dict[str, 
     gates_sum, n = None, 0
     for batch in batches(split, cfg.train.batch_size, content):
         outputs = model(batch)
-        losses = task_losses(outputs, batch)
+        losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
         losses["retrieval"] = retrieval_loss(outputs, batch, log_q, cfg.train.temperature)
         losses["total"] = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
         rows = len(batch["click"])

@@ -152,7 +152,7 @@ def train_epoch_sharded(dmp, weighting, opt, split, content, log_q, cfg: Config,
     progress = tqdm(total=n_rows * ctx.world_size, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False, disable=not ctx.is_main)
     for step, batch in enumerate(batches(split, batch_size, content, seed=rank_seed), 1):
         outputs = dmp(batch)
-        losses = task_losses(outputs, batch)
+        losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
         losses["retrieval"] = retrieval_loss_across_ranks(outputs, batch, log_q, cfg.train.temperature)
         total = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
         if not torch.isfinite(total):
@@ -213,7 +213,7 @@ def validate_sharded(dmp, weighting, split, content, log_q, cfg: Config, n_rows:
             continue
         outputs = {k: v[real] for k, v in outputs.items()}
         batch = {k: v[real] for k, v in batch.items()}
-        losses = task_losses(outputs, batch)
+        losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
         losses["retrieval"] = retrieval
         losses["total"] = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
         sums += torch.tensor([rows, *(float(losses[k]) * rows for k in loss_keys)], dtype=torch.float64)
