@@ -31,6 +31,7 @@ INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp", "click", "conversion",
 EXAMPLES = 5  # offending ids quoted in a message
 
 FeatureKind = Literal["cat", "num"]
+MIN_NUMERIC_DISTINCT = 50  # an integer column with fewer distinct values is always categorical
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,8 @@ def load_dataset(dataset_dir: str | Path, data_cfg: DataConfig, quarantine_dir: 
     extra = [c for c in inter_schema if c not in INTERACTION_COLUMNS]
     if extra:
         ignored[INTERACTIONS] = extra
-    item_features = _feature_kinds(ITEMS, items_schema, ("item_id", "text", "image"), ignored)
-    user_features = _feature_kinds(USERS, users_scan[1], ("user_id",), ignored) if users_scan is not None else {}
+    item_features = _feature_kinds(ITEMS, items, items_schema, ("item_id", "text", "image"), ignored)
+    user_features = _feature_kinds(USERS, users, users_scan[1], ("user_id",), ignored) if users_scan is not None else {}
     for file, columns in ignored.items():
         log.warning("%s: ignoring columns %s (not part of the contract or of an unsupported type)", file, columns)
 
@@ -334,15 +335,27 @@ def _handle_unknown_items(
     return inter.join(catalogue, on="item_id", how="semi"), {"unknown_item": rows}, quarantine_path
 
 
-def _feature_kinds(file: str, schema: pl.Schema, reserved: tuple[str, ...], ignored: dict[str, list[str]]) -> dict[str, FeatureKind]:
-    """Extra columns: floats are numeric features, strings/ints/bools categorical, anything else ignored."""
+def _feature_kinds(file: str, frame: pl.LazyFrame, schema: pl.Schema, reserved: tuple[str, ...], ignored: dict[str, list[str]]) -> dict[str, FeatureKind]:
+    """Extra columns: floats are numeric features, strings/bools categorical, anything else ignored.
+
+    Integers are categorical (a year, a genre code) unless more than half of the rows (and
+    more than ``MIN_NUMERIC_DISTINCT``) hold distinct values: then they behave like a
+    timestamp or a measurement, not a category, and an embedding row per value would never
+    be shared between rows.
+    """
     kinds: dict[str, FeatureKind] = {}
+    integers = [n for n, d in schema.items() if n not in reserved and d.is_integer()]
+    distinct = frame.select(pl.len().alias("__rows"), *(pl.col(n).n_unique() for n in integers)).collect().row(0, named=True) if integers else {}
     for name, dtype in schema.items():
         if name in reserved:
             continue
         if dtype.is_float():
             kinds[name] = "num"
-        elif dtype.is_integer() or dtype in (pl.String, pl.Categorical, pl.Boolean) or isinstance(dtype, pl.Enum):
+        elif dtype.is_integer():
+            kinds[name] = "num" if distinct[name] > max(distinct["__rows"] / 2, MIN_NUMERIC_DISTINCT) else "cat"
+            if kinds[name] == "num":
+                log.info("%s: integer column %r has %d distinct values in %d rows: used as numeric", file, name, distinct[name], distinct["__rows"])
+        elif dtype in (pl.String, pl.Categorical, pl.Boolean) or isinstance(dtype, pl.Enum):
             kinds[name] = "cat"
         else:
             ignored.setdefault(file, []).append(name)

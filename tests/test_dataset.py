@@ -179,3 +179,10 @@ def test_feature_columns_are_classified_by_type(tmp_path: Path) -> None:
     ds = load_dataset(write_dataset(tmp_path, items=items), DataConfig())
     assert ds.item_features == {"genre": "cat", "year": "cat", "price": "num"}
     assert ds.ignored_columns == {"items.parquet": ["tags"]}
+
+
+def test_integer_column_with_mostly_distinct_values_is_numeric(tmp_path: Path) -> None:
+    n = 200
+    items = {"item_id": list(range(n)), "created_at": [1_600_000_000 + 37 * i for i in range(n)], "shelf": [i % 7 for i in range(n)]}
+    ds = load_dataset(write_dataset(tmp_path, items=items, interactions={"user_id": [1], "item_id": [0], "timestamp": [1]}), DataConfig())
+    assert ds.item_features == {"created_at": "num", "shelf": "cat"}
