@@ -7,7 +7,10 @@ Reads ``u.data``, ``u.item`` (latin-1), ``u.user`` and, when present, ``posters/
 Policies (each one counted in the summary, nothing dropped silently):
 
 - ratings: one row per (user, item); duplicates keep the latest timestamp.
-  ``click = 1`` for every rating, ``conversion = rating >= 4``.
+  Every rating is a click: the file has no ``click`` column, so by the dataset contract each
+  row is a positive interaction and ``recsys prepare`` samples the click negatives (a column
+  of ones would claim every impression was clicked and leave the click head nothing to
+  learn). ``conversion = rating >= 4``.
 - ``--split uN|ua|ub``: ``.base`` rows -> train, ``.test`` rows -> test, matched on
   (user, item, timestamp). Valid is a seeded random 5% of the ``.base`` rows (numpy
   ``default_rng(0)`` over the rows sorted by user, item, timestamp), because the
@@ -162,7 +165,6 @@ def dedupe_ratings(ratings: pl.DataFrame) -> tuple[pl.DataFrame, int]:
             "user_id",
             "item_id",
             "timestamp",
-            pl.lit(1, dtype=pl.Int8).alias("click"),
             (pl.col("rating") >= CONVERSION_MIN_RATING).cast(pl.Int8).alias("conversion"),
             "rating",
         )
