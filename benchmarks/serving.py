@@ -40,8 +40,13 @@ sys.path.insert(0, str(REPO))
 
 
 # -- the run ---------------------------------------------------------------------------------
-def build_run(root: Path, items: int, users: int, events: int, candidates: int, seed: int = 0) -> None:
-    """A complete run (data, content, untrained model, index) with random data."""
+def build_run(root: Path, items: int, users: int, events: int, candidates: int, content: str = "clustered", seed: int = 0) -> None:
+    """A complete run (data, content, untrained model, index) with random data.
+
+    ``content="clustered"``: item content vectors drawn around 2,000 topic centres, as real
+    catalogues embed (and as ``benchmarks/ann.py`` measures); ``"isotropic"``: independent
+    Gaussian directions, the worst case for any ANN index (IVF then needs a large nprobe).
+    """
     import polars as pl
     import torch
     from safetensors.numpy import save_file
@@ -71,7 +76,11 @@ def build_run(root: Path, items: int, users: int, events: int, candidates: int, 
     write_json(run.data / "meta.json", {"n_users": users + 1, "n_items": items + 1, "history_len": history_len, "impressions": False,
                                         "tasks": {"click": True, "conversion": True, "rating": True}, "rating_range": [1.0, 5.0],
                                         "user_features": {}, "item_features": {}, "split": "temporal", "rows": {"train": events}})
-    text = rng.normal(size=(items + 1, text_dim)).astype(np.float32)
+    if content == "clustered":
+        centres = rng.normal(size=(2000, text_dim))
+        text = (centres[rng.integers(0, len(centres), items + 1)] + 0.35 * rng.normal(size=(items + 1, text_dim))).astype(np.float32)
+    else:
+        text = rng.normal(size=(items + 1, text_dim)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     run.content.mkdir(parents=True, exist_ok=True)
     save_file({"text": text, "text_mask": np.ones(items + 1, np.uint8)}, str(run.content / "embeddings.safetensors"))
@@ -189,12 +198,13 @@ def main() -> None:
     parser.add_argument("--steps", default="200,300,400,500,600")
     parser.add_argument("--step-seconds", type=float, default=8)
     parser.add_argument("--max-p99-ms", type=float, default=100)
+    parser.add_argument("--content", choices=["clustered", "isotropic"], default="clustered", help="item content vectors (see build_run)")
     args = parser.parse_args()
 
-    root = Path(args.run_dir) / f"items{args.items}-c{args.candidates}"
+    root = Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}"
     if not (root / "index" / "index.json").is_file():
         t0 = time.perf_counter()
-        build_run(root, args.items, args.users, args.events, args.candidates)
+        build_run(root, args.items, args.users, args.events, args.candidates, args.content)
         print(f"run built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     port = free_port()
@@ -236,7 +246,7 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             server.kill()
     print(json.dumps({
-        "benchmark": "serving", "items": health["items"], "index": health["index_type"], "candidates": args.candidates, "k": args.k,
+        "benchmark": "serving", "content": args.content, "items": health["items"], "index": health["index_type"], "candidates": args.candidates, "k": args.k,
         "server_start_s": round(load_s, 1), "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "at_rate": steady, "where_time_goes": steady_breakdown, "steps": steps, "sustained_rps": sustained,
         "targets_met": bool(steady["p99_ms"] is not None and steady["p99_ms"] <= 10 and sustained >= 300),

@@ -117,6 +117,7 @@ class ServeConfig:
     blend_ctcvr: float = 1.0
     blend_rating: float = 0.5
     threads: int = 1  # torch and FAISS threads per request (requests run concurrently); 0 = library default
+    precompute_users_max: int = 2_000_000  # user vectors of known users computed at load (4*d bytes each); 0 = always per request
     access_log: bool = True  # one JSON line per request on stderr
 
 

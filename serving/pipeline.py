@@ -181,6 +181,7 @@ class Recommender:
         weights = sha256_file(run.model / "model.safetensors")[:12]
         self.model_version = f"v{meta.get('version', 0)}-{weights}"  # format version + which weights
         self._encoders: tuple[Any, Any] | None = None
+        self.user_vecs: torch.Tensor | None = None  # filled by precompute_user_vectors
         self._add_lock = threading.Lock()
 
     @classmethod
@@ -197,8 +198,26 @@ class Recommender:
         behaviour = load_behaviour(run, model.spec.n_users, model.spec.history_len)
         texts = pl.read_parquet(run.require(run.data / "items.parquet", "prepare"), columns=["item_id", "text"])
         recommender = cls(run, cfg, model, index, users, behaviour, texts)
+        recommender.precompute_user_vectors()
         recommender.warm_up()
         return recommender
+
+    def precompute_user_vectors(self, batch_size: int = 8192) -> None:
+        """User-tower vectors of every known user from their stored history, computed once.
+
+        A known user's tower input (id + stored history) only changes with a reload, so the
+        per-request tower pass is needed only when a request brings extra history.
+        """
+        n_users = self.model.spec.n_users
+        if not 0 < n_users <= self.cfg.serve.precompute_users_max:
+            self.user_vecs = None
+            return
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, n_users, batch_size):
+                stop = min(start + batch_size, n_users)
+                chunks.append(self.model.user_vectors(torch.arange(start, stop), torch.from_numpy(self.behaviour.history[start:stop])))
+        self.user_vecs = torch.cat(chunks)  # (n_users, d); row 0 = unknown user, empty history
 
     def warm_up(self) -> None:
         """One pass through every stage: the first torch/FAISS call is slow (lazy initialisation)."""
@@ -242,8 +261,11 @@ class Recommender:
         source = "user" if user_idx else ("history" if len(request_ids) else "popular")
 
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            user_vec = self.model.user_vectors(torch.tensor([user_idx]), torch.from_numpy(padded))  # (1, d)
+        if self.user_vecs is not None and len(request_idx) == 0:
+            user_vec = self.user_vecs[user_idx : user_idx + 1]  # (1, d), computed at load
+        else:
+            with torch.inference_mode():
+                user_vec = self.model.user_vectors(torch.tensor([user_idx]), torch.from_numpy(padded))  # (1, d)
         t1 = time.perf_counter()
         n = serve.candidates
         if source == "popular":

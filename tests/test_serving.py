@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -74,6 +75,15 @@ def test_sampled_negatives_are_not_part_of_the_history_or_the_seen_set(template_
     recommender = Recommender.load(template_run)
     seen = recommender._seen(recommender.user_row["u3"]).tolist()
     assert sorted(seen) == [3, 4, 5, 6, 7, 8]  # the sampled negative (item 57) is absent
+
+
+def test_precomputed_user_vectors_equal_the_tower_on_the_stored_history(template_run):
+    recommender = Recommender.load(template_run)
+    users = torch.arange(recommender.model.spec.n_users)
+    with torch.inference_mode():
+        direct = recommender.model.user_vectors(users, torch.from_numpy(recommender.behaviour.history))
+    assert recommender.user_vecs is not None
+    torch.testing.assert_close(recommender.user_vecs, direct)
 
 
 def test_recommend_command_prints_a_table_with_ids_text_and_predictions(template_run, capsys):
