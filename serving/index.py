@@ -297,6 +297,10 @@ def build_index(run: RunDir) -> dict[str, Any]:
     log.info("index: %d item vectors in %.1f s (%d threads); building %s", len(item_idx), embedded_s, torch_threads, cfg.index.kind)
     index = ItemIndex.build(vectors, item_idx, item_idx, items["item_id"], cfg.index, queries=queries, seed=cfg.data.seed)
     meta = index.save(run.index)
+    stale = run.index / "added_items.parquet"  # texts of items added to the previous index at serving time
+    if stale.is_file():
+        log.warning("index rebuilt from the catalogue: items added at serving time (%s) are not in it; add them again or to items.parquet", stale)
+        stale.unlink()
     summary = {
         **{k: v for k, v in meta.items() if k != "sha256"},
         "calibration_queries": "user vectors of sampled training events" if queries is not None else "perturbed item vectors",

@@ -28,10 +28,11 @@ import torch
 from recsys.config import Config, ServeConfig
 from recsys.errors import RecsysError, RunError
 from recsys.model import RecsysModel, load_model
-from recsys.rundir import RunDir, read_json, sha256_file
+from recsys.rundir import RunDir, read_json, sha256_file, write_parquet
 from serving.index import ItemIndex
 
 SPLITS = ("train", "valid", "test")
+ADDED_ITEMS = "added_items.parquet"  # in RUN/index/: ids and texts of items added at serving time
 TASK_COLUMNS = ("p_click", "p_conversion", "p_ctcvr", "rating")
 
 
@@ -197,6 +198,8 @@ class Recommender:
         users = pl.concat([pl.DataFrame({"user_id": [None], "user_idx": [0]}, schema=users.schema), users])["user_id"]
         behaviour = load_behaviour(run, model.spec.n_users, model.spec.history_len)
         texts = pl.read_parquet(run.require(run.data / "items.parquet", "prepare"), columns=["item_id", "text"])
+        if (run.index / ADDED_ITEMS).is_file():  # items added through POST /items since the index was built
+            texts = pl.concat([texts, pl.read_parquet(run.index / ADDED_ITEMS).cast(texts.schema)])
         recommender = cls(run, cfg, model, index, users, behaviour, texts)
         recommender.precompute_user_vectors()
         recommender.warm_up()
@@ -353,7 +356,14 @@ class Recommender:
             faiss_ids = self.index.add(vectors, keys)
             self.index.save(self.run.index)
             self._texts.update({key: item.text for key, item in zip(keys, items)})
+            self._save_added_texts(keys, [item.text for item in items])
         return faiss_ids.tolist(), warnings
+
+    def _save_added_texts(self, keys: list[Any], texts: list[str | None]) -> None:
+        """Texts of items added at serving time (RUN/index/added_items.parquet), so a restart still shows them."""
+        path = self.run.index / ADDED_ITEMS
+        new = pl.DataFrame({"item_id": keys, "text": texts}, schema={"item_id": self.index.ids["item_id"].dtype, "text": pl.String})
+        write_parquet(pl.concat([pl.read_parquet(path), new]) if path.is_file() else new, path)
 
     def _embed_content(self, items: Sequence[NewItem]) -> tuple[dict[str, torch.Tensor], list[str]]:
         from features.encoders import build_image_encoder, build_text_encoder

@@ -245,6 +245,22 @@ def test_added_items_survive_a_restart(run):
     assert restarted.get("/items/kept/similar", params={"k": 2}).status_code == 200
 
 
+def test_text_of_an_added_item_survives_a_restart(run):
+    TestClient(create_app(run.root, admin_token=TOKEN)).post(
+        "/items", json={"items": [{"item_id": "described", "text": "a red striped umbrella"}]}, headers=ADMIN
+    )
+    assert Recommender.load(run).text_of("described") == "a red striped umbrella"
+
+
+def test_rebuilding_the_index_forgets_items_added_at_serving_time(run):
+    TestClient(create_app(run.root, admin_token=TOKEN)).post(
+        "/items", json={"items": [{"item_id": "transient", "text": "gone after a rebuild"}]}, headers=ADMIN
+    )
+    build_index(run)
+    restarted = Recommender.load(run)
+    assert restarted.index.faiss_id("transient") is None and restarted.text_of("transient") is None
+
+
 def test_adding_an_existing_item_id_is_409_and_changes_nothing(run):
     client = TestClient(create_app(run.root, admin_token=TOKEN))
     response = client.post("/items", json={"items": [{"item_id": "it3", "image_base64": png((1, 2, 3))}]}, headers=ADMIN)
