@@ -128,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _call("features.synth:synthesize", data_dir, users=users, items=items, interactions=None, seed=0, images=True, task_correlation=0.8)
     run = run_pipeline(data_dir, out / "run", load_config(None, [epochs, *(args.set or [])]))
     user = _call("serving.recommend:sample_user", run)
-    print(f"\nTop 10 for user {user}:")
+    print()
     _call("serving.recommend:main", run, user=user, history=None, k=10)
     metrics = json.loads(run.metrics_path.read_text())
     headline = {
