@@ -87,6 +87,26 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 # -- one epoch -------------------------------------------------------------------------------
+def batch_losses(outputs, batch, weighting: TaskWeighting, cfg: Config, retrieval: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-task losses (+ the retrieval loss) and the weighted total ``Σ λ_t L_t + w_r L_retrieval``."""
+    losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
+    total = weighting(losses) + cfg.train.retrieval_weight * retrieval
+    losses["retrieval"] = retrieval
+    return losses, total
+
+
+def check_finite(total: torch.Tensor, losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], step: int, where: str) -> None:
+    """Stop the job on a NaN/inf loss, naming where (epoch, step, rank) and the batch."""
+    if torch.isfinite(total):
+        return
+    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    raise RecsysError(
+        f"training stopped: non-finite loss at {where}; batch {step} has {len(batch['click'])} rows, "
+        f"user_idx {batch['user_idx'][:5].tolist()}..., item_idx {batch['item_idx'][:5].tolist()}...; task losses: {shown}. "
+        "Look for NaN/inf in RUN/data features or content, or lower train.lr / train.embedding_lr"
+    )
+
+
 def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: int, global_step: int) -> tuple[dict[str, float], int, float]:
     """One pass over the shuffled train split -> mean losses, global step, samples/s."""
     model.train()
@@ -99,16 +119,8 @@ def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: in
     progress = tqdm(total=n_rows, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False)
     for step, batch in enumerate(batches(data.train, cfg.train.batch_size, data.content, seed=epoch_seed(cfg.train.seed, epoch)), 1):
         outputs = model(batch)
-        losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
-        losses["retrieval"] = retrieval_loss(outputs, batch, log_q, cfg.train.temperature)
-        total = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
-        if not torch.isfinite(total):
-            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            raise RecsysError(
-                f"training stopped: non-finite loss at epoch {epoch}, step {step} of {n_batches} (global step {global_step + 1}); "
-                f"batch {step} has {len(batch['click'])} rows, user_idx {batch['user_idx'][:5].tolist()}..., item_idx {batch['item_idx'][:5].tolist()}...; "
-                f"task losses: {shown}. Look for NaN/inf in RUN/data features or content, or lower train.lr / train.embedding_lr"
-            )
+        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature))
+        check_finite(total, losses, batch, step, f"epoch {epoch}, step {step} of {n_batches} (global step {global_step + 1})")
         dense_opt.zero_grad(set_to_none=True)
         gradnorm_grad = None
         if weighting.mode == "gradnorm":
@@ -140,9 +152,8 @@ def validate(model, weighting, split, content, log_q, cfg: Config) -> dict[str, 
     gates_sum, n = None, 0
     for batch in batches(split, cfg.train.batch_size, content):
         outputs = model(batch)
-        losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
-        losses["retrieval"] = retrieval_loss(outputs, batch, log_q, cfg.train.temperature)
-        losses["total"] = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
+        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature))
+        losses["total"] = total
         rows = len(batch["click"])
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v) * rows

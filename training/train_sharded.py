@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from recsys import metrics
 from recsys.config import Config
-from recsys.errors import ConfigError, RecsysError, RunError
-from recsys.losses import TaskWeighting, retrieval_loss, task_losses
+from recsys.errors import ConfigError, RunError
+from recsys.losses import TaskWeighting, retrieval_loss
 from recsys.model import model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_write_text
 from training.data import TrainingData, batches, load_training_data
@@ -39,7 +39,7 @@ from training.distributed import (
 )  # fmt: skip
 from training.distributed import load_checkpoint as load_sharded_checkpoint
 from training.distributed import save_checkpoint as save_sharded_checkpoint
-from training.train import _clear_checkpoints, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
+from training.train import _clear_checkpoints, batch_losses, check_finite, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
 
 log = logging.getLogger("recsys.training")
 
@@ -152,17 +152,8 @@ def train_epoch_sharded(dmp, weighting, opt, split, content, log_q, cfg: Config,
     progress = tqdm(total=n_rows * ctx.world_size, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False, disable=not ctx.is_main)
     for step, batch in enumerate(batches(split, batch_size, content, seed=rank_seed), 1):
         outputs = dmp(batch)
-        losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
-        losses["retrieval"] = retrieval_loss_across_ranks(outputs, batch, log_q, cfg.train.temperature)
-        total = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
-        if not torch.isfinite(total):
-            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            raise RecsysError(
-                f"training stopped on rank {ctx.rank} of {ctx.world_size}: non-finite loss at epoch {epoch}, step {step} of {n_batches} "
-                f"(global step {global_step + 1}); batch {step} has {len(batch['click'])} rows, user_idx {batch['user_idx'][:5].tolist()}..., "
-                f"item_idx {batch['item_idx'][:5].tolist()}...; task losses: {shown}. Look for NaN/inf in RUN/data features or content, "
-                "or lower train.lr / train.embedding_lr"
-            )
+        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss_across_ranks(outputs, batch, log_q, cfg.train.temperature))
+        check_finite(total, losses, batch, step, f"rank {ctx.rank} of {ctx.world_size}, epoch {epoch}, step {step} of {n_batches} (global step {global_step + 1})")
         opt.zero_grad(set_to_none=True)
         total.backward()  # sharded tables are updated here (fused row-wise Adagrad); DDP averages the dense gradients
         for p in weighting.parameters():  # learned loss weights live outside DDP: average them by hand
@@ -213,9 +204,8 @@ def validate_sharded(dmp, weighting, split, content, log_q, cfg: Config, n_rows:
             continue
         outputs = {k: v[real] for k, v in outputs.items()}
         batch = {k: v[real] for k, v in batch.items()}
-        losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
-        losses["retrieval"] = retrieval
-        losses["total"] = weighting({k: v for k, v in losses.items() if k != "retrieval"}) + cfg.train.retrieval_weight * losses["retrieval"]
+        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval)
+        losses["total"] = total
         sums += torch.tensor([rows, *(float(losses[k]) * rows for k in loss_keys)], dtype=torch.float64)
     dist.all_reduce(sums)
     for k in sorted(gate_sums):
