@@ -182,3 +182,16 @@ def test_compare_run_without_metrics_is_an_error_naming_it(full_run, tmp_path):
 def test_padded_history_keeps_the_last_items_oldest_first():
     history = pl.Series([[1, 2, 3, 4, 5, 6], [], [9]], dtype=pl.List(pl.Int64))
     assert padded_history(history, 4).tolist() == [[3, 4, 5, 6], [0, 0, 0, 0], [9, 0, 0, 0]]
+
+
+def test_retrieval_history_is_the_last_known_clicks_of_train_and_valid_not_test(tmp_path):
+    from training.evaluate import _known_history
+
+    run = RunDir(tmp_path / "run")
+    run.data.mkdir(parents=True)
+    split = lambda rows: pl.DataFrame(rows, schema={"user_idx": pl.Int64, "item_idx": pl.Int64, "timestamp": pl.Int64, "click": pl.Int8, "sampled": pl.Boolean}, orient="row")  # noqa: E731
+    split([(1, 5, 30, 1, False), (1, 6, 10, 1, False), (1, 7, 40, 0, False), (1, 8, 50, 0, True), (2, 9, 5, 1, False)]).write_parquet(run.data / "train.parquet")
+    split([(1, 4, 20, 1, False), (1, 3, 60, 1, False)]).write_parquet(run.data / "valid.parquet")
+    split([(1, 2, 15, 1, False)]).write_parquet(run.data / "test.parquet")  # a test click earlier than train ones: never history
+    known = {row["user_idx"]: row["history"] for row in _known_history(run, length=3).iter_rows(named=True)}
+    assert known == {1: [4, 5, 3], 2: [9]}  # by time: 6@10, 4@20, 5@30, 3@60 -> last 3; unclicked and sampled rows left out

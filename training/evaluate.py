@@ -52,7 +52,7 @@ class RetrievalResult:
 
     user_idx: np.ndarray  # (U,) the evaluated users, ascending
     per_user: dict[str, np.ndarray]  # name -> (U,) over evaluated users
-    user_history_len: np.ndarray  # (U,) history length before each user's first test event
+    user_history_len: np.ndarray  # (U,) length of the known (train + valid) history the user vector used
     pair_item_idx: np.ndarray  # (P,) relevant (user, item) pairs: item_idx
     pair_ranks: np.ndarray  # (P,) 0-based rank, or metrics.NOT_RETRIEVED
     top_items: np.ndarray  # (U, max K) item_idx, 0 where nothing eligible
@@ -128,7 +128,7 @@ def baseline_mf(run: RunDir, model: RecsysModel, test: pl.DataFrame, cfg: EvalCo
     if rating_mf is not None:
         rated = test.filter(pl.col("rating").is_not_null())
         with torch.no_grad():
-            predicted = rating_mf(torch.from_numpy(rated["user_idx"].to_numpy()), torch.from_numpy(rated["item_idx"].to_numpy())).numpy()
+            predicted = rating_mf(torch.from_numpy(rated["user_idx"].to_numpy().copy()), torch.from_numpy(rated["item_idx"].to_numpy().copy())).numpy()
         true = rated["rating"].cast(pl.Float64).to_numpy()
         out["rating"] = {"rmse": m.rmse(true, predicted), "mae": m.mae(true, predicted)}
     out["seconds"] = round(time.perf_counter() - started, 2)
@@ -334,12 +334,36 @@ def _positive_pairs(run: RunDir, n_items: int) -> tuple[np.ndarray, np.ndarray]:
     return positives.to_numpy().astype(np.int64), popularity
 
 
+def _known_history(run: RunDir, length: int) -> pl.DataFrame:
+    """Each user's last ``length`` clicked items of train + valid, oldest first: all the model may know of them.
+
+    This is the user's history at the end of the known data, whatever the split: with a
+    temporal split it equals the history at their first test event; with a random split (the
+    GroupLens files) it is what a matrix factorisation of the same rows also sees.
+    """
+    frames = []
+    for split in ("train", "valid"):
+        path = run.data / f"{split}.parquet"
+        if path.is_file():
+            frame = pl.scan_parquet(path)
+            keep = pl.col("click") == 1
+            if "sampled" in frame.collect_schema().names():
+                keep = keep & ~pl.col("sampled")
+            frames.append(frame.filter(keep).select("user_idx", "item_idx", "timestamp"))
+    return (
+        pl.concat(frames).sort(["user_idx", "timestamp"])
+        .group_by("user_idx", maintain_order=True)
+        .agg(pl.col("item_idx").cast(pl.Int64).tail(length).alias("history"))
+        .collect()
+    )  # fmt: skip
+
+
 @torch.inference_mode()
 def rank_catalogue(run: RunDir, model: RecsysModel, item_vecs: torch.Tensor, test: pl.DataFrame, cfg: EvalConfig) -> RetrievalResult:
     """Full-catalogue ranking for each test user with a clicked test item, training positives excluded."""
     n_items = model.spec.n_items
     positives, popularity = _positive_pairs(run, n_items)
-    first_event = test.sort("timestamp").group_by("user_idx", maintain_order=True).first().select("user_idx", "history")
+    known = _known_history(run, model.spec.history_len)
     relevant = test.filter(pl.col("click") == 1).select("user_idx", "item_idx").unique()
 
     def pair_key(users: Any, items: Any) -> np.ndarray:  # one int64 per (user_idx, item_idx)
@@ -349,7 +373,12 @@ def rank_catalogue(run: RunDir, model: RecsysModel, item_vecs: torch.Tensor, tes
     users_with_clicks = relevant["user_idx"].n_unique()
     relevant = relevant.filter(~pl.Series(seen_before))
     users_without_relevant = users_with_clicks - relevant["user_idx"].n_unique()
-    users = first_event.join(relevant.select("user_idx").unique(), on="user_idx", how="semi").sort("user_idx")
+    users = (
+        relevant.select("user_idx").unique()
+        .join(known, on="user_idx", how="left")
+        .with_columns(pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64))))
+        .sort("user_idx")
+    )  # fmt: skip
     if cfg.max_eval_users and users.height > cfg.max_eval_users:
         users = users.sample(cfg.max_eval_users, seed=0).sort("user_idx")
     user_idx = users["user_idx"].to_numpy().astype(np.int64)
