@@ -79,7 +79,7 @@ class TrainConfig:
     lr: float = 1e-3  # dense parameters (Adam)
     embedding_lr: float = 0.01  # fused row-wise Adagrad on the TorchRec tables (0.05: valid AUC peaked at epoch 3)
     weight_decay: float = 0.0
-    temperature: float = 0.05  # in-batch softmax of the retrieval objective
+    temperature: float = 0.1  # in-batch softmax of the retrieval objective (0.1 beat 0.05 on ML-100K recall and on the synthetic heads)
     retrieval_weight: float = 1.0
     loss_weights: Literal["static", "uncertainty", "gradnorm"] = "static"
     click_weight: float = 1.0
