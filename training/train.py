@@ -179,10 +179,17 @@ def validate(model, weighting, split, content, log_q, cfg: Config) -> dict[str, 
     result["gates"] = {t: (gates_sum[i] / max(n, 1)).tolist() for i, t in enumerate(model.tasks)}
     if modality_gates is not None:  # gated fusion: mean weight of [id, text?, image?]
         result["modality_gates"] = (modality_gates / max(n, 1)).tolist()
-    # Early-stopping score: mean AUC of the classification heads trained over all impressions.
-    head_aucs = [v for k, v in auc.items() if k in ("click", "ctcvr") and not math.isnan(v)]
-    result["score"] = float(np.mean(head_aucs)) if head_aucs else -result["loss"]["total"]
+    result["score"] = selection_score(result)
     return result
+
+
+def selection_score(valid: dict[str, Any]) -> float:
+    """Early stopping and model selection: minus the validation objective (all heads + retrieval).
+
+    Every head and the retrieval tower count: selecting on the click/ctcvr AUCs alone kept
+    epochs whose ratings and retrieval had already started to over-fit.
+    """
+    return -float(valid["loss"]["total"])
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -300,7 +307,7 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
         "epochs_run": state["epoch"],
         "best_epoch": state["best_epoch"],
         "best_score": state["best_score"],
-        "score": "mean valid AUC of click and ctcvr (or -train loss without a valid split)",
+        "score": "minus the valid objective (weighted task losses + retrieval; -train loss without a valid split)",
         "stopped_early": state["stopped_early"],
         "resumed_from_epoch": resumed_from,
         "train_rows": len(data.train["click"]),

@@ -39,7 +39,7 @@ from training.distributed import (
 )  # fmt: skip
 from training.distributed import load_checkpoint as load_sharded_checkpoint
 from training.distributed import save_checkpoint as save_sharded_checkpoint
-from training.train import _clear_checkpoints, batch_losses, check_finite, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
+from training.train import _clear_checkpoints, batch_losses, check_finite, selection_score, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
 
 log = logging.getLogger("recsys.training")
 
@@ -230,8 +230,7 @@ def validate_sharded(dmp, weighting, split, content, log_q, cfg: Config, n_rows:
         result["gates"] = {t: (gate_sums["gates"][i] / n).tolist() for i, t in enumerate(tasks)}
         if "modality_gates" in gate_sums:
             result["modality_gates"] = (gate_sums["modality_gates"] / n).tolist()
-        head_aucs = [v for k, v in auc.items() if k in ("click", "ctcvr") and not math.isnan(v)]
-        result["score"] = float(np.mean(head_aucs)) if head_aucs else -result["loss"]["total"]
+        result["score"] = selection_score(result)
     shared = [result]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
@@ -319,7 +318,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         "epochs_run": state["epoch"],
         "best_epoch": state["best_epoch"],
         "best_score": state["best_score"],
-        "score": "mean valid AUC of click and ctcvr (or -train loss without a valid split)",
+        "score": "minus the valid objective (weighted task losses + retrieval; -train loss without a valid split)",
         "stopped_early": state["stopped_early"],
         "resumed_from_epoch": resumed_from,
         "train_rows": train_rows,
