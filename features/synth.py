@@ -29,8 +29,10 @@ Generative story (every knob is in ``SynthParams`` and written to ``truth.json``
 Files: ``items.parquet``, ``users.parquet``, ``interactions.parquet`` (DESIGN.md dataset
 contract, rows in time order), ``images/i<k>.png``, and the oracle: ``truth.parquet`` (one
 row per interaction, same order: the true ``p_click``, ``p_conversion``, ``p_ctcvr``,
-``rating_mean``), ``truth_items.parquet`` (each item's topic, hue, texture, popularity,
-latent) and ``truth.json`` (parameters, weight vectors, oracle AUCs).
+``rating_mean``, and ``p_click_content``: the click probability as far as the item's text and
+image tell it - no residual, average popularity - the ceiling for cold items),
+``truth_items.parquet`` (each item's topic, hue, texture, popularity, latent and its
+content-visible part) and ``truth.json`` (parameters, weight vectors, oracle AUCs).
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class _Users:
 @dataclass(frozen=True)
 class _Items:
     latent: np.ndarray  # (I, d) float32
+    content_latent: np.ndarray  # (I, d) float32: the topic + visual part, what text and image show
     topic: np.ndarray  # (I,) int
     hue: np.ndarray  # (I,) in [0, 1)
     texture: np.ndarray  # (I,) int
@@ -225,6 +228,7 @@ def synthesize(
         pl.Series("p_conversion", rows["p_conversion"]),
         pl.Series("p_ctcvr", rows["p_click"] * rows["p_conversion"]),
         pl.Series("rating_mean", rows["rating_mean"]),
+        pl.Series("p_click_content", rows["p_click_content"]),
     )
     write_parquet(truth_frame, out / "truth.parquet")
     timings["write_s"] = time.perf_counter() - tick
@@ -331,11 +335,8 @@ def _draw_items(rng: np.random.Generator, n: int, tables: _Tables, params: Synth
     texture = rng.integers(0, len(TEXTURES), n)
     hue_part = np.cos(2 * np.pi * hue)[:, None] * tables.hue_cos + np.sin(2 * np.pi * hue)[:, None] * tables.hue_sin
     visual = (hue_part + tables.texture[texture]) / math.sqrt(2)  # unit variance per dim
-    latent = (
-        math.sqrt(params.topic_share) * tables.topic[topic]
-        + math.sqrt(params.visual_share) * visual
-        + math.sqrt(params.residual_share) * rng.standard_normal((n, params.latent_dim))
-    )
+    content = math.sqrt(params.topic_share) * tables.topic[topic] + math.sqrt(params.visual_share) * visual
+    latent = content + math.sqrt(params.residual_share) * rng.standard_normal((n, params.latent_dim))
     n_new = min(int(round(params.new_item_fraction * n)), n - 1)  # at least one item exists from the start
     is_new = np.zeros(n, dtype=bool)
     is_new[rng.permutation(n)[:n_new]] = True
@@ -344,6 +345,7 @@ def _draw_items(rng: np.random.Generator, n: int, tables: _Tables, params: Synth
     price = np.round(np.exp(params.log_price_mean + params.log_price_sd * rng.standard_normal(n)), 2)
     return _Items(
         latent=latent.astype(np.float32),
+        content_latent=content.astype(np.float32),
         topic=topic,
         hue=hue,
         texture=texture,
@@ -444,6 +446,7 @@ def _truth_items(item_ids: pl.Series, draw: _Items) -> pl.DataFrame:
             "popularity": draw.popularity,
             "created_at": draw.created_at,
             "latent": draw.latent,
+            "content_latent": draw.content_latent,
         }
     )
 
@@ -464,6 +467,7 @@ def _impressions(
         "p_click": np.empty(n),
         "p_conversion": np.empty(n),
         "rating_mean": np.empty(n),
+        "p_click_content": np.empty(n),
         "click": np.empty(n, np.int8),
         "conversion": np.empty(n, np.int8),
         "rating": np.empty(n, np.float32),
@@ -476,6 +480,7 @@ def _impressions(
             available = np.searchsorted(created_sorted, timestamp[lo:hi], "right")  # items created at or before then
             item = by_creation[_draw_from_cdf(rng, weight_cdf, available)]
             chunk = {"user": user, "item": item, **_oracle(user, item, users, items, tables, params)}
+            chunk["p_click_content"] = _oracle(user, item, users, items, tables, params, content_only=True)["p_click"]
             chunk["click"] = rng.random(hi - lo) < chunk["p_click"]
             chunk["conversion"] = chunk["click"] & (rng.random(hi - lo) < chunk["p_conversion"])
             stars = 1 + rng.binomial(4, (chunk["rating_mean"] - 1) / 4)  # mean is exactly rating_mean
@@ -493,10 +498,16 @@ def _draw_from_cdf(rng: np.random.Generator, cdf: np.ndarray, prefix: np.ndarray
 
 
 def _oracle(
-    user: np.ndarray, item: np.ndarray, users: _Users, items: _Items, tables: _Tables, params: SynthParams
+    user: np.ndarray, item: np.ndarray, users: _Users, items: _Items, tables: _Tables, params: SynthParams, content_only: bool = False
 ) -> dict[str, np.ndarray]:
-    """The true p_click, p_conversion (given click) and rating_mean of (user, item) rows."""
-    item_latent = items.latent[item]  # (n, d)
+    """The true p_click, p_conversion (given click) and rating_mean of (user, item) rows.
+
+    ``content_only``: as seen by a model that knows the user but sees the item only through
+    its text and image: the item latent's residual and its popularity (which only
+    interactions reveal) are left out - the ceiling for items never seen in training.
+    """
+    item_latent = (items.content_latent if content_only else items.latent)[item]  # (n, d)
+    popularity = np.zeros(len(item)) if content_only else items.popularity[item]
 
     def affinity(weights: np.ndarray) -> np.ndarray:  # w . (u * v), unit variance
         return np.einsum("nd,nd->n", users.latent[user] * weights.astype(np.float32), item_latent).astype(np.float64)
@@ -506,7 +517,7 @@ def _oracle(
     click_logit = (
         params.click_bias
         + params.click_scale * affinity(tables.w_click)
-        + params.popularity_click * items.popularity[item]
+        + params.popularity_click * popularity
         + users.click_bias[user]
     )
     conversion_logit = (

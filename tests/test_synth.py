@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from features.synth import TEXTURES, TOPIC_WORDS, synthesize
+from features.synth import TEXTURES, TOPIC_WORDS, SynthParams, synthesize
+from recsys import metrics as m
 from recsys.cli import main as cli_main
 from recsys.errors import DataError
 
@@ -163,6 +164,22 @@ def test_base_rates_are_realistic_and_the_oracle_separates_clicks(large: tuple[P
     assert 0.10 <= summary["ctr"] <= 0.30
     assert 0.10 <= summary["cvr_given_click"] <= 0.40
     assert summary["oracle_click_auc"] > 0.75
+
+
+def test_content_oracle_knows_less_than_the_oracle_but_far_more_than_chance(large: tuple[Path, dict]) -> None:
+    clicks = pl.read_parquet(large[0] / "interactions.parquet")["click"].to_numpy()
+    truth = pl.read_parquet(large[0] / "truth.parquet")
+    full, content = m.auc(clicks, truth["p_click"].to_numpy()), m.auc(clicks, truth["p_click_content"].to_numpy())
+    assert 0.6 < content < full - 0.02, (content, full)
+
+
+def test_content_oracle_is_the_oracle_when_items_have_no_residual_and_one_popularity(tmp_path: Path) -> None:
+    params = SynthParams(topic_share=0.6, visual_share=0.4, residual_share=0.0, popularity_sd=0.0, popularity_click=0.0)
+    synthesize(tmp_path, users=50, items=40, interactions=2000, seed=5, images=False, params=params)
+    truth = pl.read_parquet(tmp_path / "truth.parquet")
+    assert np.allclose(truth["p_click_content"], truth["p_click"], atol=1e-6)
+    items = pl.read_parquet(tmp_path / "truth_items.parquet")
+    assert np.allclose(np.stack(items["content_latent"].to_numpy()), np.stack(items["latent"].to_numpy()), atol=1e-6)
 
 
 @pytest.mark.parametrize("low, high", [(-0.5, 0.0), (0.0, 0.5), (0.5, 0.95)])
