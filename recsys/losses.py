@@ -45,30 +45,46 @@ def task_losses(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
     return losses
 
 
-def retrieval_logits(user_vec: torch.Tensor, item_vec: torch.Tensor, item_idx: torch.Tensor, item_log_q: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In-batch logits ``(P, P)``: ``u_i . v_j / T - log q(item_j)``; other copies of row i's item masked to -inf.
+def retrieval_logits(
+    user_vec: torch.Tensor, item_vec: torch.Tensor, item_idx: torch.Tensor, item_log_q: torch.Tensor, temperature: float, positive: torch.Tensor | None = None
+) -> torch.Tensor:
+    """In-batch logits ``(P, C)``: ``u_i . v_j / T - log q(item_j)``; other copies of user i's positive item masked to -inf.
 
+    ``item_vec``/``item_idx`` are the C candidates; ``positive`` (P,) is the column of each
+    user's own item (default: ``arange(P)``, the square case where candidate i is user i's item).
     The log-q correction (Yi et al., RecSys 2019) removes the popularity bias of in-batch
     negatives: popular items appear as negatives more often than a uniform sample would.
     """
+    positive = torch.arange(len(user_vec), device=item_idx.device) if positive is None else positive
     logits = user_vec @ item_vec.T / temperature - item_log_q[item_idx].unsqueeze(0)
-    same_item = item_idx.unsqueeze(0) == item_idx.unsqueeze(1)
-    duplicate = same_item & ~torch.eye(len(item_idx), dtype=torch.bool, device=item_idx.device)
+    duplicate = item_idx[positive].unsqueeze(1) == item_idx.unsqueeze(0)
+    duplicate[torch.arange(len(positive)), positive] = False
     return logits.masked_fill(duplicate, float("-inf"))
 
 
-def retrieval_loss(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], item_log_q: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In-batch softmax cross-entropy over the clicked rows (positive = the row's own item)."""
+def retrieval_loss(
+    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], item_log_q: torch.Tensor, temperature: float, all_rows: bool = False
+) -> torch.Tensor:
+    """In-batch softmax cross-entropy over the clicked rows (positive = the row's own item).
+
+    The candidates are the clicked rows' items, or with ``all_rows`` every row's item (shown but
+    not clicked, sampled negatives): several times more negatives, drawn from the impression
+    distribution, at no extra tower cost. ``item_log_q`` must then be each item's share of all
+    rows (``item_log_q(..., clicked=None)``).
+    """
     clicked = batch["click"] > 0
-    if int(clicked.sum()) < 2:
+    candidates = torch.ones_like(clicked) if all_rows else clicked
+    if int(clicked.sum()) < 1 or int(candidates.sum()) < 2:
         return outputs["user_vec"].sum() * 0.0
-    logits = retrieval_logits(outputs["user_vec"][clicked], outputs["item_vec"][clicked], batch["item_idx"][clicked], item_log_q, temperature)
-    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+    positive = torch.cumsum(candidates.long(), 0)[clicked] - 1  # each clicked row's column among the candidates
+    logits = retrieval_logits(outputs["user_vec"][clicked], outputs["item_vec"][candidates], batch["item_idx"][candidates], item_log_q, temperature, positive)
+    return F.cross_entropy(logits, positive)
 
 
-def item_log_q(item_idx: torch.Tensor, clicked: torch.Tensor, n_items: int) -> torch.Tensor:
-    """``log q`` per item index: q = the item's share of training positives (at least one count)."""
-    counts = torch.bincount(item_idx[clicked > 0], minlength=n_items).double().clamp(min=1.0)
+def item_log_q(item_idx: torch.Tensor, clicked: torch.Tensor | None, n_items: int) -> torch.Tensor:
+    """``log q`` per item index: q = the item's share of training positives (of all rows when ``clicked`` is None; at least one count)."""
+    counted = item_idx if clicked is None else item_idx[clicked > 0]
+    counts = torch.bincount(counted, minlength=n_items).double().clamp(min=1.0)
     return (counts / counts.sum()).log().float()
 
 

@@ -122,6 +122,36 @@ def _shard_diffs(dmp: nn.Module, expected: dict[str, torch.Tensor]) -> dict[str,
     return diffs
 
 
+def _retrieval_batch() -> dict[str, torch.Tensor]:
+    """Unit user/item vectors of GLOBAL_BATCH rows, some clicked, one item repeated across the ranks' halves."""
+    g = torch.Generator().manual_seed(7)
+    return {
+        "user_vec": torch.nn.functional.normalize(torch.randn(GLOBAL_BATCH, 6, generator=g), dim=-1),
+        "item_vec": torch.nn.functional.normalize(torch.randn(GLOBAL_BATCH, 6, generator=g), dim=-1),
+        "click": torch.tensor([1.0, 0, 1, 1, 0, 1, 0, 1]),
+        "item_idx": torch.tensor([3, 5, 7, 2, 3, 9, 1, 2]),
+    }
+
+
+def _retrieval_across_ranks(local: slice) -> dict[str, float]:
+    """Each rank's half through ``retrieval_loss_across_ranks``, summed over ranks / world = the one-process loss."""
+    import torch.distributed as dist
+
+    from recsys.losses import item_log_q, retrieval_loss
+    from training.train_sharded import retrieval_loss_across_ranks
+
+    full = _retrieval_batch()
+    diffs = {}
+    for all_rows in (False, True):
+        log_q = item_log_q(full["item_idx"], None if all_rows else full["click"], 10)
+        part = {k: v[local] for k, v in full.items()}
+        loss = retrieval_loss_across_ranks({"user_vec": part["user_vec"], "item_vec": part["item_vec"]}, part, log_q, 0.2, all_rows).detach()
+        dist.all_reduce(loss)
+        single = retrieval_loss({"user_vec": full["user_vec"], "item_vec": full["item_vec"]}, full, log_q, 0.2, all_rows)
+        diffs["all_rows" if all_rows else "clicked"] = abs(float(loss) / dist.get_world_size() - float(single))
+    return diffs
+
+
 def _session(rank: int, world_size: int, port: int, out: str) -> None:
     """One rank of the 2-process session; writes ``out/rank<k>.pt`` with what it measured."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
@@ -133,7 +163,7 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     local_kjt = to_kjt(users[local], items[local], history[local])
     initial = TwoTableModel().state_dict()
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {"retrieval": _retrieval_across_ranks(local)}
 
     for sharding in SHARDINGS:
         model = TwoTableModel(seed=123)  # different init: the weights must come from load_unsharded_state
@@ -284,6 +314,12 @@ def test_column_wise_splits_each_table_across_both_ranks(session) -> None:
 
 
 # -- 2 processes on half batches == 1 process on the combined batch ------------------------------
+def test_retrieval_loss_across_ranks_equals_one_process_loss(session) -> None:
+    for rank_results in session[1]:
+        assert set(rank_results["retrieval"]) == {"clicked", "all_rows"}
+        assert max(rank_results["retrieval"].values()) < 1e-6, rank_results["retrieval"]
+
+
 @pytest.mark.parametrize("sharding", SHARDINGS)
 def test_two_process_step_matches_one_process_on_combined_batch(session, sharding: str) -> None:
     for rank_results in session[1]:

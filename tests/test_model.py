@@ -9,7 +9,7 @@ import torch
 
 from recsys.config import ModelConfig
 from recsys.errors import ConfigError
-from recsys.losses import TaskWeighting, retrieval_logits, retrieval_loss, task_losses
+from recsys.losses import TaskWeighting, item_log_q, retrieval_logits, retrieval_loss, task_losses
 from recsys.mmoe import MultiTaskRanker
 from recsys.model import ModelSpec, RecsysModel, active_tasks, load_model, padded_to_kjt, save_model
 
@@ -252,6 +252,35 @@ def test_retrieval_loss_only_reads_clicked_rows():
     a = retrieval_loss({"user_vec": users, "item_vec": users}, batch, torch.zeros(4), 0.1)
     b = retrieval_loss({"user_vec": scrambled, "item_vec": users}, batch, torch.zeros(4), 0.1)
     torch.testing.assert_close(a, b)
+
+
+def test_all_rows_retrieval_scores_clicked_users_against_every_rows_item():
+    torch.manual_seed(0)
+    vecs = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    batch = {"click": torch.tensor([1.0, 0, 1, 0, 0]), "item_idx": torch.tensor([4, 1, 2, 3, 4])}
+    loss = retrieval_loss({"user_vec": vecs, "item_vec": vecs}, batch, torch.zeros(6), 0.5, all_rows=True)
+    # by hand: users 0 and 2 against the five rows' items; row 4 repeats user 0's item 4, so it is masked for user 0
+    logits = vecs[[0, 2]] @ vecs.T / 0.5
+    logits[0, 4] = float("-inf")
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])))
+    clicked_only = retrieval_loss({"user_vec": vecs, "item_vec": vecs}, batch, torch.zeros(6), 0.5)
+    assert float(clicked_only) < float(loss)  # more negatives, a harder softmax
+
+
+def test_all_rows_equals_clicked_when_every_row_is_clicked():
+    torch.manual_seed(1)
+    users, items = torch.randn(6, 8), torch.randn(6, 8)
+    batch = {"click": torch.ones(6), "item_idx": torch.tensor([1, 2, 2, 3, 4, 5])}
+    log_q = torch.log(torch.tensor([0.1, 0.2, 0.05, 0.4, 0.1, 0.15]))
+    a = retrieval_loss({"user_vec": users, "item_vec": items}, batch, log_q, 0.2)
+    b = retrieval_loss({"user_vec": users, "item_vec": items}, batch, log_q, 0.2, all_rows=True)
+    torch.testing.assert_close(a, b)
+
+
+def test_item_log_q_counts_positives_or_all_rows():
+    items, clicked = torch.tensor([1, 1, 1, 2]), torch.tensor([1, 0, 0, 1])
+    torch.testing.assert_close(item_log_q(items, clicked, 3).exp(), torch.tensor([1 / 3, 1 / 3, 1 / 3], dtype=torch.float32))
+    torch.testing.assert_close(item_log_q(items, None, 3).exp(), torch.tensor([1 / 5, 3 / 5, 1 / 5], dtype=torch.float32))
 
 
 # -- task weighting -------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def quality(run: RunDir, dataset: Path) -> dict[str, float]:
         "rating_rmse_ratio": m.rmse(rating[rated], scores["rating"][rated]) / m.rmse(rating[rated], truth["rating_mean"].to_numpy()[rated]),
         "click_cold": efficiency(click, scores["p_click"], p_click, cold),
         "click_warm": efficiency(click, scores["p_click"], p_click, ~cold),
+        # against what the content can tell at best (no id residual, average popularity)
+        "click_cold_content": efficiency(click, scores["p_click"], truth["p_click_content"].to_numpy(), cold),
         "cold_rows": int(cold.sum()),
     }
 

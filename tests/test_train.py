@@ -121,6 +121,7 @@ def test_train_log_has_task_losses_aucs_weights_and_gates_per_epoch(tmp_path):
     assert set(line["train_loss"]) == {"click", "ctcvr", "rating", "retrieval", "total"}
     assert set(line["valid_auc"]) == {"click", "ctcvr", "conversion"}
     assert set(line["task_weights"]) == {"click", "ctcvr", "rating"}
+    assert line["lr"] == pytest.approx(0.01) and line["score"] == pytest.approx(-1.0)  # epoch 1: train.lr, the reference losses
     for task in ("click", "conversion", "rating"):
         assert len(line["gates"][task]) == 3 and math.isclose(sum(line["gates"][task]), 1.0, rel_tol=1e-4)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["train"]["epochs_run"] == 1
@@ -204,3 +205,36 @@ def test_gated_fusion_logs_mean_modality_gates(tmp_path):
     train(run)
     gates = read_log(run)[0]["modality_gates"]
     assert len(gates) == 3 and math.isclose(sum(gates), 1.0, rel_tol=1e-4)
+
+
+def _valid(**losses: float) -> dict:
+    return {"loss": {**losses, "total": sum(losses.values())}, "auc": {}, "gates": {}}
+
+
+def test_selection_counts_each_objective_by_its_relative_improvement():
+    from training.train import end_of_epoch
+
+    cfg = load_config(None, ["train.patience=2"])
+    state = {"epoch": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False, "reference_loss": {}, "lr_scale": 1.0}
+    end_of_epoch(state, _valid(click=0.50, ctcvr=0.80, rating=1.00, retrieval=5.60), cfg, 1)
+    assert state["reference_loss"]["retrieval"] == 5.60 and state["best_epoch"] == 1
+    # Every head 3% better, the (10x larger) retrieval loss 1.5% worse: the raw sum got worse, the epoch is still better.
+    second = _valid(click=0.485, ctcvr=0.776, rating=0.97, retrieval=5.684)
+    assert second["loss"]["total"] > 0.50 + 0.80 + 1.00 + 5.60
+    assert end_of_epoch(state, second, cfg, 2) and state["best_epoch"] == 2
+    assert second["score"] == pytest.approx(-(0.97 + 0.97 + 0.97 + 1.015) / 4)
+    # A small gain on one head does not outweigh a large loss on another.
+    assert not end_of_epoch(state, _valid(click=0.48, ctcvr=0.776, rating=1.10, retrieval=5.684), cfg, 3)
+    assert state["bad_epochs"] == 1
+    assert state["lr_scale"] == cfg.train.plateau_lr_factor  # a plateau lowers the dense learning rate
+
+
+def test_selection_weighs_objectives_by_their_configured_weights():
+    from training.train import selection_score
+
+    reference = {"click": 0.5, "rating": 1.0, "retrieval": 5.0}
+    valid = _valid(click=0.5, rating=2.0, retrieval=5.0)  # the rating loss doubled
+    with_rating = selection_score(valid, reference, load_config(None, []))
+    without_rating = selection_score(valid, reference, load_config(None, ["train.rating_weight=0"]))
+    assert with_rating == pytest.approx(-(1 + 2 + 1) / 3)
+    assert without_rating == pytest.approx(-1.0)

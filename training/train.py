@@ -119,7 +119,7 @@ def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: in
     progress = tqdm(total=n_rows, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False)
     for step, batch in enumerate(batches(data.train, cfg.train.batch_size, data.content, seed=epoch_seed(cfg.train.seed, epoch)), 1):
         outputs = model(batch)
-        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature))
+        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature, cfg.train.retrieval_negatives == "all_rows"))
         check_finite(total, losses, batch, step, f"epoch {epoch}, step {step} of {n_batches} (global step {global_step + 1})")
         dense_opt.zero_grad(set_to_none=True)
         gradnorm_grad = None
@@ -152,7 +152,7 @@ def validate(model, weighting, split, content, log_q, cfg: Config) -> dict[str, 
     gates_sum, n = None, 0
     for batch in batches(split, cfg.train.batch_size, content):
         outputs = model(batch)
-        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature))
+        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature, cfg.train.retrieval_negatives == "all_rows"))
         losses["total"] = total
         rows = len(batch["click"])
         for k, v in losses.items():
@@ -179,17 +179,24 @@ def validate(model, weighting, split, content, log_q, cfg: Config) -> dict[str, 
     result["gates"] = {t: (gates_sum[i] / max(n, 1)).tolist() for i, t in enumerate(model.tasks)}
     if modality_gates is not None:  # gated fusion: mean weight of [id, text?, image?]
         result["modality_gates"] = (modality_gates / max(n, 1)).tolist()
-    result["score"] = selection_score(result)
     return result
 
 
-def selection_score(valid: dict[str, Any]) -> float:
-    """Early stopping and model selection: minus the validation objective (all heads + retrieval).
+def selection_score(valid: dict[str, Any], reference: dict[str, float], cfg: Config) -> float:
+    """Early stopping and model selection: minus the mean relative validation loss over every objective.
 
-    Every head and the retrieval tower count: selecting on the click/ctcvr AUCs alone kept
-    epochs whose ratings and retrieval had already started to over-fit.
+    Each loss (click, ctcvr, rating, retrieval) is divided by its value after the first epoch
+    and the ratios averaged with the configured static weights, so every head and the
+    retrieval tower count in proportion to how much it has improved, whatever the scale of
+    its loss. Selecting on the click/ctcvr AUCs alone kept epochs whose ratings had started
+    to over-fit; selecting on the raw sum let the in-batch retrieval loss (about 10x the
+    others, and noisy by about 1% between epochs) stop runs whose heads were still improving.
     """
-    return -float(valid["loss"]["total"])
+    weights = {"click": cfg.train.click_weight, "ctcvr": cfg.train.conversion_weight, "rating": cfg.train.rating_weight, "retrieval": cfg.train.retrieval_weight}
+    terms = {k: weights.get(k, 1.0) for k in reference if reference[k] > 0 and k in valid["loss"]}
+    if not terms or sum(terms.values()) <= 0:
+        return -float(valid["loss"]["total"])
+    return -sum(w * valid["loss"][k] / reference[k] for k, w in terms.items()) / sum(terms.values())
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -257,7 +264,8 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
     static = {"click": cfg.train.click_weight, "ctcvr": cfg.train.conversion_weight, "rating": cfg.train.rating_weight}
     weighting = TaskWeighting(names, cfg.train.loss_weights, static)
     dense_opt = torch.optim.Adam(model.dense_parameters() + list(weighting.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    log_q = item_log_q(data.train["item_idx"], data.train["click"], model.spec.n_items)
+    counted = None if cfg.train.retrieval_negatives == "all_rows" else data.train["click"]  # q: the candidates' distribution
+    log_q = cfg.train.logq_correction * item_log_q(data.train["item_idx"], counted, model.spec.n_items)
     log.info(
         "train: %d rows, valid: %d rows, tasks %s, text %s, image %s, ranker %s",
         len(data.train["click"]), len(data.valid["click"]) if data.valid else 0, ",".join(model.tasks),
@@ -267,7 +275,7 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
         log.warning("no valid split: early stopping and model selection use the training loss")
 
     ckpt_dir = run.model / "checkpoint"
-    state = {"epoch": 0, "global_step": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False}
+    state = {"epoch": 0, "global_step": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False, "reference_loss": {}, "lr_scale": 1.0}
     resumed_from = None
     if resume and (ckpt_dir / "state.json").is_file():
         saved = json.loads((ckpt_dir / "state.json").read_text())
@@ -295,10 +303,12 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
             last_valid = validate(model, weighting, data.valid, data.content, log_q, cfg)
         else:
             last_valid = {"loss": {}, "auc": {}, "gates": {}, "score": -train_losses["total"]}
+        epoch_lr = cfg.train.lr * state["lr_scale"]  # the dense lr this epoch ran with
         improved = end_of_epoch(state, last_valid, cfg, epoch)
+        set_lr(dense_opt, cfg.train.lr * state["lr_scale"])
         if improved:
             save_model(model, run.model, {"best_epoch": epoch, "valid": _valid_summary(last_valid)})
-        log_epoch(run, epoch, train_losses, last_valid, weighting, improved, rate, epoch_started)
+        log_epoch(run, epoch, train_losses, last_valid, weighting, improved, rate, epoch_started, lr=epoch_lr)
         save_checkpoint(ckpt_dir, model, weighting, dense_opt, {**state, "config_digest": _resume_digest(cfg), "seed": cfg.train.seed, "rng": "torch.manual_seed(epoch_seed(seed, epoch)) at each epoch start"})
         if state["stopped_early"]:
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
@@ -307,7 +317,7 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
         "epochs_run": state["epoch"],
         "best_epoch": state["best_epoch"],
         "best_score": state["best_score"],
-        "score": "minus the valid objective (weighted task losses + retrieval; -train loss without a valid split)",
+        "score": "minus the mean valid loss relative to epoch 1 over the heads and retrieval (-train loss without a valid split)",
         "stopped_early": state["stopped_early"],
         "resumed_from_epoch": resumed_from,
         "train_rows": len(data.train["click"]),
@@ -323,14 +333,25 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
 
 def end_of_epoch(state: dict[str, Any], last_valid: dict[str, Any], cfg: Config, epoch: int) -> bool:
     """Early-stopping bookkeeping after ``epoch``; returns whether it is the best so far."""
+    if last_valid["loss"]:  # a validation split: score relative to its losses after the first epoch
+        if not state.get("reference_loss"):
+            state["reference_loss"] = {k: float(v) for k, v in last_valid["loss"].items() if k != "total"}
+        last_valid["score"] = selection_score(last_valid, state["reference_loss"], cfg)
     improved = state["best_epoch"] == 0 or last_valid["score"] > state["best_score"]
     if improved:
         state.update(best_epoch=epoch, best_score=last_valid["score"], bad_epochs=0)
     else:
         state["bad_epochs"] += 1
+        state["lr_scale"] *= cfg.train.plateau_lr_factor  # a plateau: smaller dense steps from here on
     state["epoch"] = epoch
     state["stopped_early"] = state["bad_epochs"] >= cfg.train.patience and epoch < cfg.train.epochs
     return improved
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every param group's learning rate (the dense optimizers; ``state["lr_scale"]`` records it for --resume)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def log_epoch(run: RunDir, epoch: int, train_losses, last_valid, weighting, improved: bool, rate: float, epoch_started: float, **extra: Any) -> None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from recsys import metrics
 from recsys.config import Config
 from recsys.errors import ConfigError, RunError
-from recsys.losses import TaskWeighting, retrieval_loss
+from recsys.losses import TaskWeighting, retrieval_logits, retrieval_loss
 from recsys.model import model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_write_text
 from training.data import TrainingData, batches, load_training_data
@@ -39,7 +39,7 @@ from training.distributed import (
 )  # fmt: skip
 from training.distributed import load_checkpoint as load_sharded_checkpoint
 from training.distributed import save_checkpoint as save_sharded_checkpoint
-from training.train import _clear_checkpoints, batch_losses, check_finite, selection_score, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
+from training.train import _clear_checkpoints, batch_losses, check_finite, set_lr, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
 
 log = logging.getLogger("recsys.training")
 
@@ -82,17 +82,22 @@ def _global_item_counts(split: dict[str, torch.Tensor], n_items: int) -> tuple[t
     return counts[0], counts[1]
 
 
-def _sharded_optimizer(dmp, weighting: TaskWeighting, cfg: Config) -> CombinedOptimizer:
-    """Fused row-wise Adagrad (sharded tables), unfused row-wise Adagrad (data_parallel tables), Adam (dense + loss weights)."""
+def _sharded_optimizer(dmp, weighting: TaskWeighting, cfg: Config) -> tuple[CombinedOptimizer, list[torch.optim.Optimizer]]:
+    """Fused row-wise Adagrad (sharded tables), unfused row-wise Adagrad (data_parallel tables), Adam (dense + loss weights).
+
+    Also returns the Adam optimizers, whose learning rate the plateau rule lowers.
+    """
+    dense: list[torch.optim.Optimizer] = []
 
     def adam(params):
-        return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        dense.append(torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))
+        return dense[-1]
 
     optims: list[Any] = [keyed_optimizer(dmp, adam, table_optimizer=lambda ps: trec_optim.RowWiseAdagrad(ps, lr=cfg.train.embedding_lr))]
     learned = dict(weighting.named_parameters())
     if learned:
         optims.append(("weighting", KeyedOptimizerWrapper(learned, adam)))
-    return CombinedOptimizer(optims)
+    return CombinedOptimizer(optims), dense
 
 
 def _export_best(run: RunDir, data: TrainingData, cfg: Config, checkpoint: Path, meta: dict[str, Any]) -> None:
@@ -102,41 +107,41 @@ def _export_best(run: RunDir, data: TrainingData, cfg: Config, checkpoint: Path,
     save_model(plain, run.model, meta)
 
 
-def retrieval_loss_across_ranks(outputs, batch, log_q: torch.Tensor, temperature: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """``recsys.losses.retrieval_loss`` over the global batch: this rank's clicked users against every rank's clicked items.
+def retrieval_loss_across_ranks(outputs, batch, log_q: torch.Tensor, temperature: float, all_rows: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``recsys.losses.retrieval_loss`` over the global batch: this rank's clicked users against every rank's candidate items.
 
-    The item vectors are all-gathered with autograd (their gradients go back to the rank that made
-    them), so N ranks of B / N rows optimise the same in-batch softmax as one process with B rows;
-    scaled so that DDP's average over ranks is the mean over all clicked rows. ``keep`` masks rows out
+    The candidates are the clicked rows' items (``all_rows``: every row's item). Their vectors
+    are all-gathered with autograd (their gradients go back to the rank that made them), so N
+    ranks of B / N rows optimise the same in-batch softmax as one process with B rows; scaled so
+    that DDP's average over ranks is the mean over all clicked rows. ``keep`` masks rows out
     (validation padding). Every rank must call it the same number of times (it is collective).
     """
     world = dist.get_world_size()
-    clicked = batch["click"] > 0 if keep is None else (batch["click"] > 0) & keep
+    keep = torch.ones_like(batch["click"], dtype=torch.bool) if keep is None else keep
     if world == 1:
-        rows = {"user_vec": outputs["user_vec"], "item_vec": outputs["item_vec"], "click": batch["click"], "item_idx": batch["item_idx"]}
-        if keep is not None:
-            rows = {k: v[keep] for k, v in rows.items()}
-        return retrieval_loss(rows, rows, log_q, temperature)
-    user_vec, item_vec, items = outputs["user_vec"][clicked], outputs["item_vec"][clicked], batch["item_idx"][clicked]
-    counts_list = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(counts_list, torch.tensor([len(items)], dtype=torch.int64))
-    counts = [int(c) for c in counts_list]
-    if sum(counts) < 2:
+        rows = {"user_vec": outputs["user_vec"][keep], "item_vec": outputs["item_vec"][keep]}
+        return retrieval_loss(rows, {"click": batch["click"][keep], "item_idx": batch["item_idx"][keep]}, log_q, temperature, all_rows)
+    clicked = (batch["click"] > 0) & keep
+    candidates = keep if all_rows else clicked
+    item_vec, items = outputs["item_vec"][candidates], batch["item_idx"][candidates]
+    counts_list = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(counts_list, torch.tensor([len(items), int(clicked.sum())], dtype=torch.int64))
+    counts = [int(c[0]) for c in counts_list]
+    if sum(counts) < 2 or sum(int(c[1]) for c in counts_list) == 0:
         return outputs["user_vec"].sum() * 0.0
     most = max(counts)
     gathered_vecs = dist_nn.all_gather(F.pad(item_vec, (0, 0, 0, most - len(items))))
     gathered_items = [torch.zeros(most, dtype=items.dtype) for _ in range(world)]
     dist.all_gather(gathered_items, F.pad(items, (0, most - len(items))))
-    all_vec = torch.cat([v[:c] for v, c in zip(gathered_vecs, counts)])  # (P_all, d)
+    all_vec = torch.cat([v[:c] for v, c in zip(gathered_vecs, counts)])  # (C_all, d)
     all_items = torch.cat([i[:c] for i, c in zip(gathered_items, counts)])
-    if len(items) == 0:  # still in the graph: the all-gather's backward is collective too
+    if not clicked.any():  # still in the graph: the all-gather's backward is collective too
         return all_vec.sum() * 0.0 + outputs["user_vec"].sum() * 0.0
-    positive = torch.arange(len(items)) + sum(counts[: dist.get_rank()])  # this rank's rows in the global batch
-    logits = user_vec @ all_vec.T / temperature - log_q[all_items].unsqueeze(0)  # (P_local, P_all)
-    other_copy = items.unsqueeze(1) == all_items.unsqueeze(0)
-    other_copy[torch.arange(len(items)), positive] = False
-    logits = logits.masked_fill(other_copy, float("-inf"))
-    return F.cross_entropy(logits, positive, reduction="sum") * world / sum(counts)
+    # this rank's clicked rows: their column among this rank's candidates, offset by the ranks before
+    positive = torch.cumsum(candidates.long(), 0)[clicked] - 1 + sum(counts[: dist.get_rank()])
+    logits = retrieval_logits(outputs["user_vec"][clicked], all_vec, all_items, log_q, temperature, positive)
+    n_clicked = sum(int(c[1]) for c in counts_list)
+    return F.cross_entropy(logits, positive, reduction="sum") * world / n_clicked
 
 
 def train_epoch_sharded(dmp, weighting, opt, split, content, log_q, cfg: Config, epoch: int, global_step: int, ctx: DistContext) -> tuple[dict[str, float], int, float]:
@@ -152,7 +157,7 @@ def train_epoch_sharded(dmp, weighting, opt, split, content, log_q, cfg: Config,
     progress = tqdm(total=n_rows * ctx.world_size, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False, disable=not ctx.is_main)
     for step, batch in enumerate(batches(split, batch_size, content, seed=rank_seed), 1):
         outputs = dmp(batch)
-        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss_across_ranks(outputs, batch, log_q, cfg.train.temperature))
+        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss_across_ranks(outputs, batch, log_q, cfg.train.temperature, cfg.train.retrieval_negatives == "all_rows"))
         check_finite(total, losses, batch, step, f"rank {ctx.rank} of {ctx.world_size}, epoch {epoch}, step {step} of {n_batches} (global step {global_step + 1})")
         opt.zero_grad(set_to_none=True)
         total.backward()  # sharded tables are updated here (fused row-wise Adagrad); DDP averages the dense gradients
@@ -198,7 +203,7 @@ def validate_sharded(dmp, weighting, split, content, log_q, cfg: Config, n_rows:
             if k in outputs:
                 weighted = (outputs[k] * real.view(-1, *[1] * (outputs[k].dim() - 1))).sum(0)
                 gate_sums[k] = gate_sums[k] + weighted if k in gate_sums else weighted
-        retrieval = retrieval_loss_across_ranks(outputs, batch, log_q, cfg.train.temperature, keep=real)  # collective: before any skip
+        retrieval = retrieval_loss_across_ranks(outputs, batch, log_q, cfg.train.temperature, cfg.train.retrieval_negatives == "all_rows", keep=real)  # collective: before any skip
         rows = int(real.sum())
         if rows == 0:
             continue
@@ -230,7 +235,6 @@ def validate_sharded(dmp, weighting, split, content, log_q, cfg: Config, n_rows:
         result["gates"] = {t: (gate_sums["gates"][i] / n).tolist() for i, t in enumerate(tasks)}
         if "modality_gates" in gate_sums:
             result["modality_gates"] = (gate_sums["modality_gates"] / n).tolist()
-        result["score"] = selection_score(result)
     shared = [result]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
@@ -260,9 +264,9 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
     tasks = unwrap(dmp).tasks
     static = {"click": cfg.train.click_weight, "ctcvr": cfg.train.conversion_weight, "rating": cfg.train.rating_weight}
     weighting = TaskWeighting(loss_names(tasks), cfg.train.loss_weights, static)
-    opt = _sharded_optimizer(dmp, weighting, cfg)
-    counts = item_clicks.double().clamp(min=1.0)
-    log_q = (counts / counts.sum()).log().float()  # recsys.losses.item_log_q over every rank's rows
+    opt, dense_opts = _sharded_optimizer(dmp, weighting, cfg)
+    counts = (item_rows if cfg.train.retrieval_negatives == "all_rows" else item_clicks).double().clamp(min=1.0)
+    log_q = cfg.train.logq_correction * (counts / counts.sum()).log().float()  # recsys.losses.item_log_q over every rank's rows
     train_rows = int(item_rows.sum())
     if ctx.is_main:
         log.info(
@@ -272,7 +276,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         )  # fmt: skip
 
     ckpt_dir = run.model / "checkpoint"
-    state = {"epoch": 0, "global_step": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False}
+    state = {"epoch": 0, "global_step": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False, "reference_loss": {}, "lr_scale": 1.0}
     resumed_from = None
     if resume and _uses_sharded_checkpoint(ckpt_dir):
         saved = json.loads((latest_checkpoint(ckpt_dir) / "train_state.json").read_text())  # type: ignore[operator]
@@ -281,6 +285,8 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         loaded = load_sharded_checkpoint(ckpt_dir, dmp, opt, extra={"weighting": weighting})
         state = {k: v for k, v in loaded.items() if k in state}
         resumed_from = state["epoch"]
+        for dense_opt in dense_opts:
+            set_lr(dense_opt, cfg.train.lr * state["lr_scale"])
         if ctx.is_main:
             log.info("resuming after epoch %d (best epoch %d), saved by %d processes, now %d", state["epoch"], state["best_epoch"], loaded.get("world_size", 0), ctx.world_size)
             _truncate_log(run.train_log, state["epoch"])
@@ -303,13 +309,16 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
             last_valid = validate_sharded(dmp, weighting, data.valid, data.content, log_q, cfg, data.valid_rows, ctx)
         else:
             last_valid = {"loss": {}, "auc": {}, "gates": {}, "score": -train_losses["total"]}
+        epoch_lr = cfg.train.lr * state["lr_scale"]  # the dense lr this epoch ran with
         improved = end_of_epoch(state, last_valid, cfg, epoch)
+        for dense_opt in dense_opts:
+            set_lr(dense_opt, cfg.train.lr * state["lr_scale"])
         train_state = {**state, "config_digest": _resume_digest(cfg), "seed": cfg.train.seed, "world_size": ctx.world_size, "sharding": cfg.train.sharding}
         checkpoint = save_sharded_checkpoint(ckpt_dir, f"epoch-{epoch:04d}", dmp, opt, train_state, extra={"weighting": weighting})
         if ctx.is_main:
             if improved:  # from the checkpoint just written, before a later epoch's checkpoint replaces it
                 _export_best(run, data, cfg, checkpoint, {"best_epoch": epoch, "valid": _valid_summary(last_valid), "trained_with": {"processes": ctx.world_size, "sharding": cfg.train.sharding}})
-            log_epoch(run, epoch, train_losses, last_valid, weighting, improved, rate, epoch_started, processes=ctx.world_size)
+            log_epoch(run, epoch, train_losses, last_valid, weighting, improved, rate, epoch_started, lr=epoch_lr, processes=ctx.world_size)
             if state["stopped_early"]:
                 log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
         dist.barrier()  # model.safetensors is written before any rank goes on
@@ -318,7 +327,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         "epochs_run": state["epoch"],
         "best_epoch": state["best_epoch"],
         "best_score": state["best_score"],
-        "score": "minus the valid objective (weighted task losses + retrieval; -train loss without a valid split)",
+        "score": "minus the mean valid loss relative to epoch 1 over the heads and retrieval (-train loss without a valid split)",
         "stopped_early": state["stopped_early"],
         "resumed_from_epoch": resumed_from,
         "train_rows": train_rows,
