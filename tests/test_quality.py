@@ -80,7 +80,7 @@ def test_default_model_gets_most_of_the_oracle_auc_on_every_task(small):
     q = quality(*small)
     assert q["click"] >= 0.75, q
     assert q["ctcvr"] >= 0.75, q
-    assert q["conversion"] >= 0.55, q
+    assert q["conversion"] >= 0.7, q  # measured 0.78
     assert q["rating_rmse_ratio"] <= 1.3, q
 
 
@@ -89,6 +89,7 @@ def test_cold_items_are_ranked_through_their_content(small):
     assert q["cold_rows"] >= 100, q
     assert q["click_cold"] >= 0.45, q  # never seen in training: ranked by text, image and side features alone
     assert q["click_cold"] >= 0.6 * q["click_warm"], q
+    assert q["click_cold_content"] >= 0.5, q  # of what the text and image can tell (measured 0.62 on 216 cold rows)
 
 
 def test_mf_baseline_is_scored_with_the_models_protocol(small):
@@ -103,15 +104,17 @@ def test_mf_baseline_is_scored_with_the_models_protocol(small):
 
 
 @pytest.mark.slow
-def test_issue_targets_at_500_impressions_per_user(tmp_path):
-    """1000 users x 1000 items x 500k impressions, default config: about 3 min on 2 cores.
+def test_issue_targets_at_1000_impressions_per_user(tmp_path):
+    """1000 users x 1000 items x 1M impressions, default config: about 5 min on 2 cores.
 
-    Measured: efficiency click 0.92, ctcvr 0.92, conversion 0.81, rating RMSE 1.12x the
-    oracle's. Conversion misses the issue's 0.9 (an auxiliary CVR loss on clicked rows
-    reached 0.84 in an experiment); it is held at what the model reaches.
+    Measured (2026-11-26): efficiency click 0.948, conversion 0.911, ctcvr 0.956, rating RMSE
+    1.06x the oracle's; cold items 0.84 of what their content allows. At 500 impressions per
+    user the same config reaches click 0.925, conversion 0.892, ctcvr 0.939: the conversion
+    head learns from clicked rows only, and needs the larger sample for 0.9.
     """
-    q = quality(*trained_run(tmp_path, users=1000, items=1000, interactions=500_000, overrides=[]))
+    q = quality(*trained_run(tmp_path, users=1000, items=1000, interactions=1_000_000, overrides=[]))
     assert q["click"] >= 0.9, q
     assert q["ctcvr"] >= 0.9, q
-    assert q["conversion"] >= 0.78, q
+    assert q["conversion"] >= 0.9, q
     assert q["rating_rmse_ratio"] <= 1.15, q
+    assert q["click_cold_content"] >= 0.75, q

@@ -22,9 +22,9 @@ from test_train import HISTORY_LEN, make_run, read_log  # noqa: E402  (tests/ is
 
 torch.set_num_threads(1)
 
-EPOCHS = 5
-SETTINGS = [f"train.epochs={EPOCHS}", "train.patience=10", "train.embedding_lr=0.05", "train.temperature=0.05"]  # pinned: the comparison must not move with the defaults (at T=0.1 this tiny data gives a 0.0135 click-AUC gap)
-N_TRAIN = 2400  # enough rows that the valid AUC of a run is stable to about 0.01
+EPOCHS = 8
+SETTINGS = [f"train.epochs={EPOCHS}", "train.patience=10", "train.embedding_lr=0.05", "train.temperature=0.05"]  # pinned: the comparison must not move with the defaults
+N_TRAIN = 6000  # at 2400 rows the valid AUC still swung by 0.01-0.03 between epochs: too noisy for a 0.01 comparison
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,9 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunDir, dict]
 
 
 def best_valid_auc(run: RunDir) -> dict[str, float]:
-    return json.loads((run.model / "model.json").read_text())["valid"]["auc"]
+    """The highest valid AUC per head over the run's epochs (independent of which epoch the selection kept)."""
+    log = read_log(run)
+    return {head: max(line["valid_auc"][head] for line in log) for head in log[0]["valid_auc"]}
 
 
 def checkpoint_tensors(path: Path, out: Path) -> dict:
