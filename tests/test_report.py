@@ -107,6 +107,17 @@ def test_training_log_with_unknown_keys_and_a_broken_line_still_plots(tmp_path):
     assert "Training curves" in run.report_html.read_text()
 
 
+def test_training_section_names_the_epochs_run_at_a_lowered_learning_rate(tmp_path):
+    lines = [{"epoch": e, "train_loss": {"click": 0.6}, "lr": lr, "best": e < 3} for e, lr in [(1, 0.01), (2, 0.01), (3, 0.01), (4, 0.005), (5, 0.0025)]]
+    run = _run(tmp_path / "run", train_log=lines)
+    write_report(run)
+    page = run.report_html.read_text()
+    assert "lowered after a plateau for epochs 4, 5." in page and "kept model is from epoch 2" in page
+    unchanged = _run(tmp_path / "flat", train_log=TRAIN_LOG)
+    write_report(unchanged)
+    assert "lowered" not in unchanged.report_html.read_text()
+
+
 def test_compare_metric_flags_a_difference_outside_both_intervals():
     other = copy.deepcopy(METRICS) | {"click": {"auc": 0.70, "logloss": 0.5}, "intervals": {"click.auc": [0.68, 0.71]}}
     result = compare_metric(METRICS, other, "click.auc")

@@ -330,9 +330,11 @@ def _training_curves(train_log: list[dict[str, Any]]) -> str:
     fig.tight_layout()
     best = [line.get("epoch") for line in train_log if line.get("best")]
     best_note = f" The kept model is from epoch {best[-1]}." if best else ""
+    lowered = [str(line["epoch"]) for prev, line in zip(train_log, train_log[1:]) if isinstance(line.get("lr"), float) and isinstance(prev.get("lr"), float) and line["lr"] < prev["lr"]]
+    lr_note = f" The dense learning rate was lowered after a plateau for epoch{'s' if len(lowered) > 1 else ''} {', '.join(lowered)}." if lowered else ""
     return (
         "<h3>Training curves</h3><p class='muted'>From RUN/train_log.jsonl, one point per epoch. Valid loss rising while "
-        f"train loss falls is over-fitting; learned task weights show which task the optimiser leaned on.{best_note}</p>"
+        f"train loss falls is over-fitting; learned task weights show which task the optimiser leaned on.{best_note}{lr_note}</p>"
         + _img(fig, "training curves")
     )
 
