@@ -15,6 +15,7 @@ a model is a local directory or an entry already in the local Hugging Face cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -22,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,14 +46,28 @@ ImageSource = str | Path | bytes | Image.Image | None
 
 
 # -- shared helpers ------------------------------------------------------------------------
-def set_threads(threads: int) -> int:
-    """Set torch intra-op threads (0 = every core this process may use); return the number set."""
+def resolve_threads(threads: int) -> int:
+    """``embed.threads`` as a count (0 = every core this process may use)."""
     if threads < 0:
         raise ConfigError(f"embed.threads must be >= 0, got {threads}")
-    count = threads or len(os.sched_getaffinity(0))
-    if torch.get_num_threads() != count:
+    return threads or len(os.sched_getaffinity(0))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Torch intra-op threads for the encoding inside, then the caller's setting again.
+
+    torch's thread count is process-wide: an encoder must not leave its own behind (it would
+    change a training job's threads after `embed`, or a server's after its first POST /items).
+    """
+    previous = torch.get_num_threads()
+    if count != previous:
         torch.set_num_threads(count)
-    return count
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def resolve_model_dir(name: str, key: str) -> Path:
@@ -159,7 +174,7 @@ class TextEncoder:
         if max_length < 2 or batch_size < 1:
             raise ConfigError(f"embed.max_length must be >= 2 and embed.batch_size >= 1 (got {max_length}, {batch_size})")
         self.name = model
-        self.threads = set_threads(threads)
+        self.threads = resolve_threads(threads)
         self.model_dir = resolve_model_dir(model, "embed.text_model")
         from transformers import AutoModel, AutoTokenizer
 
@@ -180,6 +195,10 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str], progress: bool = False) -> TextEncoding:
         """Vectors plus which texts were truncated; batches are sorted by length to limit padding."""
+        with torch_threads(self.threads):
+            return self._encode(texts, progress)
+
+    def _encode(self, texts: Sequence[str], progress: bool) -> TextEncoding:
         texts = list(texts)
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
@@ -254,6 +273,7 @@ class _ImageEncoderBase:
     identity: str
     dim: int
     batch_size: int
+    threads: int  # torch intra-op threads while encoding (resolve_threads)
     draft_size: int | None = None
 
     def encode_images(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, np.ndarray]:
@@ -263,6 +283,10 @@ class _ImageEncoderBase:
 
     def encode(self, images: Sequence[ImageSource], progress: bool = False) -> ImageEncoding:
         """Vectors and a per-image status (ok / missing / corrupt)."""
+        with torch_threads(self.threads):
+            return self._encode(images, progress)
+
+    def _encode(self, images: Sequence[ImageSource], progress: bool) -> ImageEncoding:
         vectors = np.zeros((len(images), self.dim), dtype=np.float32)
         status = np.zeros(len(images), dtype=np.int8)
         with tqdm(total=len(images), desc="image", unit="item", disable=not progress, leave=False) as bar:
@@ -286,9 +310,10 @@ class ColorTextureImageEncoder(_ImageEncoderBase):
     GRID = 4  # layout: mean RGB of a 4x4 grid (48 values)
     ORIENTATIONS = 8  # texture: unsigned gradient orientations, whole image + 2x2 cells (40 values)
 
-    def __init__(self, image_size: int = 64, batch_size: int = 256):
+    def __init__(self, image_size: int = 64, batch_size: int = 256, threads: int = 0):
         if image_size < 8:
             raise ConfigError(f"embed.image_size must be >= 8, got {image_size}")
+        self.threads = resolve_threads(threads)
         self.name = BUILTIN_IMAGE_NAME
         self.image_size = image_size
         self.batch_size = batch_size
@@ -336,7 +361,7 @@ class HFImageEncoder(_ImageEncoderBase):
     def __init__(self, model: str, *, batch_size: int = 32, bf16: bool = True, threads: int = 0):
         self.name = model
         spec = model.removeprefix("hf:")
-        self.threads = set_threads(threads)
+        self.threads = resolve_threads(threads)
         self.model_dir = resolve_model_dir(spec, "embed.image_model")
         from transformers import AutoConfig, AutoImageProcessor
 
@@ -411,8 +436,7 @@ def build_image_encoder(cfg: EmbedConfig) -> ImageEncoder | None:
     if cfg.image_model == "none":
         return None
     if cfg.image_model == BUILTIN_IMAGE:
-        set_threads(cfg.threads)
-        return ColorTextureImageEncoder(cfg.image_size)
+        return ColorTextureImageEncoder(cfg.image_size, threads=cfg.threads)
     if cfg.image_model.startswith("hf:") and len(cfg.image_model) > 3:
         return HFImageEncoder(cfg.image_model, batch_size=cfg.batch_size, bf16=cfg.bf16, threads=cfg.threads)
     raise ConfigError(f"embed.image_model = {cfg.image_model!r}: expected 'builtin', 'hf:<model id or path>' or 'none'")

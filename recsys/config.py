@@ -46,7 +46,7 @@ class EmbedConfig:
     batch_size: int = 64
     max_length: int = 128  # tokens; longer text is truncated and counted
     bf16: bool = True  # use bf16 autocast on CPU when it keeps cosine >= 0.999 against fp32
-    threads: int = 0  # torch intra-op threads; 0 = all cores
+    threads: int = 0  # torch intra-op threads while encoding (restored afterwards); 0 = all cores
     cache_dir: str = ""  # "" = RUN/content/cache
     align: bool = False  # learn contrastive text<->image projections so a missing modality can be imputed
     image_size: int = 64  # side of the square the built-in image encoder resizes to

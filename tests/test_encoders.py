@@ -234,3 +234,19 @@ def test_build_encoders_return_none_for_none_and_reject_an_unknown_image_model()
     assert isinstance(build_image_encoder(EmbedConfig(image_model="builtin", image_size=16)), ColorTextureImageEncoder)
     with pytest.raises(ConfigError, match="embed.image_model"):
         build_image_encoder(EmbedConfig(image_model="resnet50"))
+
+
+def test_encoding_runs_on_embed_threads_and_leaves_the_callers_thread_count(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    builtin = ColorTextureImageEncoder(16, threads=2)
+    monkeypatch.setattr(builtin, "_embed", lambda images: (seen.append(torch.get_num_threads()), np.ones((len(images), builtin.dim), np.float32))[1])
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        builtin.encode_images([Image.new("RGB", (16, 16), (200, 10, 10))])
+        assert seen == [2]  # embed.threads while encoding
+        assert torch.get_num_threads() == 1  # the caller's setting afterwards
+        TextEncoder(str(tiny_bert), threads=2).encode_texts(["a short text"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
