@@ -480,7 +480,6 @@ def _impressions(
             available = np.searchsorted(created_sorted, timestamp[lo:hi], "right")  # items created at or before then
             item = by_creation[_draw_from_cdf(rng, weight_cdf, available)]
             chunk = {"user": user, "item": item, **_oracle(user, item, users, items, tables, params)}
-            chunk["p_click_content"] = _oracle(user, item, users, items, tables, params, content_only=True)["p_click"]
             chunk["click"] = rng.random(hi - lo) < chunk["p_click"]
             chunk["conversion"] = chunk["click"] & (rng.random(hi - lo) < chunk["p_conversion"])
             stars = 1 + rng.binomial(4, (chunk["rating_mean"] - 1) / 4)  # mean is exactly rating_mean
@@ -497,29 +496,27 @@ def _draw_from_cdf(rng: np.random.Generator, cdf: np.ndarray, prefix: np.ndarray
     return np.minimum(picked, prefix - 1)  # guards the float edge where u * total == total
 
 
-def _oracle(
-    user: np.ndarray, item: np.ndarray, users: _Users, items: _Items, tables: _Tables, params: SynthParams, content_only: bool = False
-) -> dict[str, np.ndarray]:
-    """The true p_click, p_conversion (given click) and rating_mean of (user, item) rows.
+def _oracle(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items, tables: _Tables, params: SynthParams) -> dict[str, np.ndarray]:
+    """The true p_click, p_conversion (given click) and rating_mean of (user, item) rows, and p_click_content.
 
-    ``content_only``: as seen by a model that knows the user but sees the item only through
-    its text and image: the item latent's residual and its popularity (which only
-    interactions reveal) are left out - the ceiling for items never seen in training.
+    ``p_click_content``: the click probability as seen by a model that knows the user but sees
+    the item only through its text and image: the item latent's residual and its popularity
+    (which only interactions reveal) are left out - the ceiling for items never seen in training.
     """
-    item_latent = (items.content_latent if content_only else items.latent)[item]  # (n, d)
-    popularity = np.zeros(len(item)) if content_only else items.popularity[item]
+    user_latent = users.latent[user]
 
-    def affinity(weights: np.ndarray) -> np.ndarray:  # w . (u * v), unit variance
-        return np.einsum("nd,nd->n", users.latent[user] * weights.astype(np.float32), item_latent).astype(np.float64)
+    def affinity(weights: np.ndarray, item_latent: np.ndarray = items.latent) -> np.ndarray:  # w . (u * v), unit variance
+        return np.einsum("nd,nd->n", user_latent * weights.astype(np.float32), item_latent[item]).astype(np.float64)
 
     price_z = (np.log(items.price[item]) - params.log_price_mean) / params.log_price_sd
     age_z = (users.age[user] - 46.5) / 16.5
     click_logit = (
         params.click_bias
         + params.click_scale * affinity(tables.w_click)
-        + params.popularity_click * popularity
+        + params.popularity_click * items.popularity[item]
         + users.click_bias[user]
     )
+    content_click_logit = params.click_bias + params.click_scale * affinity(tables.w_click, items.content_latent) + users.click_bias[user]
     conversion_logit = (
         params.conversion_bias
         + params.conversion_scale * affinity(tables.w_conversion)
@@ -527,7 +524,12 @@ def _oracle(
         + params.age_conversion * age_z
     )
     rating_logit = params.rating_bias + params.rating_scale * affinity(tables.w_rating) + users.rating_bias[user]
-    return {"p_click": _sigmoid(click_logit), "p_conversion": _sigmoid(conversion_logit), "rating_mean": 1 + 4 * _sigmoid(rating_logit)}
+    return {
+        "p_click": _sigmoid(click_logit),
+        "p_conversion": _sigmoid(conversion_logit),
+        "rating_mean": 1 + 4 * _sigmoid(rating_logit),
+        "p_click_content": _sigmoid(content_click_logit),
+    }
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
