@@ -107,6 +107,12 @@ def check_finite(total: torch.Tensor, losses: dict[str, torch.Tensor], batch: di
     )
 
 
+def add_losses(sums: dict[str, float], losses: dict[str, torch.Tensor], total: torch.Tensor, rows: int) -> None:
+    """Row-weighted running sums of each loss and the total (divided by the rows seen at the end)."""
+    for k, v in [*losses.items(), ("total", total)]:
+        sums[k] = sums.get(k, 0.0) + float(v.detach()) * rows
+
+
 def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: int, global_step: int) -> tuple[dict[str, float], int, float]:
     """One pass over the shuffled train split -> mean losses, global step, samples/s."""
     model.train()
@@ -134,8 +140,7 @@ def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: in
         global_step += 1
         rows = len(batch["click"])
         seen += rows
-        for k, v in [*losses.items(), ("total", total)]:
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) * rows
+        add_losses(sums, losses, total, rows)
         progress.update(rows)
         rate = seen / max(time.perf_counter() - started, 1e-9)
         progress.set_postfix({"samples/s": f"{rate:,.0f}", **{k: f"{v / seen:.4f}" for k, v in sums.items()}}, refresh=False)
@@ -153,10 +158,8 @@ def validate(model, weighting, split, content, log_q, cfg: Config) -> dict[str, 
     for batch in batches(split, cfg.train.batch_size, content):
         outputs = model(batch)
         losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature, cfg.train.retrieval_negatives == "all_rows"))
-        losses["total"] = total
         rows = len(batch["click"])
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * rows
+        add_losses(sums, losses, total, rows)
         for k in ("p_click", "p_cvr", "p_ctcvr", "rating"):
             if k in outputs:
                 scores.setdefault(k, []).append(outputs[k])

@@ -39,7 +39,7 @@ from training.distributed import (
 )  # fmt: skip
 from training.distributed import load_checkpoint as load_sharded_checkpoint
 from training.distributed import save_checkpoint as save_sharded_checkpoint
-from training.train import _clear_checkpoints, batch_losses, check_finite, set_lr, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
+from training.train import _clear_checkpoints, add_losses, batch_losses, check_finite, set_lr, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
 
 log = logging.getLogger("recsys.training")
 
@@ -170,8 +170,7 @@ def train_epoch_sharded(dmp, weighting, opt, split, content, log_q, cfg: Config,
         global_step += 1
         rows = len(batch["click"])
         seen += rows
-        for k, v in [*losses.items(), ("total", total)]:
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) * rows
+        add_losses(sums, losses, total, rows)
         progress.update(rows * ctx.world_size)
     progress.close()
     seconds = time.perf_counter() - started
