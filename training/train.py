@@ -167,21 +167,27 @@ def validate(model, weighting, split, content, log_q, cfg: Config) -> dict[str, 
         if "modality_gates" in outputs:
             sums["_modality_gates"] = sums.get("_modality_gates", 0.0) + outputs["modality_gates"].sum(0)
         n += rows
-    cat = {k: torch.cat(v) for k, v in scores.items()}
-    click = split["click"]
-    auc = {"click": metrics.auc(click, cat["p_click"])}
-    if "p_ctcvr" in cat:
-        auc["ctcvr"] = metrics.auc(click * split["conversion"], cat["p_ctcvr"])
-        clicked = click > 0
-        auc["conversion"] = metrics.auc(split["conversion"][clicked], cat["p_cvr"][clicked])
     modality_gates = sums.pop("_modality_gates", None)
-    result: dict[str, Any] = {"loss": {k: v / max(n, 1) for k, v in sums.items()}, "auc": auc}
-    if "rating" in cat:
-        rated = ~torch.isnan(split["rating"])
-        result["rating_rmse"] = metrics.rmse(split["rating"][rated], cat["rating"][rated])
+    result: dict[str, Any] = {"loss": {k: v / max(n, 1) for k, v in sums.items()}}
+    result.update(head_metrics(split, {k: torch.cat(v) for k, v in scores.items()}))
     result["gates"] = {t: (gates_sum[i] / max(n, 1)).tolist() for i, t in enumerate(model.tasks)}
     if modality_gates is not None:  # gated fusion: mean weight of [id, text?, image?]
         result["modality_gates"] = (modality_gates / max(n, 1)).tolist()
+    return result
+
+
+def head_metrics(labels: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Validation AUCs per head (``auc``) and ``rating_rmse`` from the labels and the heads' scores (keys as ``rank()``)."""
+    click = labels["click"]
+    auc = {"click": metrics.auc(click, scores["p_click"])}
+    if "p_ctcvr" in scores:
+        auc["ctcvr"] = metrics.auc(click * labels["conversion"], scores["p_ctcvr"])
+        clicked = click > 0
+        auc["conversion"] = metrics.auc(labels["conversion"][clicked], scores["p_cvr"][clicked])
+    result: dict[str, Any] = {"auc": auc}
+    if "rating" in scores:
+        rated = ~torch.isnan(labels["rating"])
+        result["rating_rmse"] = metrics.rmse(labels["rating"][rated], scores["rating"][rated])
     return result
 
 

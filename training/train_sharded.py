@@ -26,7 +26,6 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from tqdm import tqdm
 
-from recsys import metrics
 from recsys.config import Config
 from recsys.errors import ConfigError, RunError
 from recsys.losses import TaskWeighting, retrieval_logits, retrieval_loss
@@ -39,7 +38,7 @@ from training.distributed import (
 )  # fmt: skip
 from training.distributed import load_checkpoint as load_sharded_checkpoint
 from training.distributed import save_checkpoint as save_sharded_checkpoint
-from training.train import _clear_checkpoints, add_losses, batch_losses, check_finite, set_lr, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
+from training.train import _clear_checkpoints, add_losses, batch_losses, head_metrics, check_finite, set_lr, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
 
 log = logging.getLogger("recsys.training")
 
@@ -221,16 +220,8 @@ def validate_sharded(dmp, weighting, split, content, log_q, cfg: Config, n_rows:
         assert gathered is not None
         n = max(float(sums[0]), 1.0)
         col = {k: torch.from_numpy(v) for k, v in gathered.items()}
-        click = col["click"]
-        auc = {"click": metrics.auc(click, col["score_p_click"])}
-        if "score_p_ctcvr" in col:
-            auc["ctcvr"] = metrics.auc(click * col["conversion"], col["score_p_ctcvr"])
-            clicked = click > 0
-            auc["conversion"] = metrics.auc(col["conversion"][clicked], col["score_p_cvr"][clicked])
-        result = {"loss": {k: float(v) / n for k, v in zip(loss_keys, sums[1:])}, "auc": auc}
-        if "score_rating" in col:
-            rated = ~torch.isnan(col["rating"])
-            result["rating_rmse"] = metrics.rmse(col["rating"][rated], col["score_rating"][rated])
+        result = {"loss": {k: float(v) / n for k, v in zip(loss_keys, sums[1:])}}
+        result.update(head_metrics(col, {k.removeprefix("score_"): v for k, v in col.items() if k.startswith("score_")}))
         result["gates"] = {t: (gate_sums["gates"][i] / n).tolist() for i, t in enumerate(tasks)}
         if "modality_gates" in gate_sums:
             result["modality_gates"] = (gate_sums["modality_gates"] / n).tolist()
