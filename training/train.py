@@ -323,12 +323,7 @@ def train(run: RunDir, resume: bool = False, nproc: int | None = None) -> dict[s
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
 
     summary = {
-        "epochs_run": state["epoch"],
-        "best_epoch": state["best_epoch"],
-        "best_score": state["best_score"],
-        "score": "minus the mean valid loss relative to epoch 1 over the heads and retrieval (-train loss without a valid split)",
-        "stopped_early": state["stopped_early"],
-        "resumed_from_epoch": resumed_from,
+        **epochs_summary(state, resumed_from),
         "train_rows": len(data.train["click"]),
         "valid_rows": len(data.valid["click"]) if data.valid else 0,
         "tasks": list(model.tasks),
@@ -355,6 +350,18 @@ def end_of_epoch(state: dict[str, Any], last_valid: dict[str, Any], cfg: Config,
     state["epoch"] = epoch
     state["stopped_early"] = state["bad_epochs"] >= cfg.train.patience and epoch < cfg.train.epochs
     return improved
+
+
+def epochs_summary(state: dict[str, Any], resumed_from: int | None) -> dict[str, Any]:
+    """The epoch bookkeeping part of the training summary (both jobs)."""
+    return {
+        "epochs_run": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "best_score": state["best_score"],
+        "score": "minus the mean valid loss relative to epoch 1 over the heads and retrieval (-train loss without a valid split)",
+        "stopped_early": state["stopped_early"],
+        "resumed_from_epoch": resumed_from,
+    }
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

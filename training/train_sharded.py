@@ -38,7 +38,7 @@ from training.distributed import (
 )  # fmt: skip
 from training.distributed import load_checkpoint as load_sharded_checkpoint
 from training.distributed import save_checkpoint as save_sharded_checkpoint
-from training.train import _clear_checkpoints, add_losses, batch_losses, head_metrics, check_finite, set_lr, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
+from training.train import _clear_checkpoints, add_losses, batch_losses, epochs_summary, head_metrics, check_finite, set_lr, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
 
 log = logging.getLogger("recsys.training")
 
@@ -314,12 +314,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         dist.barrier()  # model.safetensors is written before any rank goes on
 
     summary = {
-        "epochs_run": state["epoch"],
-        "best_epoch": state["best_epoch"],
-        "best_score": state["best_score"],
-        "score": "minus the mean valid loss relative to epoch 1 over the heads and retrieval (-train loss without a valid split)",
-        "stopped_early": state["stopped_early"],
-        "resumed_from_epoch": resumed_from,
+        **epochs_summary(state, resumed_from),
         "train_rows": train_rows,
         "train_rows_left_out": _file_rows(run.data / "train.parquet") - train_rows,  # the n % N tail
         "valid_rows": data.valid_rows,
