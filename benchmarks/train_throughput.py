@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recsys.config import ModelConfig  # noqa: E402
 from recsys.losses import TaskWeighting, retrieval_loss, task_losses  # noqa: E402
 from recsys.model import ModelSpec, RecsysModel  # noqa: E402
-from training.train import fuse_tables  # noqa: E402
+from training.train_single import fuse_tables  # noqa: E402
 
 TEXT_DIM, IMAGE_DIM = 384, 128
 
@@ -151,10 +151,11 @@ def _sharded_rank(rank: int, world_size: int, port: int, args, out: str) -> None
     import torchrec.optim as trec_optim
     from torch.distributed.optim import _apply_optimizer_in_backward
 
-    from training import distributed as D
+    from training.distributed import process_group as PG
+    from training.distributed import sharding as SH
     from training.train_sharded import retrieval_loss_across_ranks
 
-    ctx = D.init_process_group()
+    ctx = PG.init_process_group()
     torch.manual_seed(0)
     spec = ModelSpec(
         n_users=args.users, n_items=args.items, history_len=args.history, text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
@@ -163,8 +164,8 @@ def _sharded_rank(rank: int, world_size: int, port: int, args, out: str) -> None
     model = RecsysModel(spec).train()
     _apply_optimizer_in_backward(trec_optim.RowWiseAdagrad, model.embedding_tables.parameters(), {"lr": 0.05})
     local_batch = args.batch // world_size
-    dmp = D.shard_model(model, args.sharding, ctx.device, world_size, batch_size=local_batch)
-    opt = D.keyed_optimizer(dmp, lambda ps: torch.optim.Adam(ps, lr=1e-3), lambda ps: trec_optim.RowWiseAdagrad(ps, lr=0.05))
+    dmp = SH.shard_model(model, args.sharding, ctx.device, world_size, batch_size=local_batch)
+    opt = SH.keyed_optimizer(dmp, lambda ps: torch.optim.Adam(ps, lr=1e-3), lambda ps: trec_optim.RowWiseAdagrad(ps, lr=0.05))
     weighting = TaskWeighting(["click", "ctcvr", "rating"], "static")
     log_q = torch.zeros(args.items)
     rows = slice(rank * local_batch, (rank + 1) * local_batch)
@@ -190,7 +191,7 @@ def _sharded_rank(rank: int, world_size: int, port: int, args, out: str) -> None
             "processes": world_size, "samples_per_s": args.steps * local_batch * world_size / seconds, "step_s": seconds / args.steps,
             "threads_per_process": torch.get_num_threads(), "plan": str(dmp.plan),
         }))  # fmt: skip
-    D.destroy_process_group()
+    PG.destroy_process_group()
 
 
 def measure_processes(args, world_size: int) -> dict:

@@ -84,7 +84,12 @@ def retrieval_loss(
 def item_log_q(item_idx: torch.Tensor, clicked: torch.Tensor | None, n_items: int) -> torch.Tensor:
     """``log q`` per item index: q = the item's share of training positives (of all rows when ``clicked`` is None; at least one count)."""
     counted = item_idx if clicked is None else item_idx[clicked > 0]
-    counts = torch.bincount(counted, minlength=n_items).double().clamp(min=1.0)
+    return log_q_from_counts(torch.bincount(counted, minlength=n_items))
+
+
+def log_q_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """``log q`` from per-item counts ``(n_items,)`` (e.g. summed over ranks); every item counts at least once."""
+    counts = counts.double().clamp(min=1.0)
     return (counts / counts.sum()).log().float()
 
 

@@ -1,4 +1,4 @@
-"""Distributed building blocks (training/distributed.py): 2 CPU processes with gloo on 127.0.0.1.
+"""Distributed building blocks (training/distributed/, per-rank reading in training/data.py): 2 CPU processes with gloo on 127.0.0.1.
 
 Starting processes is the expensive part on a small machine, so one 2-process session (a
 module-scoped fixture) runs every sharding type and writes what it measured; each test then
@@ -26,7 +26,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from recsys.errors import RecsysError  # noqa: E402
-from training import distributed as D  # noqa: E402
+from training import data as DATA  # noqa: E402
+from training.distributed import checkpoint as CK  # noqa: E402
+from training.distributed import launch as LA  # noqa: E402
+from training.distributed import process_group as PG  # noqa: E402
+from training.distributed import sharding as SH  # noqa: E402
 
 SHARDINGS = ("data_parallel", "table_wise", "column_wise", "row_wise")
 FEATURES = ("user_id", "item_id", "history")
@@ -158,7 +162,7 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.optim import RowWiseAdagrad
 
-    ctx = D.init_process_group("cpu")
+    ctx = PG.init_process_group("cpu")
     users, items, history, target = make_batch()
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     local_kjt = to_kjt(users[local], items[local], history[local])
@@ -168,16 +172,16 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
     for sharding in SHARDINGS:
         model = TwoTableModel(seed=123)  # different init: the weights must come from load_unsharded_state
         _apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": EMBEDDING_LR, "eps": EPS})
-        dmp = D.shard_model(model, sharding, ctx.device, ctx.world_size, batch_size=GLOBAL_BATCH)
-        D.load_unsharded_state(dmp, initial)
-        inner = D.unwrap(dmp)
+        dmp = SH.shard_model(model, sharding, ctx.device, ctx.world_size, batch_size=GLOBAL_BATCH)
+        SH.load_unsharded_state(dmp, initial)
+        inner = SH.unwrap(dmp)
 
         reference = TwoTableModel()
         ref_pooled = reference.pooled(local_kjt)
         pooled = inner.pooled(local_kjt)
         forward = {f: _max_diff(pooled[f], ref_pooled[f]) for f in FEATURES}
 
-        optimizer = D.keyed_optimizer(
+        optimizer = SH.keyed_optimizer(
             dmp,
             dense_optimizer=lambda params: torch.optim.SGD(params, lr=DENSE_LR),
             table_optimizer=lambda params: RowWiseAdagrad(params, lr=EMBEDDING_LR, eps=EPS),  # data_parallel tables
@@ -191,7 +195,7 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
         step = _shard_diffs(dmp, trained_ref.state_dict())
 
         ckpt_root = Path(out) / "ckpt" / sharding
-        D.save_checkpoint(ckpt_root, f"step-{STEPS}", dmp, optimizer, {"step": STEPS, "sharding": sharding})
+        CK.save_checkpoint(ckpt_root, f"step-{STEPS}", dmp, optimizer, {"step": STEPS, "sharding": sharding})
         results[sharding] = {
             "forward": forward,
             "step": step,
@@ -200,9 +204,9 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
         }
 
     # "auto": the planner picks among the offered types; the forward is still the unsharded one.
-    dmp = D.shard_model(TwoTableModel(seed=123), "auto", ctx.device, ctx.world_size, batch_size=GLOBAL_BATCH)
-    D.load_unsharded_state(dmp, initial)
-    pooled, ref_pooled = D.unwrap(dmp).pooled(local_kjt), TwoTableModel().pooled(local_kjt)
+    dmp = SH.shard_model(TwoTableModel(seed=123), "auto", ctx.device, ctx.world_size, batch_size=GLOBAL_BATCH)
+    SH.load_unsharded_state(dmp, initial)
+    pooled, ref_pooled = SH.unwrap(dmp).pooled(local_kjt), TwoTableModel().pooled(local_kjt)
     results["auto"] = {"forward": {f: _max_diff(pooled[f], ref_pooled[f]) for f in FEATURES}, "plan": str(dmp.plan)}
 
     # The same with FusedEmbeddingBagCollection (optimizer inside the module), row_wise.
@@ -210,9 +214,9 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
     model.tables = FusedEmbeddingBagCollection(
         tables=model.tables.embedding_bag_configs(), optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": EMBEDDING_LR, "eps": EPS}
     )
-    dmp = D.shard_model(model, "row_wise", ctx.device, ctx.world_size)
-    D.load_unsharded_state(dmp, initial)
-    optimizer = D.keyed_optimizer(dmp, dense_optimizer=lambda params: torch.optim.SGD(params, lr=DENSE_LR))
+    dmp = SH.shard_model(model, "row_wise", ctx.device, ctx.world_size)
+    SH.load_unsharded_state(dmp, initial)
+    optimizer = SH.keyed_optimizer(dmp, dense_optimizer=lambda params: torch.optim.SGD(params, lr=DENSE_LR))
     for _ in range(STEPS):
         optimizer.zero_grad()
         ((dmp(local_kjt) - target[local]) ** 2).mean().backward()
@@ -232,8 +236,8 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
     recsys_batch = {"user_idx": users[local] + 0, "item_idx": items[local], "history": history[local]}
     expected = recsys_ref(recsys_batch)
     torch.manual_seed(99)
-    recsys_dmp = D.shard_model(RecsysModel(spec), "table_wise", ctx.device, ctx.world_size)
-    D.load_unsharded_state(recsys_dmp, recsys_ref.state_dict())
+    recsys_dmp = SH.shard_model(RecsysModel(spec), "table_wise", ctx.device, ctx.world_size)
+    SH.load_unsharded_state(recsys_dmp, recsys_ref.state_dict())
     recsys_dmp.eval()
     with torch.no_grad():
         got = recsys_dmp(recsys_batch)
@@ -246,22 +250,22 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
     if rank == 0:
         pl.DataFrame({"row": np.arange(10, dtype=np.int64)}).write_parquet(Path(out) / "rows.parquet")
     torch.distributed.barrier()
-    padded = D.read_rank_part(Path(out) / "rows.parquet", rank, world_size, tail="pad")
-    gathered = D.gather_to_rank0({"row": padded["row"].to_numpy() * 10}, n_rows=10)
+    padded = DATA.read_rank_part(Path(out) / "rows.parquet", rank, world_size, tail="pad")
+    gathered = PG.gather_to_rank0({"row": padded["row"].to_numpy() * 10}, n_rows=10)
     results["gather"] = {"local_rows": padded["row"].to_list(), "padding": padded["is_padding"].to_list(), "gathered": None if gathered is None else gathered["row"].tolist()}
-    D.destroy_process_group()
+    PG.destroy_process_group()
 
     # Resume with M = 1: rank 0 alone loads the 2-process row_wise checkpoint into a 1-process,
     # table_wise DMP (tables and their Adagrad state resharded by DCP) and takes one more step.
     if rank == 0:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
             os.environ.pop(key)
-        ctx = D.init_process_group("cpu")
+        ctx = PG.init_process_group("cpu")
         model = TwoTableModel(seed=5)
         _apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": EMBEDDING_LR, "eps": EPS})
-        dmp = D.shard_model(model, "table_wise", ctx.device, ctx.world_size)
-        optimizer = D.keyed_optimizer(dmp, dense_optimizer=lambda params: torch.optim.SGD(params, lr=DENSE_LR))
-        state = D.load_checkpoint(Path(out) / "ckpt" / "row_wise", dmp, optimizer)
+        dmp = SH.shard_model(model, "table_wise", ctx.device, ctx.world_size)
+        optimizer = SH.keyed_optimizer(dmp, dense_optimizer=lambda params: torch.optim.SGD(params, lr=DENSE_LR))
+        state = CK.load_checkpoint(Path(out) / "ckpt" / "row_wise", dmp, optimizer)
         loaded = _shard_diffs(dmp, reference_training(STEPS)[0].state_dict())
         optimizer.zero_grad()
         ((dmp(to_kjt(users, items, history)) - target) ** 2).mean().backward()
@@ -272,7 +276,7 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
             "loaded": loaded,
             "next_step": _shard_diffs(dmp, reference_training(STEPS + 1)[0].state_dict()),
         }
-        D.destroy_process_group()
+        PG.destroy_process_group()
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -338,15 +342,49 @@ def test_fused_embedding_bag_collection_refuses_data_parallel() -> None:
     model = TwoTableModel()
     model.tables = FusedEmbeddingBagCollection(tables=model.tables.embedding_bag_configs(), optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.1})
     with pytest.raises(RecsysError, match="data_parallel"):
-        D.sharding_constraints(model, "data_parallel", 2)
+        SH.sharding_constraints(model, "data_parallel", 2)
 
 
-def test_training_moved_the_weights(session) -> None:
-    """Guard against a vacuous comparison: the reference really changed the tables."""
-    before, (after, momentum) = TwoTableModel().state_dict(), reference_training(STEPS)
-    moved = _max_diff(after.state_dict()["tables.embedding_bags.item.weight"], before["tables.embedding_bags.item.weight"])
-    assert moved > 1e-2
-    assert float(momentum["embedding_bags.item.weight"].max()) > 0
+def test_reference_training_lowers_the_loss_and_updates_only_the_rows_it_looked_up() -> None:
+    """The reference every sharded step is compared with is itself a real row-wise Adagrad step."""
+    before, (after, momentum) = TwoTableModel(), reference_training(STEPS)
+    users, items, history, target = make_batch()
+    kjt = to_kjt(users, items, history)
+    with torch.no_grad():
+        loss_before = float(((before(kjt) - target) ** 2).mean())
+        loss_after = float(((after(kjt) - target) ** 2).mean())
+    assert loss_after < 0.9 * loss_before, (loss_before, loss_after)
+    item_rows = torch.zeros(12, dtype=torch.bool)
+    item_rows[torch.cat([items, history.reshape(-1)])] = True
+    old, new = before.state_dict()["tables.embedding_bags.item.weight"], after.state_dict()["tables.embedding_bags.item.weight"]
+    assert not item_rows.all(), "the batch must leave some rows untouched for this test to mean anything"
+    assert torch.equal(new[~item_rows], old[~item_rows])  # rows outside the batch: not a bit changed
+    assert bool(((new[item_rows] - old[item_rows]).abs().amax(dim=1) > 1e-3).all())  # every looked-up row moved
+    accumulated = momentum["embedding_bags.item.weight"].squeeze(1)
+    assert bool((accumulated[item_rows] > 0).all()) and bool((accumulated[~item_rows] == 0).all())
+
+
+def test_reference_training_equals_fbgemm_fused_row_wise_adagrad_in_one_process() -> None:
+    """The hand-written rule is what fbgemm's fused kernel computes (lr, eps, mean of squared grads per row)."""
+    from torchrec.optim import RowWiseAdagrad
+
+    expected, _ = reference_training(STEPS)
+    model = TwoTableModel()
+    fused = FusedEmbeddingBagCollection(
+        tables=model.tables.embedding_bag_configs(), optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": EMBEDDING_LR, "eps": EPS}
+    )
+    fused.load_state_dict(model.tables.state_dict())
+    model.tables = fused
+    users, items, history, target = make_batch()
+    for _ in range(STEPS):
+        model.zero_grad()
+        ((model(to_kjt(users, items, history)) - target) ** 2).mean().backward()  # the tables update inside backward
+        with torch.no_grad():
+            for p in model.head.parameters():
+                p -= DENSE_LR * p.grad
+    got, want = model.state_dict(), expected.state_dict()
+    for key in ("tables.embedding_bags.user.weight", "tables.embedding_bags.item.weight", "head.weight"):
+        assert _max_diff(got[key], want[key]) < 1e-5, key
 
 
 # -- DCP: saved by 2 processes, loaded by 1 -------------------------------------------------------
@@ -355,7 +393,7 @@ def test_checkpoint_from_two_processes_loads_into_unsharded_model(session, shard
     out = session[0]
     expected, _ = reference_training(STEPS, column_shards=2 if sharding == "column_wise" else 1)
     model = TwoTableModel(seed=7)
-    state = D.load_checkpoint(out / "ckpt" / sharding, model)  # no process group in this process
+    state = CK.load_checkpoint(out / "ckpt" / sharding, model)  # no process group in this process
     assert state == {"step": STEPS, "sharding": sharding}
     for key, value in expected.state_dict().items():
         assert _max_diff(model.state_dict()[key], value) < 1e-5, key
@@ -369,10 +407,10 @@ def test_checkpoint_holds_row_wise_adagrad_state_of_every_table(session, shardin
 
 def test_latest_checkpoint_names_the_complete_one(session) -> None:
     root = session[0] / "ckpt" / "row_wise"
-    assert D.latest_checkpoint(root) == root / f"step-{STEPS}"
-    assert D.latest_checkpoint(session[0] / "nowhere") is None
+    assert CK.latest_checkpoint(root) == root / f"step-{STEPS}"
+    assert CK.latest_checkpoint(session[0] / "nowhere") is None
     with pytest.raises(RecsysError, match="no complete checkpoint"):
-        D.load_checkpoint(session[0] / "nowhere", TwoTableModel())
+        CK.load_checkpoint(session[0] / "nowhere", TwoTableModel())
 
 
 def test_checkpoint_of_two_processes_resumes_in_one_process_with_optimizer_state(session) -> None:
@@ -394,12 +432,12 @@ def test_recsys_model_table_wise_outputs_equal_unsharded(session) -> None:
 
 # -- data per rank ------------------------------------------------------------------------------
 def test_ranks_get_equal_rows_drop_tail() -> None:
-    parts = [D.rank_rows(10, r, 4, "drop") for r in range(4)]
+    parts = [DATA.rank_rows(10, r, 4, "drop") for r in range(4)]
     assert [(p.start, p.stop, p.pad) for p in parts] == [(0, 2, 0), (2, 4, 0), (4, 6, 0), (6, 8, 0)]  # rows 8, 9 dropped
 
 
 def test_ranks_get_equal_rows_pad_tail() -> None:
-    parts = [D.rank_rows(10, r, 4, "pad") for r in range(4)]
+    parts = [DATA.rank_rows(10, r, 4, "pad") for r in range(4)]
     assert [(p.start, p.stop, p.pad) for p in parts] == [(0, 3, 0), (3, 6, 0), (6, 9, 0), (9, 10, 2)]
     assert {p.length for p in parts} == {3}
 
@@ -416,10 +454,10 @@ def test_read_rank_part_pads_with_the_last_row(tmp_path: Path) -> None:
     import polars as pl
 
     pl.DataFrame({"row": list(range(5))}).write_parquet(tmp_path / "rows.parquet")
-    parts = [D.read_rank_part(tmp_path / "rows.parquet", r, 3, tail="pad") for r in range(3)]
+    parts = [DATA.read_rank_part(tmp_path / "rows.parquet", r, 3, tail="pad") for r in range(3)]
     assert [p["row"].to_list() for p in parts] == [[0, 1], [2, 3], [4, 4]]
     assert parts[2]["is_padding"].to_list() == [False, True]
-    assert [len(D.read_rank_part(tmp_path / "rows.parquet", r, 3, tail="drop")) for r in range(3)] == [1, 1, 1]
+    assert [len(DATA.read_rank_part(tmp_path / "rows.parquet", r, 3, tail="drop")) for r in range(3)] == [1, 1, 1]
 
 
 # -- launch: a failing rank is named ---------------------------------------------------------------
@@ -440,7 +478,7 @@ def test_launch_names_the_failed_rank_and_keeps_the_checkpoint(tmp_path: Path) -
     (run / "model" / "checkpoint" / "epoch-1" / ".metadata").write_bytes(b"")
     (run / "model" / "checkpoint" / "latest").write_text("epoch-1\n")
     with pytest.raises(RecsysError) as excinfo:
-        D.launch(run, 2, [], target="failing_worker:work", env={"PYTHONPATH": str(tmp_path / "pkg")})
+        LA.launch(run, 2, [], target="failing_worker:work", env={"PYTHONPATH": str(tmp_path / "pkg")})
     message = str(excinfo.value)
     assert "rank 1 of 2" in message and "ValueError: bad batch in shard 1" in message
     assert "epoch-1" in message and "is kept" in message

@@ -212,7 +212,7 @@ def _valid(**losses: float) -> dict:
 
 
 def test_selection_counts_each_objective_by_its_relative_improvement():
-    from training.train import end_of_epoch
+    from training.epochs import end_of_epoch
 
     cfg = load_config(None, ["train.patience=2"])
     state = {"epoch": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False, "reference_loss": {}, "lr_scale": 1.0}
@@ -230,7 +230,7 @@ def test_selection_counts_each_objective_by_its_relative_improvement():
 
 
 def test_selection_weighs_objectives_by_their_configured_weights():
-    from training.train import selection_score
+    from training.epochs import selection_score
 
     reference = {"click": 0.5, "rating": 1.0, "retrieval": 5.0}
     valid = _valid(click=0.5, rating=2.0, retrieval=5.0)  # the rating loss doubled

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import polars as pl
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from recsys.errors import DataError, RunError
+from recsys.history import padded_history
 from recsys.rundir import RunDir
 
 log = logging.getLogger("recsys.training")
@@ -45,19 +46,6 @@ class TrainingData:
         return int(self.content["image"].shape[1]) if "image" in self.content else 0
 
 
-def padded_history(column: pl.Series, history_len: int) -> np.ndarray:
-    """A ``list[int64]`` column -> ``(N, L)`` int64, left-aligned, padded with 0."""
-    lengths = column.list.len().fill_null(0).to_numpy().astype(np.int64)
-    flat = column.explode().drop_nulls().to_numpy().astype(np.int64)
-    if len(flat) != lengths.sum() or (lengths > history_len).any():
-        raise DataError(f"history column: lists must hold at most {history_len} non-null item indices (meta.json history_len)")
-    padded = np.zeros((len(column), history_len), dtype=np.int64)
-    rows = np.repeat(np.arange(len(column)), lengths)
-    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    padded[rows, cols] = flat
-    return padded
-
-
 def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.DataFrame | None = None) -> Split:
     """One split parquet -> columns: user_idx, item_idx, history (N, L), click, conversion, rating (NaN = unrated).
 
@@ -73,7 +61,7 @@ def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.D
     split = {
         "user_idx": torch.from_numpy(frame["user_idx"].to_numpy().astype(np.int64)),
         "item_idx": torch.from_numpy(frame["item_idx"].to_numpy().astype(np.int64)),
-        "history": torch.from_numpy(padded_history(frame["history"], history_len)),
+        "history": torch.from_numpy(padded_history(frame["history"], history_len, longer="error")),
         "click": torch.from_numpy(frame["click"].to_numpy().astype(np.float32)),
     }
     if tasks.get("conversion"):
@@ -129,13 +117,85 @@ def read_content(run: RunDir, n_items: int, use_text: bool, use_image: bool) -> 
     return content
 
 
+# -- each rank's part of a file ----------------------------------------------------------------
+TailPolicy = Literal["drop", "pad"]
+
+
+@dataclass(frozen=True)
+class RankRows:
+    """Rows ``[start, stop)`` of a file read by one rank, plus ``pad`` copies of row ``n_rows - 1``."""
+
+    start: int
+    stop: int
+    pad: int
+    n_rows: int  # rows in the file
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start + self.pad
+
+
+def rank_rows(n_rows: int, rank: int, world_size: int, tail: TailPolicy = "drop") -> RankRows:
+    """Contiguous, equal-sized row range of ``rank`` so every rank runs the same number of batches.
+
+    ``drop`` (training): each rank gets ``n_rows // world_size`` rows; the last ``n_rows % world_size``
+    rows of the file are skipped (at most world_size - 1). ``pad`` (evaluation): each rank gets
+    ``ceil(n_rows / world_size)`` rows; the last rank(s) repeat the file's last row, and
+    ``gather_to_rank0`` cuts the repeats off again, so every row is predicted exactly once.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of {world_size}")
+    if tail == "drop":
+        per_rank = n_rows // world_size
+        return RankRows(rank * per_rank, (rank + 1) * per_rank, 0, n_rows)
+    if tail == "pad":
+        per_rank = -(-n_rows // world_size)
+        start, stop = min(rank * per_rank, n_rows), min((rank + 1) * per_rank, n_rows)
+        return RankRows(start, stop, per_rank - (stop - start), n_rows)
+    raise ValueError(f"tail must be 'drop' or 'pad', got {tail!r}")
+
+
+def read_rank_part(
+    path: str | Path,
+    rank: int,
+    world_size: int,
+    tail: TailPolicy = "drop",
+    columns: list[str] | None = None,
+    *,
+    interleave: bool = False,
+):
+    """This rank's part of a parquet file (a polars DataFrame; only its row range is read).
+
+    With ``tail="pad"`` a boolean column ``is_padding`` marks the repeated rows. With
+    ``interleave=True`` (``tail="drop"`` only) rank r takes rows r, r + N, r + 2N, ... instead of a
+    contiguous range, so every rank sees the whole span of a file ordered by time (the file is
+    scanned, not sliced: fine on one machine; past it, write the file in N shuffled parts).
+    """
+    lazy = pl.scan_parquet(path)
+    if columns is not None:
+        lazy = lazy.select(columns)
+    n_rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+    part = rank_rows(n_rows, rank, world_size, tail)
+    if interleave:
+        if tail != "drop":
+            raise ValueError("interleave=True needs tail='drop' (gather_to_rank0 restores file order only for contiguous parts)")
+        return lazy.gather_every(world_size, offset=rank).head(part.stop - part.start).collect()
+    frame = lazy.slice(part.start, part.stop - part.start).collect()
+    if tail == "pad":
+        frame = frame.with_columns(is_padding=pl.lit(False))
+        if part.pad:
+            last = lazy.slice(n_rows - 1, 1).collect().with_columns(is_padding=pl.lit(True))
+            frame = pl.concat([frame, *([last] * part.pad)])
+    return frame
+
+
 def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = True, rank: int = 0, world_size: int = 1) -> TrainingData:
     """Everything the training job reads: meta, train/valid splits, feature tables, content.
 
-    With ``world_size > 1`` the splits are this rank's part (``training.distributed.read_rank_part``):
+    With ``world_size > 1`` the splits are this rank's part (``read_rank_part``):
     train rows ``rank, rank + N, ...`` (interleaved, so each rank spans the whole time range; the
     last ``n % N`` rows are left out), valid a contiguous range padded to equal length
-    (``is_padding`` marks the repeats) for ``gather_to_rank0``.
+    (``is_padding`` marks the repeats) for ``training.distributed.process_group.gather_to_rank0``.
     """
     meta_path = run.require(run.data / "meta.json", "prepare")
     meta = json.loads(meta_path.read_text())
@@ -143,8 +203,6 @@ def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = Tru
     train_path, valid_path = run.require(run.data / "train.parquet", "prepare"), run.data / "valid.parquet"
     valid_rows = pl.scan_parquet(valid_path).select(pl.len()).collect().item() if valid_path.is_file() else 0
     if world_size > 1:
-        from training.distributed import read_rank_part
-
         train = read_split(train_path, history_len, tasks, read_rank_part(train_path, rank, world_size, "drop", interleave=True))
         valid = read_split(valid_path, history_len, tasks, read_rank_part(valid_path, rank, world_size, "pad")) if valid_rows else None
     else:

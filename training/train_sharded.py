@@ -1,9 +1,9 @@
-"""The training job in N processes (torchrun + TorchRec DMP): ``training.train.train`` dispatches here.
+"""The training job in N processes (torchrun + TorchRec DMP); ``training.train.train`` dispatches here.
 
 The same epochs as the single-process job, with the tables sharded by TorchRec's planner, the
 dense part in DDP, each rank on its own part of train.parquet, validation gathered to rank 0 and
 DCP checkpoints (written by N processes, resumable by M). Batch size stays global: each rank
-takes B / N rows.
+takes B / N rows. The epoch machinery it shares with the single-process job is in ``training.epochs``.
 """
 
 from __future__ import annotations
@@ -28,17 +28,21 @@ from tqdm import tqdm
 
 from recsys.config import Config
 from recsys.errors import ConfigError, RunError
-from recsys.losses import TaskWeighting, retrieval_logits, retrieval_loss
+from recsys.losses import TaskWeighting, log_q_from_counts, retrieval_logits, retrieval_loss
 from recsys.model import model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_write_text
 from training.data import TrainingData, batches, load_training_data
-from training.distributed import (
-    DistContext, destroy_process_group, gather_to_rank0, in_torchrun, init_process_group, keyed_optimizer, latest_checkpoint, launch,
-    load_unsharded_state, shard_model, unwrap,
+from training.distributed.checkpoint import latest_checkpoint
+from training.distributed.checkpoint import load_checkpoint as load_sharded_checkpoint
+from training.distributed.checkpoint import save_checkpoint as save_sharded_checkpoint
+from training.distributed.launch import in_torchrun, launch
+from training.distributed.process_group import DistContext, destroy_process_group, gather_to_rank0, init_process_group
+from training.distributed.sharding import keyed_optimizer, load_unsharded_state, shard_model, unwrap
+from training.epochs import (
+    add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
+    epochs_summary, head_metrics, log_epoch, loss_names, new_state, resume_digest, set_lr, task_weighting, train_loss_as_valid,
+    truncate_log, valid_summary,
 )  # fmt: skip
-from training.distributed import load_checkpoint as load_sharded_checkpoint
-from training.distributed import save_checkpoint as save_sharded_checkpoint
-from training.train import _clear_checkpoints, add_losses, batch_losses, epochs_summary, head_metrics, check_finite, set_lr, _resume_digest, _truncate_log, _valid_summary, build_model, end_of_epoch, epoch_seed, log_epoch, loss_names
 
 log = logging.getLogger("recsys.training")
 
@@ -58,8 +62,17 @@ def train_sharded(run: RunDir, cfg: Config, resume: bool, nproc: int) -> dict[st
     if cfg.train.loss_weights == "gradnorm":
         raise ConfigError("train.loss_weights = 'gradnorm' works with one process only (its per-task gradient norms are not all-reduced); use 'uncertainty' or 'static' with --nproc > 1")
     if nproc > 1 and not in_torchrun():
-        launch(run.root, nproc, ["--resume"] if resume else [])  # each worker calls train() again, inside torchrun
+        launch(run.root, nproc, ["--resume"] if resume else [])  # each worker runs train_worker
         return json.loads(run.summary_path.read_text())["train"]
+    return _in_process_group(run, cfg, resume)
+
+
+def train_worker(run: RunDir, resume: bool = False) -> dict[str, Any]:
+    """The entry of each torchrun worker (``training.distributed.launch``): one rank of the job."""
+    return _in_process_group(run, run.config(), resume)
+
+
+def _in_process_group(run: RunDir, cfg: Config, resume: bool) -> dict[str, Any]:
     ctx = init_process_group()
     try:
         summary = _train_sharded_worker(run, cfg, resume, ctx)
@@ -252,11 +265,9 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         run.model.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.model / "sharding_plan.txt", f"# train.sharding = {cfg.train.sharding}, {ctx.world_size} ranks\n{dmp.plan}\n")
     tasks = unwrap(dmp).tasks
-    static = {"click": cfg.train.click_weight, "ctcvr": cfg.train.conversion_weight, "rating": cfg.train.rating_weight}
-    weighting = TaskWeighting(loss_names(tasks), cfg.train.loss_weights, static)
+    weighting = task_weighting(tasks, cfg)
     opt, dense_opts = _sharded_optimizer(dmp, weighting, cfg)
-    counts = (item_rows if cfg.train.retrieval_negatives == "all_rows" else item_clicks).double().clamp(min=1.0)
-    log_q = cfg.train.logq_correction * (counts / counts.sum()).log().float()  # recsys.losses.item_log_q over every rank's rows
+    log_q = cfg.train.logq_correction * log_q_from_counts(item_rows if cfg.train.retrieval_negatives == "all_rows" else item_clicks)
     train_rows = int(item_rows.sum())
     if ctx.is_main:
         log.info(
@@ -266,12 +277,10 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         )  # fmt: skip
 
     ckpt_dir = run.model / "checkpoint"
-    state = {"epoch": 0, "global_step": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False, "reference_loss": {}, "lr_scale": 1.0}
+    state = new_state()
     resumed_from = None
     if resume and _uses_sharded_checkpoint(ckpt_dir):
-        saved = json.loads((latest_checkpoint(ckpt_dir) / "train_state.json").read_text())  # type: ignore[operator]
-        if saved.get("config_digest") != _resume_digest(cfg):
-            raise ConfigError(f"{ckpt_dir}: the checkpoint was made with other [model]/[train] settings; start afresh without --resume")
+        check_resume_digest(json.loads((latest_checkpoint(ckpt_dir) / "train_state.json").read_text()), cfg, ckpt_dir)  # type: ignore[operator]
         loaded = load_sharded_checkpoint(ckpt_dir, dmp, opt, extra={"weighting": weighting})
         state = {k: v for k, v in loaded.items() if k in state}
         resumed_from = state["epoch"]
@@ -279,13 +288,13 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
             set_lr(dense_opt, cfg.train.lr * state["lr_scale"])
         if ctx.is_main:
             log.info("resuming after epoch %d (best epoch %d), saved by %d processes, now %d", state["epoch"], state["best_epoch"], loaded.get("world_size", 0), ctx.world_size)
-            _truncate_log(run.train_log, state["epoch"])
+            truncate_log(run.train_log, state["epoch"])
     else:
         if resume and ctx.is_main:
             log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
         if ctx.is_main:
             run.train_log.unlink(missing_ok=True)
-            _clear_checkpoints(ckpt_dir)
+            clear_checkpoints(ckpt_dir)
         dist.barrier()  # nobody writes a checkpoint before rank 0 has cleared the old ones
 
     rates: list[float] = []
@@ -298,16 +307,16 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         if data.valid is not None:
             last_valid = validate_sharded(dmp, weighting, data.valid, data.content, log_q, cfg, data.valid_rows, ctx)
         else:
-            last_valid = {"loss": {}, "auc": {}, "gates": {}, "score": -train_losses["total"]}
+            last_valid = train_loss_as_valid(train_losses)
         epoch_lr = cfg.train.lr * state["lr_scale"]  # the dense lr this epoch ran with
         improved = end_of_epoch(state, last_valid, cfg, epoch)
         for dense_opt in dense_opts:
             set_lr(dense_opt, cfg.train.lr * state["lr_scale"])
-        train_state = {**state, "config_digest": _resume_digest(cfg), "seed": cfg.train.seed, "world_size": ctx.world_size, "sharding": cfg.train.sharding}
+        train_state = {**state, "config_digest": resume_digest(cfg), "seed": cfg.train.seed, "world_size": ctx.world_size, "sharding": cfg.train.sharding}
         checkpoint = save_sharded_checkpoint(ckpt_dir, f"epoch-{epoch:04d}", dmp, opt, train_state, extra={"weighting": weighting})
         if ctx.is_main:
             if improved:  # from the checkpoint just written, before a later epoch's checkpoint replaces it
-                _export_best(run, data, cfg, checkpoint, {"best_epoch": epoch, "valid": _valid_summary(last_valid), "trained_with": {"processes": ctx.world_size, "sharding": cfg.train.sharding}})
+                _export_best(run, data, cfg, checkpoint, {"best_epoch": epoch, "valid": valid_summary(last_valid), "trained_with": {"processes": ctx.world_size, "sharding": cfg.train.sharding}})
             log_epoch(run, epoch, train_losses, last_valid, weighting, improved, rate, epoch_started, lr=epoch_lr, processes=ctx.world_size)
             if state["stopped_early"]:
                 log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)

@@ -1,0 +1,230 @@
+"""The epoch machinery both training jobs share (single-process ``training.train_single`` and
+N-process ``training.train_sharded``): building the model, the loss of a batch, validation
+metrics, model selection and early stopping, the per-epoch log, and checkpoint housekeeping.
+
+The jobs import this module; it imports neither of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recsys import metrics
+from recsys.config import Config, section_dict
+from recsys.errors import ConfigError, RecsysError
+from recsys.losses import LOSS_OF_TASK, TaskWeighting, task_losses
+from recsys.model import ModelSpec, RecsysModel, active_tasks
+from recsys.rundir import RunDir
+from training.data import TrainingData
+
+log = logging.getLogger("recsys.training")
+
+
+# -- the model and its losses -----------------------------------------------------------------
+def build_model(data: TrainingData, cfg: Config) -> RecsysModel:
+    """The module for this run's data; tables still plain TorchRec (``fuse_tables`` swaps them)."""
+    meta = data.meta
+    spec = ModelSpec(
+        n_users=int(meta["n_users"]),
+        n_items=int(meta["n_items"]),
+        history_len=int(meta["history_len"]),
+        text_dim=data.text_dim,
+        image_dim=data.image_dim,
+        tasks=active_tasks(meta["tasks"], cfg.model.tasks),
+        rating_range=tuple(meta.get("rating_range") or (cfg.data.rating_min, cfg.data.rating_max)),
+        user_features=data.user_features,
+        item_features=data.item_features,
+        config=cfg.model,
+    )
+    torch.manual_seed(cfg.train.seed)
+    model = RecsysModel(spec)
+    model.set_feature_values(**data.feature_values)
+    model.set_trained_items(data.train["item_idx"])
+    return model
+
+
+def loss_names(tasks: tuple[str, ...]) -> list[str]:
+    """The loss of each head (the conversion head trains through ESMM's ctcvr loss)."""
+    return [LOSS_OF_TASK[t] for t in tasks]
+
+
+def task_weighting(tasks: tuple[str, ...], cfg: Config) -> TaskWeighting:
+    """The configured combination of the task losses (static weights or learned ones)."""
+    static = {"click": cfg.train.click_weight, "ctcvr": cfg.train.conversion_weight, "rating": cfg.train.rating_weight}
+    return TaskWeighting(loss_names(tasks), cfg.train.loss_weights, static)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Each epoch reseeds from (seed, epoch): its work depends only on the state it starts from."""
+    return seed * 100_003 + epoch
+
+
+def batch_losses(outputs, batch, weighting: TaskWeighting, cfg: Config, retrieval: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-task losses (+ the retrieval loss) and the weighted total ``Σ λ_t L_t + w_r L_retrieval``."""
+    losses = task_losses(outputs, batch, cfg.train.cvr_on_clicks)
+    total = weighting(losses) + cfg.train.retrieval_weight * retrieval
+    losses["retrieval"] = retrieval
+    return losses, total
+
+
+def check_finite(total: torch.Tensor, losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], step: int, where: str) -> None:
+    """Stop the job on a NaN/inf loss, naming where (epoch, step, rank) and the batch."""
+    if torch.isfinite(total):
+        return
+    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    raise RecsysError(
+        f"training stopped: non-finite loss at {where}; batch {step} has {len(batch['click'])} rows, "
+        f"user_idx {batch['user_idx'][:5].tolist()}..., item_idx {batch['item_idx'][:5].tolist()}...; task losses: {shown}. "
+        "Look for NaN/inf in RUN/data features or content, or lower train.lr / train.embedding_lr"
+    )
+
+
+def add_losses(sums: dict[str, float], losses: dict[str, torch.Tensor], total: torch.Tensor, rows: int) -> None:
+    """Row-weighted running sums of each loss and the total (divided by the rows seen at the end)."""
+    for k, v in [*losses.items(), ("total", total)]:
+        sums[k] = sums.get(k, 0.0) + float(v.detach()) * rows
+
+
+# -- validation and model selection ---------------------------------------------------------------
+def head_metrics(labels: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Validation AUCs per head (``auc``) and ``rating_rmse`` from the labels and the heads' scores (keys as ``rank()``)."""
+    click = labels["click"]
+    auc = {"click": metrics.auc(click, scores["p_click"])}
+    if "p_ctcvr" in scores:
+        auc["ctcvr"] = metrics.auc(click * labels["conversion"], scores["p_ctcvr"])
+        clicked = click > 0
+        auc["conversion"] = metrics.auc(labels["conversion"][clicked], scores["p_cvr"][clicked])
+    result: dict[str, Any] = {"auc": auc}
+    if "rating" in scores:
+        rated = ~torch.isnan(labels["rating"])
+        result["rating_rmse"] = metrics.rmse(labels["rating"][rated], scores["rating"][rated])
+    return result
+
+
+def selection_score(valid: dict[str, Any], reference: dict[str, float], cfg: Config) -> float:
+    """Early stopping and model selection: minus the mean relative validation loss over every objective.
+
+    Each loss (click, ctcvr, rating, retrieval) is divided by its value after the first epoch
+    and the ratios averaged with the configured static weights, so every head and the
+    retrieval tower count in proportion to how much it has improved, whatever the scale of
+    its loss. Selecting on the click/ctcvr AUCs alone kept epochs whose ratings had started
+    to over-fit; selecting on the raw sum let the in-batch retrieval loss (about 10x the
+    others, and noisy by about 1% between epochs) stop runs whose heads were still improving.
+    """
+    weights = {"click": cfg.train.click_weight, "ctcvr": cfg.train.conversion_weight, "rating": cfg.train.rating_weight, "retrieval": cfg.train.retrieval_weight}
+    terms = {k: weights.get(k, 1.0) for k in reference if reference[k] > 0 and k in valid["loss"]}
+    if not terms or sum(terms.values()) <= 0:
+        return -float(valid["loss"]["total"])
+    return -sum(w * valid["loss"][k] / reference[k] for k, w in terms.items()) / sum(terms.values())
+
+
+def new_state() -> dict[str, Any]:
+    """The bookkeeping a job carries from epoch to epoch (and in its checkpoint)."""
+    return {"epoch": 0, "global_step": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False, "reference_loss": {}, "lr_scale": 1.0}
+
+
+def train_loss_as_valid(train_losses: dict[str, float]) -> dict[str, Any]:
+    """Without a valid split, selection and early stopping fall back on the training loss."""
+    return {"loss": {}, "auc": {}, "gates": {}, "score": -train_losses["total"]}
+
+
+def end_of_epoch(state: dict[str, Any], last_valid: dict[str, Any], cfg: Config, epoch: int) -> bool:
+    """Early-stopping bookkeeping after ``epoch``; returns whether it is the best so far."""
+    if last_valid["loss"]:  # a validation split: score relative to its losses after the first epoch
+        if not state.get("reference_loss"):
+            state["reference_loss"] = {k: float(v) for k, v in last_valid["loss"].items() if k != "total"}
+        last_valid["score"] = selection_score(last_valid, state["reference_loss"], cfg)
+    improved = state["best_epoch"] == 0 or last_valid["score"] > state["best_score"]
+    if improved:
+        state.update(best_epoch=epoch, best_score=last_valid["score"], bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+        state["lr_scale"] *= cfg.train.plateau_lr_factor  # a plateau: smaller dense steps from here on
+    state["epoch"] = epoch
+    state["stopped_early"] = state["bad_epochs"] >= cfg.train.patience and epoch < cfg.train.epochs
+    return improved
+
+
+def epochs_summary(state: dict[str, Any], resumed_from: int | None) -> dict[str, Any]:
+    """The epoch bookkeeping part of the training summary (both jobs)."""
+    return {
+        "epochs_run": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "best_score": state["best_score"],
+        "score": "minus the mean valid loss relative to epoch 1 over the heads and retrieval (-train loss without a valid split)",
+        "stopped_early": state["stopped_early"],
+        "resumed_from_epoch": resumed_from,
+    }
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every param group's learning rate (the dense optimizers; ``state["lr_scale"]`` records it for --resume)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# -- the per-epoch log ----------------------------------------------------------------------------
+def log_epoch(run: RunDir, epoch: int, train_losses, last_valid, weighting, improved: bool, rate: float, epoch_started: float, **extra: Any) -> None:
+    """One line of RUN/train_log.jsonl (the report reads it) and one log message."""
+    line = {
+        "epoch": epoch,
+        "train_loss": train_losses,
+        "valid_loss": last_valid["loss"],
+        "valid_auc": last_valid["auc"],
+        **({"valid_rating_rmse": last_valid["rating_rmse"]} if "rating_rmse" in last_valid else {}),
+        "score": last_valid["score"],
+        "best": improved,
+        "task_weights": weighting.weights(),
+        "gates": last_valid["gates"],
+        **({"modality_gates": last_valid["modality_gates"]} if "modality_gates" in last_valid else {}),
+        "samples_per_s": rate,
+        "seconds": time.perf_counter() - epoch_started,
+        **extra,
+    }
+    with open(run.train_log, "a") as handle:
+        handle.write(json.dumps(line) + "\n")
+    log.info("epoch %d: train %s | valid auc %s | score %.4f%s", epoch, _fmt(train_losses), _fmt(last_valid["auc"]), last_valid["score"], " (best)" if improved else "")
+
+
+def valid_summary(valid: dict[str, Any]) -> dict[str, Any]:
+    """What ``model.json`` records of the selected epoch's validation."""
+    return {k: valid[k] for k in ("auc", "rating_rmse", "score") if k in valid}
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in values.items())
+
+
+def truncate_log(path: Path, last_epoch: int) -> None:
+    """Drop log lines of epochs after the checkpoint (a killed job may have logged one)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+# -- checkpoint housekeeping ------------------------------------------------------------------------
+def resume_digest(cfg: Config) -> str:
+    """What must not change between a checkpoint and its resume (epochs and patience may)."""
+    train = {k: v for k, v in section_dict(cfg.train).items() if k not in ("epochs", "patience", "nproc")}
+    return hashlib.sha256(json.dumps([section_dict(cfg.model), train], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_resume_digest(saved: dict[str, Any], cfg: Config, ckpt_dir: Path) -> None:
+    """Refuse a checkpoint made with other [model]/[train] settings."""
+    if saved.get("config_digest") != resume_digest(cfg):
+        raise ConfigError(f"{ckpt_dir}: the checkpoint was made with other [model]/[train] settings; start afresh without --resume")
+
+
+def clear_checkpoints(ckpt_dir: Path) -> None:
+    """Remove every checkpoint of an earlier run (single-process files and DCP directories)."""
+    for old in ckpt_dir.glob("*"):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -1,0 +1,230 @@
+"""The training job in one process (``recsys train``, ``train.nproc = 1``): RUN/data + RUN/content -> RUN/model/.
+
+Top to bottom: config -> data -> model (TorchRec tables swapped for the fused row-wise Adagrad
+kernels, dense parameters on Adam) -> epochs with validation and early stopping -> the best
+epoch's weights in ``RUN/model/model.safetensors``. Every epoch writes a checkpoint
+(``RUN/model/checkpoint/``) from which ``--resume`` continues bit-identically: each epoch
+reseeds the RNGs from (seed, epoch), so an epoch's work depends only on the state it starts from.
+The epoch machinery it shares with the N-process job is in ``training.epochs``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchrec.optim as trec_optim
+from safetensors.torch import load_file, save_file
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from tqdm import tqdm
+
+from recsys.config import Config
+from recsys.losses import item_log_q, retrieval_loss
+from recsys.model import RecsysModel, model_state_dict, save_model
+from recsys.rundir import RunDir, atomic_path, write_json
+from training.data import batches, load_training_data
+from training.epochs import (
+    add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
+    epochs_summary, head_metrics, log_epoch, new_state, resume_digest, set_lr, task_weighting, train_loss_as_valid, truncate_log,
+    valid_summary,
+)  # fmt: skip
+
+log = logging.getLogger("recsys.training")
+
+
+def fuse_tables(model: RecsysModel, embedding_lr: float) -> None:
+    """Swap the plain EBC for fbgemm's fused kernels: row-wise Adagrad applied inside backward.
+
+    Same state-dict keys as the plain EBC, so ``model.safetensors`` loads into an unfused model.
+    """
+    plain = model.embedding_tables
+    logging.disable(logging.INFO)  # fbgemm logs every kernel argument at INFO on the root logger
+    try:
+        fused = FusedEmbeddingBagCollection(
+            tables=plain.embedding_bag_configs(), optimizer_type=trec_optim.RowWiseAdagrad, optimizer_kwargs={"lr": embedding_lr}
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    fused.load_state_dict(plain.state_dict())
+    model.embedding_tables = fused
+
+
+# -- one epoch -------------------------------------------------------------------------------
+def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: int, global_step: int) -> tuple[dict[str, float], int, float]:
+    """One pass over the shuffled train split -> mean losses, global step, samples/s."""
+    model.train()
+    torch.manual_seed(epoch_seed(cfg.train.seed, epoch))  # modality dropout
+    n_rows = len(data.train["click"])
+    n_batches = math.ceil(n_rows / cfg.train.batch_size)
+    shared = model.user_tower.mlp[-1].weight  # GradNorm's shared layer: every head reads the user vector
+    sums: dict[str, float] = {}
+    seen, started = 0, time.perf_counter()
+    progress = tqdm(total=n_rows, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False)
+    for step, batch in enumerate(batches(data.train, cfg.train.batch_size, data.content, seed=epoch_seed(cfg.train.seed, epoch)), 1):
+        outputs = model(batch)
+        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature, cfg.train.retrieval_negatives == "all_rows"))
+        check_finite(total, losses, batch, step, f"epoch {epoch}, step {step} of {n_batches} (global step {global_step + 1})")
+        dense_opt.zero_grad(set_to_none=True)
+        gradnorm_grad = None
+        if weighting.mode == "gradnorm":
+            task_only = {k: v for k, v in losses.items() if k != "retrieval"}
+            gradnorm_grad = torch.autograd.grad(weighting.gradnorm_loss(task_only, shared), weighting.gradnorm_w, retain_graph=True)[0]
+        total.backward()  # the TorchRec tables are updated here, by the fused row-wise Adagrad
+        if gradnorm_grad is not None:
+            weighting.gradnorm_w.grad = gradnorm_grad
+        dense_opt.step()
+        weighting.renormalise()
+        global_step += 1
+        rows = len(batch["click"])
+        seen += rows
+        add_losses(sums, losses, total, rows)
+        progress.update(rows)
+        rate = seen / max(time.perf_counter() - started, 1e-9)
+        progress.set_postfix({"samples/s": f"{rate:,.0f}", **{k: f"{v / seen:.4f}" for k, v in sums.items()}}, refresh=False)
+    progress.close()
+    return {k: v / max(seen, 1) for k, v in sums.items()}, global_step, seen / max(time.perf_counter() - started, 1e-9)
+
+
+@torch.no_grad()
+def validate(model, weighting, split, content, log_q, cfg: Config) -> dict[str, Any]:
+    """Losses, AUCs, rating RMSE and mean MMoE gate weights per task over a split."""
+    model.eval()
+    sums: dict[str, float] = {}
+    scores: dict[str, list[torch.Tensor]] = {}
+    gates_sum, n = None, 0
+    for batch in batches(split, cfg.train.batch_size, content):
+        outputs = model(batch)
+        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature, cfg.train.retrieval_negatives == "all_rows"))
+        rows = len(batch["click"])
+        add_losses(sums, losses, total, rows)
+        for k in ("p_click", "p_cvr", "p_ctcvr", "rating"):
+            if k in outputs:
+                scores.setdefault(k, []).append(outputs[k])
+        gates_sum = outputs["gates"].sum(0) if gates_sum is None else gates_sum + outputs["gates"].sum(0)
+        if "modality_gates" in outputs:
+            sums["_modality_gates"] = sums.get("_modality_gates", 0.0) + outputs["modality_gates"].sum(0)
+        n += rows
+    modality_gates = sums.pop("_modality_gates", None)
+    result: dict[str, Any] = {"loss": {k: v / max(n, 1) for k, v in sums.items()}}
+    result.update(head_metrics(split, {k: torch.cat(v) for k, v in scores.items()}))
+    result["gates"] = {t: (gates_sum[i] / max(n, 1)).tolist() for i, t in enumerate(model.tasks)}
+    if modality_gates is not None:  # gated fusion: mean weight of [id, text?, image?]
+        result["modality_gates"] = (modality_gates / max(n, 1)).tolist()
+    return result
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def save_checkpoint(ckpt_dir: Path, model, weighting, dense_opt, state: dict[str, Any]) -> None:
+    """Tensors -> ``epoch-NNNN.safetensors``; then ``state.json`` (the commit point) names it."""
+    tensors = {f"model/{k}": v for k, v in model_state_dict(model).items()}
+    tensors.update({f"weighting/{k}": v.detach().clone() for k, v in weighting.state_dict().items()})
+    dense = dense_opt.state_dict()
+    for i, param_state in dense["state"].items():
+        tensors.update({f"adam/{i}/{k}": v.detach().clone() for k, v in param_state.items()})
+    fused = model.embedding_tables.fused_optimizer().state_dict()["state"]
+    for param_key, param_state in fused.items():
+        tensors.update({f"fused/{param_key}/{k}": v.detach().contiguous().clone() for k, v in param_state.items()})
+    name = f"epoch-{state['epoch']:04d}.safetensors"
+    with atomic_path(ckpt_dir / name) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(ckpt_dir / "state.json", {**state, "tensors": name, "adam_param_groups": dense["param_groups"]})
+    for old in ckpt_dir.glob("epoch-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_checkpoint(ckpt_dir: Path, model, weighting, dense_opt) -> dict[str, Any]:
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    tensors = load_file(str(ckpt_dir / state["tensors"]))
+
+    def section(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    model.load_state_dict(section("model/"), strict=True)
+    weighting.load_state_dict(section("weighting/"), strict=True)
+    adam_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in section("adam/").items():
+        index, name = key.split("/", 1)
+        adam_state.setdefault(int(index), {})[name] = value
+    dense_opt.load_state_dict({"state": adam_state, "param_groups": state["adam_param_groups"]})
+    fused_state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in section("fused/").items():
+        param_key, name = key.split("/", 1)
+        fused_state.setdefault(param_key, {})[name] = value
+    model.embedding_tables.fused_optimizer().load_state_dict({"state": fused_state})  # copies into fbgemm's buffers
+    return state
+
+
+# -- the job -------------------------------------------------------------------------------------
+def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Train on RUN/data (+ RUN/content) in this process; write RUN/model/ and RUN/train_log.jsonl; return the summary."""
+    started = time.perf_counter()
+    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image)
+    model = build_model(data, cfg)
+    fuse_tables(model, cfg.train.embedding_lr)
+    weighting = task_weighting(model.tasks, cfg)
+    dense_opt = torch.optim.Adam(model.dense_parameters() + list(weighting.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    counted = None if cfg.train.retrieval_negatives == "all_rows" else data.train["click"]  # q: the candidates' distribution
+    log_q = cfg.train.logq_correction * item_log_q(data.train["item_idx"], counted, model.spec.n_items)
+    log.info(
+        "train: %d rows, valid: %d rows, tasks %s, text %s, image %s, ranker %s",
+        len(data.train["click"]), len(data.valid["click"]) if data.valid else 0, ",".join(model.tasks),
+        model.use_text, model.use_image, cfg.model.ranker,
+    )
+    if data.valid is None:
+        log.warning("no valid split: early stopping and model selection use the training loss")
+
+    ckpt_dir = run.model / "checkpoint"
+    state = new_state()
+    resumed_from = None
+    if resume and (ckpt_dir / "state.json").is_file():
+        check_resume_digest(json.loads((ckpt_dir / "state.json").read_text()), cfg, ckpt_dir)
+        state = {k: v for k, v in load_checkpoint(ckpt_dir, model, weighting, dense_opt).items() if k in state}
+        resumed_from = state["epoch"]
+        log.info("resuming after epoch %d (best epoch %d)", state["epoch"], state["best_epoch"])
+        truncate_log(run.train_log, state["epoch"])
+    else:
+        if resume:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+        run.train_log.unlink(missing_ok=True)
+        clear_checkpoints(ckpt_dir)
+
+    rates: list[float] = []
+    last_valid: dict[str, Any] = {}
+    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+        if state["stopped_early"]:
+            break
+        epoch_started = time.perf_counter()
+        train_losses, state["global_step"], rate = train_epoch(model, weighting, dense_opt, data, log_q, cfg, epoch, state["global_step"])
+        rates.append(rate)
+        if data.valid is not None:
+            last_valid = validate(model, weighting, data.valid, data.content, log_q, cfg)
+        else:
+            last_valid = train_loss_as_valid(train_losses)
+        epoch_lr = cfg.train.lr * state["lr_scale"]  # the dense lr this epoch ran with
+        improved = end_of_epoch(state, last_valid, cfg, epoch)
+        set_lr(dense_opt, cfg.train.lr * state["lr_scale"])
+        if improved:
+            save_model(model, run.model, {"best_epoch": epoch, "valid": valid_summary(last_valid)})
+        log_epoch(run, epoch, train_losses, last_valid, weighting, improved, rate, epoch_started, lr=epoch_lr)
+        save_checkpoint(ckpt_dir, model, weighting, dense_opt, {**state, "config_digest": resume_digest(cfg), "seed": cfg.train.seed, "rng": "torch.manual_seed(epoch_seed(seed, epoch)) at each epoch start"})
+        if state["stopped_early"]:
+            log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
+
+    summary = {
+        **epochs_summary(state, resumed_from),
+        "train_rows": len(data.train["click"]),
+        "valid_rows": len(data.valid["click"]) if data.valid else 0,
+        "tasks": list(model.tasks),
+        "modalities": {"text": model.use_text, "image": model.use_image},
+        "samples_per_s": float(np.mean(rates)) if rates else None,
+        "seconds": time.perf_counter() - started,
+    }
+    run.record("train", summary)
+    return summary
