@@ -37,16 +37,16 @@ class PlainModel(nn.Module):
         super().__init__()
         self.user_table = nn.EmbeddingBag(users, emb, mode="mean", sparse=True)
         self.item_table = nn.EmbeddingBag(items, emb, mode="mean", sparse=True)
-        self.user_tower = UserTower(2 * emb, dim)
-        self.item_tower = ItemTower(emb, text_dim, 0, dim, fusion="concat")
+        self.user_tower = UserTower(users, [], 0, emb, dim)
+        self.item_tower = ItemTower(items, [], 0, emb, text_dim, 0, dim, fusion="concat")
         self.ranker = MultiTaskRanker(3 * dim, TASKS, "mmoe", 4, 64, 32)
 
     def forward(self, user, history, item, text):
         u_id = self.user_table(user.unsqueeze(1))
         hist = self.item_table(history)
         i_id = self.item_table(item.unsqueeze(1))
-        u = self.user_tower(torch.cat([u_id, hist], dim=-1))
-        v, _ = self.item_tower(i_id, text, torch.ones(len(item), device=item.device))
+        u = self.user_tower({"user_id": u_id, "history": hist}, user)
+        v, _ = self.item_tower({"item_id": i_id}, item, text, torch.ones(len(item), device=item.device))
         logits, _ = self.ranker(torch.cat([u, v, u * v], dim=-1))
         retrieval = F.cross_entropy(u @ v.T / 0.05, torch.arange(len(u), device=u.device))
         return logits, retrieval

@@ -22,13 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from recsys.config import ModelConfig
+from recsys.config import ModelConfig, section_dict
 from recsys.errors import ConfigError, RunError
 from recsys.mmoe import MultiTaskRanker
 from recsys.rundir import atomic_path, write_json
 from recsys.towers import ItemTower, UserTower
 
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: per-id feature buffers live in the towers (user_tower.cat_values, item_tower.trained, ...)
 TASK_ORDER = ("click", "conversion", "rating")
 
 
@@ -58,7 +58,7 @@ class ModelSpec:
 
 
 def _config_json(config: ModelConfig) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    return section_dict(config)
 
 
 def active_tasks(data_tasks: dict[str, bool], wanted: tuple[str, ...]) -> tuple[str, ...]:
@@ -104,100 +104,65 @@ class RecsysModel(nn.Module):
             tables.append(EmbeddingBagConfig(name=key, num_embeddings=cardinalities[key], embedding_dim=emb, feature_names=[key], pooling=PoolingType.MEAN))
         self.embedding_tables = EmbeddingBagCollection(tables=tables)
 
-        # Per-user / per-item feature values, looked up by index so callers pass only ids.
-        self.register_buffer("user_cat", torch.zeros(spec.n_users, len(self.user_cat_keys), dtype=torch.int64))
-        self.register_buffer("user_num", torch.zeros(spec.n_users, len(user_nums)))
-        self.register_buffer("item_cat", torch.zeros(spec.n_items, len(self.item_cat_keys), dtype=torch.int64))
-        self.register_buffer("item_num", torch.zeros(spec.n_items, len(item_nums)))
-        self.user_num_names, self.item_num_names = user_nums, item_nums
-        # Items with training interactions. Others (cold, or added at serving time) have an
-        # untrained id row: they look up the "unknown" id instead and rely on their content.
-        self.register_buffer("item_trained", torch.ones(spec.n_items, dtype=torch.bool))
-
         self.use_text = cfg.use_text and spec.text_dim > 0
         self.use_image = cfg.use_image and spec.image_dim > 0
-        self.user_tower = UserTower(emb * (2 + len(self.user_cat_keys)) + len(user_nums), cfg.dim)
+        self.user_tower = UserTower(spec.n_users, self.user_cat_keys, len(user_nums), emb, cfg.dim)
         self.item_tower = ItemTower(
-            emb * (1 + len(self.item_cat_keys)) + len(item_nums),
+            spec.n_items,
+            self.item_cat_keys,
+            len(item_nums),
+            emb,
             spec.text_dim if self.use_text else 0,
             spec.image_dim if self.use_image else 0,
             cfg.dim,
             fusion=cfg.fusion,
             modality_dropout=cfg.modality_dropout,
+            id_dropout=cfg.id_dropout,
         )
+        self.user_num_names, self.item_num_names = user_nums, item_nums
         self.ranker = MultiTaskRanker(3 * cfg.dim, list(self.tasks), cfg.ranker, cfg.experts, cfg.expert_dim, cfg.tower_dim)
         lo, hi = spec.rating_range
         self.rating_lo, self.rating_span = float(lo), float(hi - lo)
 
     # -- embedding lookups -------------------------------------------------------------
-    def _known(self, idx: torch.Tensor, n: int) -> torch.Tensor:
-        """Ids outside the vocabulary (new users/items) become 0 = unknown."""
-        idx = idx.to(torch.int64)
-        return torch.where((idx > 0) & (idx < n), idx, torch.zeros_like(idx))
-
     def _pooled(self, user_idx: torch.Tensor | None, history: torch.Tensor | None, item_idx: torch.Tensor | None):
         """One KJT over every feature (absent parts empty) -> one call into the tables."""
         batch = next(x for x in (user_idx, item_idx) if x is not None).shape[0]
         empty = torch.zeros(batch, 1, dtype=torch.int64)
-        features: dict[str, torch.Tensor] = {}
-        users = self._known(user_idx, self.spec.n_users) if user_idx is not None else None
-        items = self._known(item_idx, self.spec.n_items) if item_idx is not None else None
-        features["user_id"] = users.unsqueeze(1) if users is not None else empty
-        features["history"] = self._trained_ids(history) if history is not None else empty
-        features["item_id"] = self._item_ids_for_lookup(items).unsqueeze(1) if items is not None else empty
-        for j, key in enumerate(self.user_cat_keys):
-            features[key] = self.user_cat[users, j : j + 1] if users is not None else empty
-        for j, key in enumerate(self.item_cat_keys):
-            features[key] = self._trained_item_values(items, j) if items is not None else empty
+        users = self.user_tower.known(user_idx) if user_idx is not None else None
+        items = self.item_tower.known(item_idx) if item_idx is not None else None
+        user = self.user_tower.lookup(users) if users is not None else {k: empty for k in ["user_id", *self.user_cat_keys]}
+        item = self.item_tower.lookup(items) if items is not None else {k: empty for k in ["item_id", *self.item_cat_keys]}
+        history = self.item_tower.trained_ids(history) if history is not None else empty
+        features = {"user_id": user.pop("user_id"), "history": history, "item_id": item.pop("item_id"), **user, **item}  # the tables' key order
         return self.embedding_tables(padded_to_kjt(features)), users, items
 
-    def _trained_ids(self, idx: torch.Tensor) -> torch.Tensor:
-        """Item indices whose id row was never trained become 0 (dropped from the bag)."""
-        idx = self._known(idx, self.spec.n_items)
-        return torch.where(self.item_trained[idx], idx, torch.zeros_like(idx))
-
-    def _item_ids_for_lookup(self, items: torch.Tensor) -> torch.Tensor:
-        """The item-id feature: untrained ids -> unknown; in training, id dropout hides some ids."""
-        ids = self._trained_ids(items)
-        dropout = self.spec.config.id_dropout
-        if self.training and dropout > 0:
-            ids = torch.where(torch.rand(ids.shape) < dropout, torch.zeros_like(ids), ids)
-        return ids
-
     def set_trained_items(self, item_idx: torch.Tensor) -> None:
-        """Mark which items have training interactions (the rest use the unknown id row)."""
-        self.item_trained.zero_()
-        self.item_trained[0] = True
-        self.item_trained[self._known(item_idx, self.spec.n_items)] = True
+        """Mark which items have training interactions (``ItemTower``: the rest use the unknown id row)."""
+        self.item_tower.set_trained(item_idx)
 
-    def _trained_item_values(self, items: torch.Tensor, j: int) -> torch.Tensor:
-        """Categorical item feature j as ``(B, 1)``; values that no trained item has become 0 (unknown).
+    # Per-id feature values live in the towers; these names are the model's public view of them.
+    @property
+    def user_cat(self) -> torch.Tensor:
+        return self.user_tower.cat_values
 
-        An item-specific value (a creation time, a brand of one) would otherwise give a cold
-        item an untrained, random row.
-        """
-        values = self.item_cat[items, j]
-        seen = torch.isin(values, self.item_cat[self.item_trained, j])
-        return torch.where(seen, values, torch.zeros_like(values)).unsqueeze(1)
+    @property
+    def user_num(self) -> torch.Tensor:
+        return self.user_tower.num_values
 
-    def _user_vectors(self, pooled, users: torch.Tensor) -> torch.Tensor:
-        parts = [pooled["user_id"], pooled["history"], *(pooled[k] for k in self.user_cat_keys), self.user_num[users]]
-        return self.user_tower(torch.cat(parts, dim=-1))
+    @property
+    def item_cat(self) -> torch.Tensor:
+        return self.item_tower.cat_values
 
-    def _item_vectors(self, pooled, items, text, text_mask, image, image_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        parts = [pooled["item_id"], *(pooled[k] for k in self.item_cat_keys), self.item_num[items]]
-        batch = items.shape[0]
-        if self.use_text and text is None:
-            text, text_mask = torch.zeros(batch, self.spec.text_dim), torch.zeros(batch)
-        if self.use_image and image is None:
-            image, image_mask = torch.zeros(batch, self.spec.image_dim), torch.zeros(batch)
-        return self.item_tower(torch.cat(parts, dim=-1), text, text_mask, image, image_mask)
+    @property
+    def item_num(self) -> torch.Tensor:
+        return self.item_tower.num_values
 
     # -- public surface ----------------------------------------------------------------
     def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 -> ``(B, d)``, L2-normalised."""
         pooled, users, _ = self._pooled(user_idx, history, None)
-        return self._user_vectors(pooled, users)
+        return self.user_tower(pooled, users)
 
     def item_vectors(
         self,
@@ -209,7 +174,7 @@ class RecsysModel(nn.Module):
     ) -> torch.Tensor:
         """``item_idx (B,)``, content ``(B, d_text)`` / ``(B, d_image)`` with masks ``(B,)`` -> ``(B, d)``, L2-normalised."""
         pooled, _, items = self._pooled(None, None, item_idx)
-        return self._item_vectors(pooled, items, text, text_mask, image, image_mask)[0]
+        return self.item_tower(pooled, items, text, text_mask, image, image_mask)[0]
 
     def rank(self, user_vec: torch.Tensor, item_vec: torch.Tensor, user_idx: torch.Tensor | None = None, item_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Scores ``(B,)`` for the heads that are on: ``p_click``, ``p_cvr``, ``p_ctcvr``, ``rating``.
@@ -237,8 +202,8 @@ class RecsysModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training/eval pass over a batch (keys as ``training.data``) -> vectors, logits, scores, gates."""
         pooled, users, items = self._pooled(batch["user_idx"], batch["history"], batch["item_idx"])
-        user_vec = self._user_vectors(pooled, users)
-        item_vec, modality_gates = self._item_vectors(
+        user_vec = self.user_tower(pooled, users)
+        item_vec, modality_gates = self.item_tower(
             pooled, items, batch.get("text"), batch.get("text_mask"), batch.get("image"), batch.get("image_mask")
         )
         scores, gates, logits = self._rank(user_vec, item_vec)
@@ -252,7 +217,7 @@ class RecsysModel(nn.Module):
         """Fill the per-user / per-item feature buffers (rows = user_idx / item_idx)."""
         for name, value in (("user_cat", user_cat), ("user_num", user_num), ("item_cat", item_cat), ("item_num", item_num)):
             if value is not None:
-                buffer = getattr(self, name)
+                buffer = getattr(self, name)  # the tower's buffer, filled in place
                 if tuple(value.shape) != tuple(buffer.shape):
                     raise ValueError(f"{name}: expected shape {tuple(buffer.shape)}, got {tuple(value.shape)}")
                 buffer.copy_(value)
@@ -284,6 +249,11 @@ def load_model(model_dir: str | Path) -> RecsysModel:
         if not (model_dir / name).is_file():
             raise RunError(f"{model_dir / name} is missing: run `recsys train --run {model_dir.parent}` first")
     meta = json.loads((model_dir / "model.json").read_text())
+    if meta.get("version") != MODEL_VERSION:
+        raise RunError(
+            f"{model_dir / 'model.json'} is model version {meta.get('version')}, this recsys reads version {MODEL_VERSION}: "
+            f"train it again with `recsys train --run {model_dir.parent}`"
+        )
     model = RecsysModel(ModelSpec.from_json(meta))
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
     return model.eval()

@@ -352,10 +352,10 @@ def test_id_dropout_hides_item_ids_only_in_training():
     items = torch.arange(1, 21)
     model.train()
     torch.manual_seed(0)
-    hidden = (model._item_ids_for_lookup(items) == 0).float().mean().item()
+    hidden = (model.item_tower.id_lookup(items) == 0).float().mean().item()
     model.eval()
     assert 0.25 < hidden < 0.75
-    assert torch.equal(model._item_ids_for_lookup(items), items)
+    assert torch.equal(model.item_tower.id_lookup(items), items)
 
 
 def test_item_feature_values_no_trained_item_has_are_looked_up_as_unknown():
@@ -363,7 +363,7 @@ def test_item_feature_values_no_trained_item_has_are_looked_up_as_unknown():
     model.set_trained_items(torch.tensor([1, 2]))
     model.item_cat[1:3, 0] = 1
     model.item_cat[7, 0], model.item_cat[8, 0] = 1, 2  # item 7 shares a trained item's value; item 8's value is unseen
-    assert model._trained_item_values(torch.tensor([7, 8]), 0).tolist() == [[1], [0]]
+    assert model.item_tower.categorical_lookup(torch.tensor([7, 8])).tolist() == [[1], [0]]
     model.item_cat[8, 0] = 0
     before = model.item_vectors(torch.tensor([8]))
     model.item_cat[8, 0] = 2  # an unseen value is the same as no value
