@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from recsys.errors import DataError
+from recsys.metrics import auc
 from recsys.rundir import write_json, write_parquet
 
 TOPIC_WORDS: dict[str, tuple[str, ...]] = {
@@ -564,11 +565,6 @@ def _label_stats(rows: dict[str, np.ndarray], items: _Items) -> dict[str, Any]:
 
 
 def _auc(score: np.ndarray, label: np.ndarray) -> float | None:
-    """ROC AUC by the rank-sum formula (scores are continuous, ties negligible)."""
-    positives = int(label.sum())
-    negatives = len(label) - positives
-    if positives == 0 or negatives == 0:
-        return None
-    ranks = np.empty(len(score))
-    ranks[np.argsort(score, kind="stable")] = np.arange(1, len(score) + 1)
-    return round(float((ranks[label].sum() - positives * (positives + 1) / 2) / (positives * negatives)), 4)
+    """``recsys.metrics.auc`` rounded for truth.json; None (JSON null) when one class is absent."""
+    value = auc(label, score)
+    return round(value, 4) if math.isfinite(value) else None

@@ -1,8 +1,9 @@
-"""The evaluation step on a tiny hand-built run directory (RUN/data, RUN/content, RUN/model per architecture.md)."""
+"""The evaluation step on a tiny hand-built run directory, and the retrieval protocol on a hand-set catalogue."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +12,24 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from recsys.config import ModelConfig, load_config
+from recsys.config import EvalConfig, ModelConfig, load_config
 from recsys.errors import RunError
+from recsys.history import padded_history
+from recsys.model import ModelSpec, RecsysModel, load_model, save_model
 from recsys.rundir import RunDir, read_json, write_json
-
-model_module = pytest.importorskip("recsys.model", reason="recsys.model (RecsysModel, save_model) is not written yet")
-from training.evaluate import evaluate, padded_history, rank_catalogue  # noqa: E402
+from training.baseline import MFSpec
+from training.evaluate import all_item_vectors, evaluate, load_content
+from training.retrieval import rank_catalogue, retrieval_section
 
 N_USERS, N_ITEMS, HISTORY_LEN, TEXT_DIM, IMAGE_DIM = 12, 30, 4, 6, 5  # real ids 1..N, index 0 reserved
 ALL_TASKS = ("click", "conversion", "rating")
+
+
+def pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUC by counting every (positive, negative) pair: 1 when the positive scores higher, 1/2 on a tie."""
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    difference = positive[:, None].astype(np.float64) - negative[None, :].astype(np.float64)
+    return float(((difference > 0) + 0.5 * (difference == 0)).sum() / difference.size)
 
 
 def _split(rng: np.random.Generator, rows: int, t0: int, tasks: tuple[str, ...]) -> pl.DataFrame:
@@ -68,11 +78,11 @@ def make_run(root: Path, tasks: tuple[str, ...] = ALL_TASKS, ann_recall: float |
     run.content.mkdir()
     save_file({"text": torch.randn(N_ITEMS + 1, TEXT_DIM), "text_mask": text_mask, "image": torch.randn(N_ITEMS + 1, IMAGE_DIM), "image_mask": image_mask}, str(run.content / "embeddings.safetensors"))
 
-    spec = model_module.ModelSpec(
+    spec = ModelSpec(
         n_users=N_USERS + 1, n_items=N_ITEMS + 1, history_len=HISTORY_LEN, text_dim=TEXT_DIM, image_dim=IMAGE_DIM, tasks=tasks,
         config=ModelConfig(dim=8, embedding_dim=8, experts=3, expert_dim=8, tower_dim=4),
     )  # fmt: skip
-    model_module.save_model(model_module.RecsysModel(spec), run.model, {"best_epoch": 1})
+    save_model(RecsysModel(spec), run.model, {"best_epoch": 1})
     if ann_recall is not None:
         write_json(run.index / "index.json", {"type": "flat", "dim": 8, "count": N_ITEMS, "sha256": "x", "params": {}, "ann_recall@100": ann_recall})
     run.train_log.write_text("".join(json.dumps({"epoch": e, "train_loss": {"click": 0.7 - 0.1 * e}, "task_weights": {"click": 1.0}}) + "\n" for e in (1, 2)))
@@ -117,13 +127,53 @@ def test_metrics_json_has_exactly_the_design_keys(full_run):
     assert written["click"] == returned["click"]
 
 
-def test_headline_click_auc_matches_the_written_predictions(full_run):
-    from recsys.metrics import auc
-
-    run, metrics = full_run
+def test_headline_metrics_equal_a_pairwise_count_over_the_written_predictions(full_run):
+    run, returned = full_run
+    written = read_json(run.metrics_path)
     p = pl.read_parquet(run.predictions / "test.parquet")
     test = pl.read_parquet(run.data / "test.parquet")
-    assert metrics["click"]["auc"] == pytest.approx(auc(test["click"].to_numpy(), p["p_click"].to_numpy()), abs=1e-6)
+    click = test["click"].to_numpy().astype(np.int64)
+    conversion = test["conversion"].to_numpy().astype(np.int64)
+    clicked = click == 1
+    assert 0 < clicked.sum() < test.height and 0 < conversion[clicked].sum() < clicked.sum()  # every AUC is defined
+    p_click = p["p_click"].to_numpy().astype(np.float64)
+    assert written["click"]["auc"] == pytest.approx(pairwise_auc(click, p_click), abs=1e-9)
+    assert written["click"]["logloss"] == pytest.approx(-np.mean(click * np.log(p_click) + (1 - click) * np.log(1 - p_click)), rel=1e-6)
+    assert written["conversion"]["auc"] == pytest.approx(pairwise_auc(conversion[clicked], p["p_conversion"].to_numpy()[clicked]), abs=1e-9)
+    assert written["ctcvr"]["auc"] == pytest.approx(pairwise_auc(click * conversion, p["p_ctcvr"].to_numpy()), abs=1e-9)
+    rated = test["rating"].is_not_null().to_numpy()
+    error = p["rating_pred"].to_numpy()[rated].astype(np.float64) - test["rating"].to_numpy()[rated]
+    assert written["rating"]["rmse"] == pytest.approx(np.sqrt(np.mean(error**2)), rel=1e-5)
+    assert written["rating"]["mae"] == pytest.approx(np.mean(np.abs(error)), rel=1e-5)
+    assert written["click"] == returned["click"] and written["rating"] == returned["rating"]
+
+
+def test_retrieval_counts_are_the_test_users_with_a_click_not_seen_in_train_or_valid(full_run):
+    run, metrics = full_run
+    splits = {name: pl.read_parquet(run.data / f"{name}.parquet").filter(pl.col("click") == 1) for name in ("train", "valid", "test")}
+    known = {(u, i) for name in ("train", "valid") for u, i in splits[name].select("user_idx", "item_idx").iter_rows()}
+    test_clicks = set(splits["test"].select("user_idx", "item_idx").iter_rows())
+    evaluated = {u for u, i in test_clicks - known}
+    assert metrics["counts"]["retrieval_users"] == len(evaluated) > 0
+    assert metrics["counts"]["retrieval_users_without_relevant"] == len({u for u, _ in test_clicks} - evaluated)
+
+
+def test_metrics_json_recall_is_the_mean_share_of_each_users_new_test_clicks_in_their_top_k(full_run):
+    run, metrics = full_run
+    model = load_model(run.model)
+    test = pl.read_parquet(run.data / "test.parquet")
+    result = rank_catalogue(run, model, all_item_vectors(model, load_content(run, model)), test, run.config().eval)
+    known = pl.concat([pl.read_parquet(run.data / f"{s}.parquet") for s in ("train", "valid")]).filter(pl.col("click") == 1)
+    known_pairs = set(known.select("user_idx", "item_idx").iter_rows())
+    relevant: dict[int, set[int]] = {}
+    for u, i in test.filter(pl.col("click") == 1).select("user_idx", "item_idx").iter_rows():
+        if (u, i) not in known_pairs:
+            relevant.setdefault(u, set()).add(i)
+    top = {int(u): [int(i) for i in items] for u, items in zip(result.user_idx, result.top_items)}
+    assert top.keys() == relevant.keys()
+    for k in (10, 20):
+        expected = np.mean([len(relevant[u] & set(top[u][:k])) / len(relevant[u]) for u in relevant])
+        assert metrics["retrieval"][f"recall@{k}"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_absent_tasks_and_ann_are_left_out(click_only_run):
@@ -134,9 +184,6 @@ def test_absent_tasks_and_ann_are_left_out(click_only_run):
 
 def test_retrieval_lists_never_contain_a_users_train_or_valid_positive(full_run):
     run, _ = full_run
-    from recsys.model import load_model
-    from training.evaluate import all_item_vectors, load_content
-
     model = load_model(run.model)
     test = pl.read_parquet(run.data / "test.parquet")
     result = rank_catalogue(run, model, all_item_vectors(model, load_content(run, model)), test, run.config().eval)
@@ -146,10 +193,15 @@ def test_retrieval_lists_never_contain_a_users_train_or_valid_positive(full_run)
     assert not recommended & set(zip(positives["user_idx"].to_list(), positives["item_idx"].to_list()))
 
 
-def test_report_files_and_summary_are_written(full_run):
-    run, _ = full_run
-    assert run.report_html.is_file() and run.report_md.is_file()
-    assert read_json(run.summary_path)["evaluate"]["test_rows"] == 90
+def test_report_md_shows_this_runs_metrics_and_the_summary_its_counts(full_run):
+    run, metrics = full_run
+    report_md = run.report_md.read_text()
+    assert f"| Click AUC | {metrics['click']['auc']:.3f} |" in report_md
+    assert f"| Click log loss | {metrics['click']['logloss']:.3f} |" in report_md
+    assert f"90 test rows, {metrics['counts']['retrieval_users']} users in the retrieval metrics, {N_ITEMS} catalogue items." in report_md
+    assert "<h2>Retrieval</h2>" in run.report_html.read_text()
+    summary = read_json(run.summary_path)["evaluate"]
+    assert summary["test_rows"] == 90 and summary["retrieval_users"] == metrics["counts"]["retrieval_users"]
 
 
 def test_slices_count_rows_of_items_without_text(full_run):
@@ -184,14 +236,103 @@ def test_padded_history_keeps_the_last_items_oldest_first():
     assert padded_history(history, 4).tolist() == [[3, 4, 5, 6], [0, 0, 0, 0], [9, 0, 0, 0]]
 
 
-def test_retrieval_history_is_the_last_known_clicks_of_train_and_valid_not_test(tmp_path):
-    from training.evaluate import _known_history
+# -- the retrieval protocol on a hand-set catalogue ------------------------------------------
+class HandSetUserVectors:
+    """Test double of the model for ``rank_catalogue``: user u's vector is row u of a fixed table.
 
-    run = RunDir(tmp_path / "run")
+    It records the (unpadded) history each user's vector was asked for.
+    """
+
+    def __init__(self, vectors: torch.Tensor, n_items: int, history_len: int):
+        self.spec = MFSpec(n_users=vectors.shape[0], n_items=n_items, history_len=history_len)
+        self.vectors = vectors
+        self.histories: dict[int, list[int]] = {}
+
+    def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        for user, row in zip(user_idx.tolist(), history.tolist()):
+            self.histories[user] = [item for item in row if item != 0]
+        return self.vectors[user_idx]
+
+
+def _rows(rows: list[tuple[int, int, int, int, bool]]) -> pl.DataFrame:
+    """(user_idx, item_idx, timestamp, click, sampled) rows as a prepared split."""
+    schema = {"user_idx": pl.Int64, "item_idx": pl.Int64, "timestamp": pl.Int64, "click": pl.Int8, "sampled": pl.Boolean}
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _hand_set_run(root: Path, train: list, valid: list) -> RunDir:
+    run = RunDir(root)
     run.data.mkdir(parents=True)
-    split = lambda rows: pl.DataFrame(rows, schema={"user_idx": pl.Int64, "item_idx": pl.Int64, "timestamp": pl.Int64, "click": pl.Int8, "sampled": pl.Boolean}, orient="row")  # noqa: E731
-    split([(1, 5, 30, 1, False), (1, 6, 10, 1, False), (1, 7, 40, 0, False), (1, 8, 50, 0, True), (2, 9, 5, 1, False)]).write_parquet(run.data / "train.parquet")
-    split([(1, 4, 20, 1, False), (1, 3, 60, 1, False)]).write_parquet(run.data / "valid.parquet")
-    split([(1, 2, 15, 1, False)]).write_parquet(run.data / "test.parquet")  # a test click earlier than train ones: never history
-    known = {row["user_idx"]: row["history"] for row in _known_history(run, length=3).iter_rows(named=True)}
-    assert known == {1: [4, 5, 3], 2: [9]}  # by time: 6@10, 4@20, 5@30, 3@60 -> last 3; unclicked and sampled rows left out
+    _rows(train).write_parquet(run.data / "train.parquet")
+    _rows(valid).write_parquet(run.data / "valid.parquet")
+    return run
+
+
+# Items 1..6; user u's score for an item is column u - 1 of its vector (user vectors are one-hot).
+# Row 0 is padding: it would top every list if it were ranked.
+ITEM_VECTORS = torch.tensor(
+    [
+        # user 1, user 2, user 3
+        [5.0, 5.0, 5.0],  # 0 padding
+        [0.9, 0.1, 0.2],  # 1: user 1's train click, their top score
+        [0.3, 0.2, 0.95],  # 2: user 3's train click, their top score
+        [0.8, 0.9, 0.1],  # 3: user 2's train click
+        [0.7, 0.3, 0.4],  # 4: user 1's valid click
+        [0.6, 0.4, 0.3],
+        [0.1, 0.5, 0.5],
+    ]
+)
+USER_VECTORS = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # row 0 unknown user
+
+
+def test_full_ranking_on_a_hand_set_catalogue_gives_the_hand_computed_recall_and_ndcg(tmp_path):
+    train = [(1, 1, 10, 1, False), (2, 3, 11, 1, False), (3, 2, 12, 1, False), (3, 5, 13, 0, False), (1, 6, 10, 0, True)]
+    run = _hand_set_run(tmp_path / "run", train=train, valid=[(1, 4, 20, 1, False)])
+    test = _rows([
+        (1, 2, 30, 1, False), (1, 5, 31, 1, False), (1, 5, 36, 1, False),  # item 5 clicked twice: one relevant pair
+        (1, 1, 32, 1, False),  # a re-click of user 1's train item: excluded, so not relevant
+        (2, 3, 33, 1, False), (2, 6, 34, 0, False),  # user 2's only test click is their train item: not evaluated
+        (3, 6, 35, 1, False),
+    ])  # fmt: skip
+    model = HandSetUserVectors(USER_VECTORS, n_items=7, history_len=3)
+    result = rank_catalogue(run, model, ITEM_VECTORS, test, EvalConfig(ks=(1, 2, 3, 10)))
+
+    # User 1 without items 1 and 4 (train, valid): 3 (.8), 5 (.6), 2 (.3), 6 (.1); relevant 2 and 5 at ranks 2 and 1.
+    # User 3 without item 2 (train): 6 (.5), 4 (.4), 5 (.3), 1 (.2), 3 (.1); relevant 6 at rank 0.
+    # K = 10 is cut to the 6 catalogue items; short lists pad with 0.
+    assert result.user_idx.tolist() == [1, 3]
+    assert result.users_without_relevant == 1
+    assert result.top_items.tolist() == [[3, 5, 2, 6, 0, 0], [6, 4, 5, 1, 3, 0]]
+    assert model.histories == {1: [1, 4], 3: [2]}  # known clicks, oldest first; the non-click and the sampled row left out
+    assert result.item_popularity.tolist() == [0, 1, 1, 1, 0, 0, 0]  # clicked train rows per item (valid not counted)
+
+    # g = 1 / log2(3) = 0.63093 (gain at rank 1); gain at rank 2 = 1 / log2(4) = 0.5.
+    # recall@K, user 1 (2 relevant): 0, 1/2, 1, 1 at K = 1, 2, 3, 10; user 3: 1 at every K.
+    #   means: (0 + 1) / 2 = 0.5, (0.5 + 1) / 2 = 0.75, 1, 1.
+    # ndcg@K, user 1: 0; g / (1 + g) = 0.38685; (g + 0.5) / (1 + g) = 0.69343 (also at K = 10: ideal DCG stops at 2 items).
+    #   user 3: 1 at every K. means: 0.5, 0.69343, 0.84671, 0.84671.
+    g = 1 / math.log2(3)
+    expected = {
+        "recall@1": 0.5, "recall@2": 0.75, "recall@3": 1.0, "recall@10": 1.0,
+        "ndcg@1": 0.5, "ndcg@2": (g / (1 + g) + 1) / 2, "ndcg@3": ((g + 0.5) / (1 + g) + 1) / 2, "ndcg@10": ((g + 0.5) / (1 + g) + 1) / 2,
+    }  # fmt: skip
+    assert retrieval_section(result, (1, 2, 3, 10)) == pytest.approx(expected, abs=1e-9)
+    assert expected["ndcg@2"] == pytest.approx(0.69343, abs=1e-5) and expected["ndcg@3"] == pytest.approx(0.84671, abs=1e-5)
+
+
+def test_without_the_exclusion_the_training_positive_would_have_ranked_first(tmp_path):
+    # The same user 1 with no known clicks: item 1 (.9) and item 4 (.7) take ranks 0 and 2, pushing 5 and 2 to 3 and 4.
+    run = _hand_set_run(tmp_path / "run", train=[(2, 3, 11, 1, False)], valid=[])
+    test = _rows([(1, 2, 30, 1, False), (1, 5, 31, 1, False)])
+    result = rank_catalogue(run, HandSetUserVectors(USER_VECTORS, n_items=7, history_len=3), ITEM_VECTORS, test, EvalConfig(ks=(3,)))
+    assert result.top_items.tolist() == [[1, 3, 4]]
+    assert retrieval_section(result, (3,))["recall@3"] == 0.0
+
+
+def test_retrieval_user_vector_sees_the_last_known_clicks_of_train_and_valid_not_test(tmp_path):
+    train = [(1, 5, 30, 1, False), (1, 6, 10, 1, False), (1, 7, 40, 0, False), (1, 8, 50, 0, True), (2, 9, 5, 1, False)]
+    run = _hand_set_run(tmp_path / "run", train=train, valid=[(1, 4, 20, 1, False), (1, 3, 60, 1, False)])
+    test = _rows([(1, 2, 15, 1, False), (2, 1, 70, 1, False)])  # user 1's test click is earlier than train ones: never history
+    model = HandSetUserVectors(torch.randn(3, 4), n_items=10, history_len=3)
+    rank_catalogue(run, model, torch.randn(10, 4), test, EvalConfig(ks=(5,)))
+    assert model.histories == {1: [4, 5, 3], 2: [9]}  # by time: 6@10, 4@20, 5@30, 3@60 -> last 3; unclicked and sampled rows left out

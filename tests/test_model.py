@@ -292,6 +292,44 @@ def test_uncertainty_weighting_is_exp_minus_s_times_loss_plus_s():
     torch.testing.assert_close(total, torch.tensor(math.exp(-0.5) * 2 + 0.5 + math.exp(1.0) * 3 - 1.0))
 
 
+def test_uncertainty_weighting_settles_at_one_over_each_tasks_loss():
+    # For a fixed loss L, exp(-s) L + s is smallest where its derivative 1 - exp(-s) L is 0: s* = log L,
+    # so the learned weight exp(-s*) is 1 / L. Adam on the log-variances alone, losses held fixed.
+    losses = {"click": torch.tensor(0.5), "ctcvr": torch.tensor(2.0), "rating": torch.tensor(8.0)}
+    weighting = TaskWeighting(list(losses), "uncertainty")
+    optimizer = torch.optim.Adam(weighting.parameters(), lr=0.05)
+    for _ in range(1000):
+        optimizer.zero_grad()
+        weighting(losses).backward()
+        optimizer.step()
+    weights = weighting.weights()
+    for name, loss in losses.items():
+        assert weights[name] == pytest.approx(1 / float(loss), rel=1e-3), (name, weights)
+
+
+def test_gradnorm_lowers_the_weight_of_the_task_whose_gradient_norm_runs_ahead():
+    # On one shared layer the click loss has 10x the gradient of the rating loss; both losses stay where
+    # they started (equal training rates), so GradNorm's target is the mean weighted norm and it moves
+    # weight from click to rating, towards w_click * 10 = w_rating. The update is the training loop's:
+    # the gradient of gradnorm_loss w.r.t. the weights only, an Adam step, renormalise (sum = 2 tasks).
+    shared = torch.nn.Parameter(torch.tensor([1.0, -0.5, 0.25]))
+    weighting = TaskWeighting(["click", "rating"], "gradnorm")
+    optimizer = torch.optim.Adam([weighting.gradnorm_w], lr=0.05)
+    ratios = []
+    for _ in range(10):
+        losses = {"click": 10 * shared.pow(2).sum(), "rating": shared.pow(2).sum()}
+        optimizer.zero_grad()
+        weighting.gradnorm_w.grad = torch.autograd.grad(weighting.gradnorm_loss(losses, shared), weighting.gradnorm_w)[0]
+        optimizer.step()
+        weighting.renormalise()
+        ratios.append(weighting.weights()["click"] / weighting.weights()["rating"])
+    weights = weighting.weights()
+    assert weights["click"] < 1.0 < weights["rating"], weights
+    assert sum(weights.values()) == pytest.approx(2.0)
+    assert all(later < earlier for earlier, later in zip(ratios, ratios[1:])), ratios  # every step lowers click relative to rating
+    assert ratios[-1] > 0.1 - 1e-6, ratios  # and not past the balance point w_click / w_rating = 1 / 10
+
+
 def test_static_weighting_uses_the_configured_lambdas():
     weighting = TaskWeighting(["click", "ctcvr"], "static", {"click": 1.0, "ctcvr": 0.25})
     torch.testing.assert_close(weighting({"click": torch.tensor(2.0), "ctcvr": torch.tensor(4.0)}), torch.tensor(3.0))

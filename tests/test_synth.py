@@ -166,6 +166,32 @@ def test_base_rates_are_realistic_and_the_oracle_separates_clicks(large: tuple[P
     assert summary["oracle_click_auc"] > 0.75
 
 
+def test_oracle_aucs_count_every_pair_with_a_tie_as_one_half(tmp_path: Path) -> None:
+    # 20 users x 50 impressions over 30 items: most (user, item) pairs are shown more than once, with
+    # the same true probabilities, so the oracle's scores tie and the tie rule shows in the 4th decimal.
+    summary = synthesize(tmp_path, users=20, items=30, seed=5, images=False)
+    frame = pl.read_parquet(tmp_path / "interactions.parquet")
+    truth = pl.read_parquet(tmp_path / "truth.parquet")
+    click, conversion = frame["click"].to_numpy() == 1, frame["conversion"].to_numpy() == 1
+    p_click, p_conversion = truth["p_click"].to_numpy(), truth["p_conversion"].to_numpy()
+    assert np.unique(p_click).size < p_click.size / 2
+
+    def pairwise_auc(positive: np.ndarray, scores: np.ndarray) -> float:  # every (positive, negative) pair
+        difference = scores[positive][:, None] - scores[~positive][None, :]
+        return float(((difference > 0) + 0.5 * (difference == 0)).mean())
+
+    assert summary["oracle_click_auc"] == pytest.approx(pairwise_auc(click, p_click), abs=5.1e-5)  # rounded to 4 decimals
+    assert summary["oracle_conversion_auc"] == pytest.approx(pairwise_auc(conversion[click], p_conversion[click]), abs=5.1e-5)
+    assert summary["oracle_ctcvr_auc"] == pytest.approx(pairwise_auc(conversion, p_click * p_conversion), abs=5.1e-5)
+
+
+def test_oracle_auc_is_null_when_no_row_converts(tmp_path: Path) -> None:
+    summary = synthesize(tmp_path, users=3, items=4, interactions=6, seed=1, images=False)
+    assert pl.read_parquet(tmp_path / "interactions.parquet")["conversion"].sum() == 0
+    assert summary["oracle_conversion_auc"] is None and summary["oracle_ctcvr_auc"] is None
+    assert summary["oracle_click_auc"] is not None
+
+
 def test_content_oracle_knows_less_than_the_oracle_but_far_more_than_chance(large: tuple[Path, dict]) -> None:
     clicks = pl.read_parquet(large[0] / "interactions.parquet")["click"].to_numpy()
     truth = pl.read_parquet(large[0] / "truth.parquet")

@@ -2,7 +2,7 @@
 
 - Retrieval: BPR-MF (Rendle et al., UAI 2009) on the train split's clicked (user, item) pairs,
   one uniformly sampled negative item per positive. Its factors rank the catalogue with the
-  same protocol as the model's towers (``training.evaluate.rank_catalogue``).
+  same protocol as the model's towers (``training.retrieval.rank_catalogue``).
 - Rating: biased MF, ``mu + b_u + b_i + p_u . q_i``, least squares on the rated train rows.
 
 No content, no history, no side features: what ids alone give, as a yardstick for the model.

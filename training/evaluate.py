@@ -3,6 +3,7 @@
 Reads RUN/data (test rows, train/valid positives), RUN/content (item text/image embeddings),
 RUN/model and RUN/index/index.json. Writes RUN/predictions/test.parquet, RUN/metrics.json
 (keys fixed by DESIGN.md, plus extra sections the report reads) and RUN/report.{html,md}.
+The full-catalogue retrieval protocol behind ``retrieval.*`` lives in ``training.retrieval``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from tqdm import tqdm
 from recsys import metrics as m
 from recsys.config import EvalConfig
 from recsys.errors import RunError
+from recsys.history import padded_history
 from recsys.model import RecsysModel, load_model
 from recsys.rundir import RunDir, read_json, write_json, write_parquet
 from training import baseline, report
+from training.retrieval import RetrievalResult, mean_over_users, rank_catalogue, retrieval_section
 
 log = logging.getLogger("recsys")
 
 BATCH_ROWS = 4096  # test rows scored per forward pass
-SCORES_PER_BATCH = 20_000_000  # users x catalogue items scored per step (~80 MB of float32)
 LEVEL = 0.9  # bootstrap interval level
 ACTIVITY_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, None))  # history length at the event (inclusive bounds)
 PROBABILITY_HEADS = {"click": ("p_click", "click"), "conversion": ("p_cvr", "conversion"), "ctcvr": ("p_ctcvr", "ctcvr")}
@@ -44,20 +46,6 @@ class Content:
     text_mask: torch.Tensor | None
     image: torch.Tensor | None
     image_mask: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class RetrievalResult:
-    """Per-user ranking metrics and the data the report slices them by."""
-
-    user_idx: np.ndarray  # (U,) the evaluated users, ascending
-    per_user: dict[str, np.ndarray]  # name -> (U,) over evaluated users
-    user_history_len: np.ndarray  # (U,) length of the known (train + valid) history the user vector used
-    pair_item_idx: np.ndarray  # (P,) relevant (user, item) pairs: item_idx
-    pair_ranks: np.ndarray  # (P,) 0-based rank, or metrics.NOT_RETRIEVED
-    top_items: np.ndarray  # (U, max K) item_idx, 0 where nothing eligible
-    item_popularity: np.ndarray  # (n_items,) clicked train rows per item_idx
-    users_without_relevant: int  # test users whose clicked items were all training positives
 
 
 def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
@@ -79,7 +67,7 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     metrics_out: dict[str, Any] = row_metrics(labels, scores)  # the task sections, over all test rows
     item_vecs = all_item_vectors(model, content)
     retrieval = rank_catalogue(run, model, item_vecs, test, cfg)
-    metrics_out["retrieval"] = {f"{name}@{k}": _mean(retrieval.per_user[f"{name}@{k}"]) for name in ("recall", "ndcg") for k in cfg.ks}
+    metrics_out["retrieval"] = retrieval_section(retrieval, cfg.ks)
     if cfg.baseline_mf:
         metrics_out["baseline_mf"] = baseline_mf(run, model, test, cfg)
     ann = _ann_recall(run)
@@ -123,7 +111,7 @@ def baseline_mf(run: RunDir, model: RecsysModel, test: pl.DataFrame, cfg: EvalCo
     spec = baseline.MFSpec(model.spec.n_users, model.spec.n_items, model.spec.history_len)
     bpr = baseline.train_bpr(train_rows, spec)
     ranking = rank_catalogue(run, bpr, bpr.item_vectors(), test, cfg)
-    out: dict[str, Any] = {"retrieval": {f"{name}@{k}": _mean(ranking.per_user[f"{name}@{k}"]) for name in ("recall", "ndcg") for k in cfg.ks}}
+    out: dict[str, Any] = {"retrieval": retrieval_section(ranking, cfg.ks)}
     rating_mf = baseline.train_rating_mf(train_rows, spec.n_users, spec.n_items) if "rating" in test.columns else None
     if rating_mf is not None:
         rated = test.filter(pl.col("rating").is_not_null())
@@ -162,18 +150,6 @@ def content_masks(run: RunDir) -> dict[str, np.ndarray]:
     return {name: tensors[name].numpy().astype(bool) for name in ("text_mask", "image_mask") if name in tensors}
 
 
-def padded_history(history: pl.Series, length: int) -> np.ndarray:
-    """list[int64] column -> (N, length) int64, oldest first, padded with 0 at the end (last ``length`` kept)."""
-    lists = history.list.tail(length)
-    lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
-    flat = lists.explode().drop_nulls().to_numpy().astype(np.int64)
-    out = np.zeros((len(history), length), dtype=np.int64)
-    rows = np.repeat(np.arange(len(history)), lengths)
-    cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, cols] = flat
-    return out
-
-
 def _item_content(content: Content, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
     """Content rows for a batch of item indices (only the modalities present)."""
     out: dict[str, torch.Tensor] = {}
@@ -190,7 +166,7 @@ def score_rows(model: RecsysModel, test: pl.DataFrame, content: Content) -> tupl
     """Every head's score for every test row, and the ranker's gate weights averaged over rows (T, E)."""
     user_idx = torch.from_numpy(test["user_idx"].to_numpy().astype(np.int64))
     item_idx = torch.from_numpy(test["item_idx"].to_numpy().astype(np.int64))
-    history = torch.from_numpy(padded_history(test["history"], model.spec.history_len))
+    history = torch.from_numpy(padded_history(test["history"], model.spec.history_len, longer="error"))  # as the training batches
     heads = ["p_click"] + (["p_cvr", "p_ctcvr"] if "conversion" in model.tasks else []) + (["rating"] if "rating" in model.tasks else [])
     chunks: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
     gate_sum: torch.Tensor | None = None
@@ -268,7 +244,7 @@ def intervals(
         lambda idx: _flatten(row_metrics(labels, scores, idx)), user_ids.size, groups=user_ids, n_boot=cfg.bootstrap, level=LEVEL, seed=0
     )
     users = m.bootstrap_intervals(
-        lambda idx: {f"retrieval.{name}": _mean(v[idx]) for name, v in retrieval.per_user.items()},
+        lambda idx: {f"retrieval.{name}": mean_over_users(v[idx]) for name, v in retrieval.per_user.items()},
         retrieval.user_idx.size,
         n_boot=cfg.bootstrap,
         level=LEVEL,
@@ -323,107 +299,15 @@ def rating_distribution(true: np.ndarray, predicted: np.ndarray, rating_range: l
     }
 
 
-# -- retrieval ---------------------------------------------------------------------------
-def _positive_pairs(run: RunDir, n_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clicked (user_idx, item_idx) pairs of train and valid, and clicked train rows per item_idx (popularity)."""
-    frames = [pl.read_parquet(run.require(run.data / "train.parquet", "prepare"), columns=["user_idx", "item_idx", "click"])]
-    if (run.data / "valid.parquet").is_file():
-        frames.append(pl.read_parquet(run.data / "valid.parquet", columns=["user_idx", "item_idx", "click"]))
-    popularity = np.bincount(frames[0].filter(pl.col("click") == 1)["item_idx"].to_numpy(), minlength=n_items)[:n_items]
-    positives = pl.concat(frames).filter(pl.col("click") == 1).select("user_idx", "item_idx").unique()
-    return positives.to_numpy().astype(np.int64), popularity
-
-
-def _known_history(run: RunDir, length: int) -> pl.DataFrame:
-    """Each user's last ``length`` clicked items of train + valid, oldest first: all the model may know of them.
-
-    This is the user's history at the end of the known data, whatever the split: with a
-    temporal split it equals the history at their first test event; with a random split (the
-    GroupLens files) it is what a matrix factorisation of the same rows also sees.
-    """
-    frames = []
-    for split in ("train", "valid"):
-        path = run.data / f"{split}.parquet"
-        if path.is_file():
-            frame = pl.scan_parquet(path)
-            keep = pl.col("click") == 1
-            if "sampled" in frame.collect_schema().names():
-                keep = keep & ~pl.col("sampled")
-            frames.append(frame.filter(keep).select("user_idx", "item_idx", "timestamp"))
-    return (
-        pl.concat(frames).sort(["user_idx", "timestamp"])
-        .group_by("user_idx", maintain_order=True)
-        .agg(pl.col("item_idx").cast(pl.Int64).tail(length).alias("history"))
-        .collect()
-    )  # fmt: skip
-
-
-@torch.inference_mode()
-def rank_catalogue(run: RunDir, model: RecsysModel, item_vecs: torch.Tensor, test: pl.DataFrame, cfg: EvalConfig) -> RetrievalResult:
-    """Full-catalogue ranking for each test user with a clicked test item, training positives excluded."""
-    n_items = model.spec.n_items
-    positives, popularity = _positive_pairs(run, n_items)
-    known = _known_history(run, model.spec.history_len)
-    relevant = test.filter(pl.col("click") == 1).select("user_idx", "item_idx").unique()
-
-    def pair_key(users: Any, items: Any) -> np.ndarray:  # one int64 per (user_idx, item_idx)
-        return np.asarray(users, np.int64) * n_items + np.asarray(items, np.int64)
-
-    seen_before = np.isin(pair_key(relevant["user_idx"], relevant["item_idx"]), pair_key(positives[:, 0], positives[:, 1]))
-    users_with_clicks = relevant["user_idx"].n_unique()
-    relevant = relevant.filter(~pl.Series(seen_before))
-    users_without_relevant = users_with_clicks - relevant["user_idx"].n_unique()
-    users = (
-        relevant.select("user_idx").unique()
-        .join(known, on="user_idx", how="left")
-        .with_columns(pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64))))
-        .sort("user_idx")
-    )  # fmt: skip
-    if cfg.max_eval_users and users.height > cfg.max_eval_users:
-        users = users.sample(cfg.max_eval_users, seed=0).sort("user_idx")
-    user_idx = users["user_idx"].to_numpy().astype(np.int64)
-    row_of_user = np.full(model.spec.n_users + 1, -1, dtype=np.int64)
-    row_of_user[user_idx] = np.arange(user_idx.size)
-    history = torch.from_numpy(padded_history(users["history"], model.spec.history_len))
-
-    k_max = min(max(cfg.ks), n_items - 1)
-    catalogue = item_vecs[1:]  # column j is item_idx j + 1
-    excluded = positives[row_of_user[np.clip(positives[:, 0], 0, model.spec.n_users)] >= 0]
-    excluded_rows, excluded_cols = row_of_user[excluded[:, 0]], excluded[:, 1] - 1
-    top = np.full((user_idx.size, k_max), -1, dtype=np.int64)
-    batch_users = max(1, min(1024, SCORES_PER_BATCH // max(catalogue.shape[0], 1)))
-    for start in tqdm(range(0, user_idx.size, batch_users), desc="evaluate: ranking the catalogue", leave=False):
-        stop = min(start + batch_users, user_idx.size)
-        user_vec = model.user_vectors(torch.from_numpy(user_idx[start:stop]), history[start:stop])
-        in_batch = (excluded_rows >= start) & (excluded_rows < stop)
-        exclude = torch.zeros(stop - start, catalogue.shape[0], dtype=torch.bool)
-        exclude[torch.from_numpy(excluded_rows[in_batch] - start), torch.from_numpy(excluded_cols[in_batch])] = True
-        top[start:stop] = m.top_k(user_vec @ catalogue.T, k_max, exclude).numpy()
-
-    relevant = relevant.filter(pl.col("user_idx").is_in(user_idx))
-    pair_user = row_of_user[relevant["user_idx"].to_numpy()]
-    pair_item = relevant["item_idx"].to_numpy().astype(np.int64)
-    ranks = m.relevant_ranks(top, pair_user, pair_item - 1)
-    return RetrievalResult(
-        user_idx=user_idx,
-        per_user=m.retrieval_per_user(ranks, pair_user, user_idx.size, cfg.ks),
-        user_history_len=users["history"].list.len().fill_null(0).to_numpy(),
-        pair_item_idx=pair_item,
-        pair_ranks=ranks,
-        top_items=top + 1,  # back to item_idx; -1 padding becomes 0
-        item_popularity=popularity,
-        users_without_relevant=int(users_without_relevant),
-    )
-
-
+# -- retrieval beyond accuracy ------------------------------------------------------------
 def beyond_accuracy(retrieval: RetrievalResult, ks: tuple[int, ...], n_catalogue: int) -> dict[str, Any]:
     """Hit rate, MRR, catalogue coverage and popularity bias of the top-K lists."""
     out: dict[str, Any] = {}
     for k in ks:
         top = retrieval.top_items[:, :k] - 1  # catalogue columns; -1 = nothing eligible
         bias = m.popularity_bias(top, retrieval.item_popularity[1:])
-        out[f"hit_rate@{k}"] = _mean(retrieval.per_user[f"hit_rate@{k}"])
-        out[f"mrr@{k}"] = _mean(retrieval.per_user[f"mrr@{k}"])
+        out[f"hit_rate@{k}"] = mean_over_users(retrieval.per_user[f"hit_rate@{k}"])
+        out[f"mrr@{k}"] = mean_over_users(retrieval.per_user[f"mrr@{k}"])
         out[f"coverage@{k}"] = m.catalogue_coverage(top, n_catalogue)
         out[f"gini@{k}"] = bias["gini"]
         out[f"mean_log_popularity@{k}"] = bias["mean_log_popularity"]
@@ -475,7 +359,7 @@ def slices(
         rows = (row_history >= lo) & (row_history <= (hi if hi is not None else np.iinfo(np.int64).max))
         users = (retrieval.user_history_len >= lo) & (retrieval.user_history_len <= (hi if hi is not None else np.iinfo(np.int64).max))
         entry = {"rows": int(rows.sum()), **_flatten(row_metrics(labels, scores, rows)), "users": int(users.sum())}
-        entry[f"retrieval.recall@{k}"] = _mean(retrieval.per_user[f"recall@{k}"][users]) if users.any() else None
+        entry[f"retrieval.recall@{k}"] = mean_over_users(retrieval.per_user[f"recall@{k}"][users]) if users.any() else None
         out["user_activity"][name] = entry
     return out
 
@@ -498,11 +382,6 @@ def _ann_recall(run: RunDir) -> float | None:
         return None
     value = read_json(path).get("ann_recall@100")
     return float(value) if value is not None else None
-
-
-def _mean(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")
 
 
 def _flatten(nested: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -1,0 +1,182 @@
+"""Full-catalogue retrieval evaluation: the protocol behind ``retrieval.recall@K`` and ``retrieval.ndcg@K``.
+
+The protocol, as ``rank_catalogue`` implements it (RUN/data splits, item_idx 0 = padding):
+
+- Known data: the clicked (``click == 1``) rows of the train split and, when
+  RUN/data/valid.parquet exists, of the valid split. Nothing of the test split enters a
+  user's vector or their exclusions.
+- Relevant: a user's distinct clicked test items; a (user, item) pair counts once however
+  often it was clicked. A clicked test item that the user also clicked in train or valid (a
+  re-click) is not relevant: it is excluded from the ranking, so it could never be found.
+- Evaluated users: every test user with at least one relevant item left, in ascending
+  user_idx. Users whose clicked test items were all train/valid positives are not
+  evaluated; they are counted in ``users_without_relevant`` (metrics.json
+  ``counts.retrieval_users_without_relevant``). Test users without a click are not
+  evaluated either. With ``eval.max_eval_users > 0`` and more users than that, a uniform
+  sample of that many users (seed 0) is evaluated.
+- User vector: ``model.user_vectors(user_idx, history)``, with history the user's last
+  ``history_len`` known clicks (sampled negatives never count), ordered by timestamp,
+  oldest first, 0-padded (all padding when the user has no known click). This is the
+  user's state at the end of the known data, the same for all their test items: with a
+  temporal split it is their history at their first test event; with a random split (the
+  GroupLens files) it is what a matrix factorisation of the same rows also sees.
+- Ranked items: item_idx 1 .. n_items - 1 (padding row 0 never), scored by the dot
+  product of the user vector and ``item_vecs[item_idx]``. Every item the user clicked in
+  train or valid is excluded. The top ``min(max(ks), n_items - 1)`` eligible items are
+  kept, by ``torch.topk``: equal scores are ordered as it returns them (no defined
+  tie-break). A user with fewer eligible items than that gets a shorter list.
+- Per user, with R relevant items at 0-based ranks r (``metrics.retrieval_per_user``):
+  ``recall@K = #{r < K} / R`` (R, not min(R, K): a user with more than K relevant items
+  cannot reach 1); ``ndcg@K = sum_{r < K} 1 / log2(r + 2)`` over the ideal
+  ``sum_{j < min(R, K)} 1 / log2(j + 2)`` (binary gains); ``hit_rate@K``; ``mrr@K`` = 1 /
+  (best rank + 1), 0 when no relevant item is in the top K. A relevant item beyond the
+  kept list is a miss at every K.
+- Headline value: the mean over evaluated users, each user weighing the same
+  (``retrieval_section``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from recsys import metrics as m
+from recsys.config import EvalConfig
+from recsys.history import padded_history
+from recsys.rundir import RunDir
+
+SCORES_PER_BATCH = 20_000_000  # users x catalogue items scored per step (~80 MB of float32)
+
+
+class IdSpace(Protocol):
+    """The sizes the protocol reads from a model's spec (``ModelSpec``, ``baseline.MFSpec``)."""
+
+    @property
+    def n_users(self) -> int: ...
+    @property
+    def n_items(self) -> int: ...
+    @property
+    def history_len(self) -> int: ...
+
+
+class UserTower(Protocol):
+    """What ``rank_catalogue`` needs of a model: its id space and user vectors."""
+
+    @property
+    def spec(self) -> IdSpace: ...
+
+    def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` user_idx, ``(B, history_len)`` item_idx -> ``(B, d)``."""
+        ...
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    """Per-user ranking metrics and the data the report slices them by."""
+
+    user_idx: np.ndarray  # (U,) the evaluated users, ascending
+    per_user: dict[str, np.ndarray]  # name -> (U,) over evaluated users
+    user_history_len: np.ndarray  # (U,) length of the known (train + valid) history the user vector used
+    pair_item_idx: np.ndarray  # (P,) relevant (user, item) pairs: item_idx
+    pair_ranks: np.ndarray  # (P,) 0-based rank, or metrics.NOT_RETRIEVED
+    top_items: np.ndarray  # (U, min(max K, n_items - 1)) item_idx, 0 where nothing eligible
+    item_popularity: np.ndarray  # (n_items,) clicked train rows per item_idx
+    users_without_relevant: int  # test users whose clicked items were all train/valid positives
+
+
+@torch.inference_mode()
+def rank_catalogue(run: RunDir, model: UserTower, item_vecs: torch.Tensor, test: pl.DataFrame, cfg: EvalConfig) -> RetrievalResult:
+    """Rank the whole catalogue for each evaluated test user (module docstring); ``item_vecs`` is ``(n_items, d)``."""
+    n_items, history_len = model.spec.n_items, model.spec.history_len
+    known = _known_clicks(run)
+    excluded = known.select("user_idx", "item_idx").unique()
+    relevant = test.filter(pl.col("click") == 1).select(pl.col("user_idx", "item_idx").cast(pl.Int64)).unique()
+    users_with_clicks = relevant["user_idx"].n_unique()
+    relevant = relevant.join(excluded, on=["user_idx", "item_idx"], how="anti")  # re-clicks can never be retrieved
+    users_without_relevant = users_with_clicks - relevant["user_idx"].n_unique()
+
+    users = (
+        relevant.select("user_idx").unique()
+        .join(_known_history(known, history_len), on="user_idx", how="left")
+        .with_columns(pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64))))
+        .sort("user_idx")
+    )  # fmt: skip
+    if cfg.max_eval_users and users.height > cfg.max_eval_users:
+        users = users.sample(cfg.max_eval_users, seed=0).sort("user_idx")
+    user_idx = users["user_idx"].to_numpy().astype(np.int64)
+    history = torch.from_numpy(padded_history(users["history"], history_len))
+    row_of_user = pl.DataFrame({"user_idx": user_idx, "row": np.arange(user_idx.size, dtype=np.int64)})
+    excluded = excluded.join(row_of_user, on="user_idx")  # only the evaluated users' exclusions
+    excluded_rows, excluded_cols = excluded["row"].to_numpy(), excluded["item_idx"].to_numpy().astype(np.int64) - 1
+
+    k_max = min(max(cfg.ks), n_items - 1)
+    catalogue = item_vecs[1:]  # column j is item_idx j + 1
+    top = np.full((user_idx.size, k_max), -1, dtype=np.int64)
+    batch_users = max(1, min(1024, SCORES_PER_BATCH // max(catalogue.shape[0], 1)))
+    for start in tqdm(range(0, user_idx.size, batch_users), desc="evaluate: ranking the catalogue", leave=False):
+        stop = min(start + batch_users, user_idx.size)
+        user_vec = model.user_vectors(torch.from_numpy(user_idx[start:stop]), history[start:stop])  # (B, d)
+        in_batch = (excluded_rows >= start) & (excluded_rows < stop)
+        exclude = torch.zeros(stop - start, catalogue.shape[0], dtype=torch.bool)
+        exclude[torch.from_numpy(excluded_rows[in_batch] - start), torch.from_numpy(excluded_cols[in_batch])] = True
+        top[start:stop] = m.top_k(user_vec @ catalogue.T, k_max, exclude).numpy()
+
+    pairs = relevant.join(row_of_user, on="user_idx")  # relevant pairs of the evaluated users
+    pair_user, pair_item = pairs["row"].to_numpy(), pairs["item_idx"].to_numpy().astype(np.int64)
+    ranks = m.relevant_ranks(top, pair_user, pair_item - 1)
+    return RetrievalResult(
+        user_idx=user_idx,
+        per_user=m.retrieval_per_user(ranks, pair_user, user_idx.size, cfg.ks),
+        user_history_len=users["history"].list.len().fill_null(0).to_numpy(),
+        pair_item_idx=pair_item,
+        pair_ranks=ranks,
+        top_items=top + 1,  # back to item_idx; -1 padding becomes 0
+        item_popularity=_train_popularity(known, n_items),
+        users_without_relevant=int(users_without_relevant),
+    )
+
+
+def retrieval_section(result: RetrievalResult, ks: tuple[int, ...]) -> dict[str, float]:
+    """metrics.json's ``retrieval`` section: ``recall@K`` and ``ndcg@K``, means over evaluated users."""
+    return {f"{name}@{k}": mean_over_users(result.per_user[f"{name}@{k}"]) for name in ("recall", "ndcg") for k in ks}
+
+
+def mean_over_users(values: np.ndarray) -> float:
+    """Mean of per-user values, users without a relevant item (nan) left out; nan when none is left."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _known_clicks(run: RunDir) -> pl.DataFrame:
+    """Clicked rows of train and valid (user_idx, item_idx, timestamp, split), in file order: all the protocol may use."""
+    paths = {"train": run.require(run.data / "train.parquet", "prepare"), "valid": run.data / "valid.parquet"}
+    frames = []
+    for split, path in paths.items():
+        if not path.is_file():
+            continue
+        frame = pl.scan_parquet(path)
+        clicked = pl.col("click") == 1
+        if "sampled" in frame.collect_schema().names():
+            clicked = clicked & ~pl.col("sampled")  # sampled negatives carry click = 0; never a positive either way
+        frames.append(frame.filter(clicked).select(pl.col("user_idx", "item_idx", "timestamp").cast(pl.Int64), split=pl.lit(split)))
+    return pl.concat(frames).collect()
+
+
+def _known_history(known: pl.DataFrame, length: int) -> pl.DataFrame:
+    """Each user's last ``length`` known clicked items, oldest first (equal timestamps: train before valid, file order)."""
+    return (
+        known.sort(["user_idx", "timestamp"], maintain_order=True)
+        .group_by("user_idx", maintain_order=True)
+        .agg(pl.col("item_idx").tail(length).alias("history"))
+    )  # fmt: skip
+
+
+def _train_popularity(known: pl.DataFrame, n_items: int) -> np.ndarray:
+    """Clicked train rows per item_idx, ``(n_items,)``: the popularity the beyond-accuracy metrics compare with."""
+    train_items = known.filter(pl.col("split") == "train")["item_idx"].to_numpy()
+    return np.bincount(train_items, minlength=n_items)[:n_items]
