@@ -85,13 +85,12 @@ def prepare(run: RunDir) -> dict[str, Any]:
             events, negatives = _add_negatives(events, len(items_vocab), cfg)
     with stages("history and write"):
         events = events.sort(["user_idx", "timestamp", "seq"], maintain_order=True)  # negatives right after their positive
-        bounded = _history_bounds(events.lazy(), cfg.history_len).collect()
+        bounded, clicks = _history_bounds(events, cfg.history_len)
         del events
-        clicked_items = bounded.filter(pl.col("click") == 1)["item_idx"].to_numpy()
         train_rows = int((bounded["split"] == 0).sum())
         if train_rows == 0:
             raise DataError(f"{ds.root}: the {split_mode} split leaves 0 rows in train; give a split column with train rows or set data.split")
-        rows_out = _write_splits(bounded, clicked_items, users_vocab["user_id"], items_vocab["item_id"], run.data)
+        rows_out = _write_splits(bounded, clicks, users_vocab["user_id"], items_vocab["item_id"], run.data)
         history_len = bounded.select(n=(pl.col("hist_end") - pl.col("hist_start")))["n"]
         history = {"mean_len": round(float(history_len.mean() or 0.0), 3), "empty_rows": int((history_len == 0).sum())}
 
@@ -106,6 +105,8 @@ def prepare(run: RunDir) -> dict[str, Any]:
         "item_features": item_features,
         "split": split_mode,
         "rows": rows_out,
+        "history_rule": HISTORY_RULE,
+        **({"negatives_rule": NEGATIVES_RULE} if negatives["sampled"] else {}),
     }
     write_json(run.data / "meta.json", meta)
     interacted = bounded.filter(~pl.col("sampled"))["item_idx"].n_unique()
@@ -293,20 +294,29 @@ def sample_negatives(
 
 
 def _add_negatives(events: pl.DataFrame, n_items: int, cfg: DataConfig) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Append sampled click negatives for every positive (all splits); popularity from train positives."""
+    """Append sampled click negatives for every positive (all splits).
+
+    Popularity comes from train positives. A row's negatives exclude the user's positives of
+    the splits at or before its own (``NEGATIVES_RULE``): a train row's never depend on what
+    the user does in valid or test.
+    """
     events = events.sort(["user_idx", "timestamp", "seq"])  # sampling order fixed for determinism
     positives = events.filter(pl.col("click") == 1)
     train_items = positives.filter(pl.col("split") == 0)["item_idx"].to_numpy()
     if len(train_items) == 0:
-        train_items = positives["item_idx"].to_numpy()
+        raise DataError("prepare: no train positives to sample click negatives from (every positive is in valid or test); check the split")
     popularity = np.bincount(train_items, minlength=n_items + 1)
-    rows, items = sample_negatives(
-        positives["user_idx"].to_numpy(), positives["user_idx"].to_numpy(), positives["item_idx"].to_numpy(),
-        popularity, cfg.negatives_per_positive, cfg.negative_alpha, cfg.seed,
-    )
-    parents = positives.select("seq", "user_idx", "timestamp", "split")[rows]
+    parts = []
+    for code in range(len(SPLITS)):
+        rows_of_split = positives.filter(pl.col("split") == code)
+        known = positives.filter(pl.col("split") <= code)  # the positives a row of this split may be kept off
+        rows, items = sample_negatives(
+            rows_of_split["user_idx"].to_numpy(), known["user_idx"].to_numpy(), known["item_idx"].to_numpy(),
+            popularity, cfg.negatives_per_positive, cfg.negative_alpha, cfg.seed + 1_000_003 * code,
+        )
+        parts.append(rows_of_split.select("seq", "user_idx", "timestamp", "split")[rows].with_columns(item_idx=pl.Series(items, dtype=pl.Int64)))
+    parents = pl.concat(parts)
     negatives = parents.with_columns(
-        item_idx=pl.Series(items, dtype=pl.Int64),
         click=pl.lit(0, dtype=pl.Int8),
         sampled=pl.lit(True),
         **({"conversion": pl.lit(0, dtype=pl.Int8)} if "conversion" in events.columns else {}),
@@ -320,23 +330,45 @@ def _add_negatives(events: pl.DataFrame, n_items: int, cfg: DataConfig) -> tuple
 
 
 # -- history -------------------------------------------------------------------------------
-def _history_bounds(events: pl.LazyFrame, history_len: int) -> pl.LazyFrame:
-    """Add hist_start/hist_end: the row's history is clicked[hist_start:hist_end] of the global click array.
+# The leak-free rule: which splits' clicks a row of each split may have in its history (besides
+# being strictly earlier in time). Train rows see earlier train events; valid rows earlier train
+# and valid events; test rows earlier train and valid events, never other test events (a model
+# deployed at the data's cut has not seen them). Level = the index of the click array a row reads.
+VISIBLE_SPLITS = ((0,), (0, 1))
+LEVEL_OF_SPLIT = (0, 1, 1)
+HISTORY_RULE = (
+    "a row's history holds the user's clicks strictly earlier in time and from a split at or before its own: "
+    "train rows see train, valid rows train + valid, test rows train + valid (never other test events)"
+)
+NEGATIVES_RULE = "a sampled negative of a row is never one of the user's positives in the splits at or before the row's (train rows: train only)"
 
-    ``events`` must be sorted by (user_idx, timestamp). hist_end counts the clicks before the
-    row's (user, timestamp) group, so the event itself, later events and same-time events are
-    never in its history.
+
+def _history_bounds(events: pl.DataFrame, history_len: int) -> tuple[pl.DataFrame, tuple[np.ndarray, ...]]:
+    """Add hist_start/hist_end: a row's history is ``clicks[LEVEL_OF_SPLIT[split]][hist_start:hist_end]``.
+
+    ``events`` must be sorted by (user_idx, timestamp); without a ``split`` column every row is
+    train. Each level's click array holds the clicks of its visible splits in that order, so a
+    row's history is the run of its user's clicks with an earlier timestamp (same-time events and
+    the event itself are never in it), cut to the last ``history_len``.
     """
-    click = pl.col("click").cast(pl.Int64)
-    clicks_before = click.cum_sum() - click  # global clicks before this row in sort order
-    new_user = (pl.col("user_idx") != pl.col("user_idx").shift()).fill_null(True)
-    new_time = new_user | (pl.col("timestamp") != pl.col("timestamp").shift()).fill_null(True)
-    return events.with_columns(
-        hist_end=pl.when(new_time).then(clicks_before).forward_fill(),
-        user_first_click=pl.when(new_user).then(clicks_before).forward_fill(),
-    ).with_columns(
-        hist_start=pl.max_horizontal("user_first_click", pl.col("hist_end") - history_len),
-    ).drop("user_first_click")
+    split = events["split"].to_numpy().astype(np.int64) if "split" in events.columns else np.zeros(len(events), np.int64)
+    users = events["user_idx"].to_numpy().astype(np.int64)
+    time_rank = events["timestamp"].rank("dense").to_numpy().astype(np.int64)  # 1..T: keys stay small
+    stride = int(time_rank.max()) + 1 if len(time_rank) else 1
+    key = users * stride + time_rank  # non-decreasing in the sort order
+    clicked = events["click"].to_numpy() == 1
+    items = events["item_idx"].to_numpy()
+    start, end = np.zeros(len(events), np.int64), np.zeros(len(events), np.int64)
+    sources = []
+    for level, visible in enumerate(VISIBLE_SPLITS):
+        source = clicked & np.isin(split, visible)
+        source_keys = key[source]
+        rows = np.flatnonzero(np.isin(split, [s for s, lv in enumerate(LEVEL_OF_SPLIT) if lv == level]))
+        end[rows] = np.searchsorted(source_keys, key[rows], side="left")  # clicks before the row's (user, time)
+        first = np.searchsorted(source_keys, users[rows] * stride, side="left")  # the user's first click
+        start[rows] = np.maximum(first, end[rows] - history_len)
+        sources.append(items[source])
+    return events.with_columns(hist_start=pl.Series(start), hist_end=pl.Series(end)), tuple(sources)
 
 
 def _history_lists(start: np.ndarray, end: np.ndarray, clicked_items: np.ndarray) -> pl.Series:
@@ -357,11 +389,19 @@ def _history_lists(start: np.ndarray, end: np.ndarray, clicked_items: np.ndarray
 
 
 def with_history(events: pl.DataFrame, history_len: int) -> pl.DataFrame:
-    """Sort events by (user_idx, timestamp) and add ``history``: last ≤ L clicked item_idx strictly before, oldest first."""
-    bounded = _history_bounds(events.lazy().sort(["user_idx", "timestamp"], maintain_order=True), history_len).collect()
-    clicked_items = bounded.filter(pl.col("click") == 1)["item_idx"].to_numpy()
-    history = _history_lists(bounded["hist_start"].to_numpy(), bounded["hist_end"].to_numpy(), clicked_items)
-    return bounded.drop("hist_start", "hist_end").with_columns(history)
+    """Sort events by (user_idx, timestamp) and add ``history``: last ≤ L visible clicked item_idx strictly before, oldest first.
+
+    With a ``split`` column (0 train, 1 valid, 2 test) the leak-free rule applies (``HISTORY_RULE``).
+    """
+    bounded, sources = _history_bounds(events.sort(["user_idx", "timestamp"], maintain_order=True), history_len)
+    split = bounded["split"].to_numpy() if "split" in bounded.columns else np.zeros(len(bounded), np.int64)
+    parts = []
+    for level, source in enumerate(sources):
+        rows = np.flatnonzero(np.isin(split, [s for s, lv in enumerate(LEVEL_OF_SPLIT) if lv == level]))
+        parts.append((rows, _history_lists(bounded["hist_start"].to_numpy()[rows], bounded["hist_end"].to_numpy()[rows], source)))
+    order = np.concatenate([rows for rows, _ in parts])
+    lists = pl.concat([lists for _, lists in parts])
+    return bounded.drop("hist_start", "hist_end").with_columns(lists.gather(np.argsort(order, kind="stable")).alias("history"))
 
 
 def _chunk_edges(lengths: np.ndarray, max_values: int, max_rows: int) -> np.ndarray:
@@ -373,13 +413,16 @@ def _chunk_edges(lengths: np.ndarray, max_values: int, max_rows: int) -> np.ndar
 
 
 def _write_splits(
-    bounded: pl.DataFrame, clicked_items: np.ndarray, user_ids: pl.Series, item_ids: pl.Series, out_dir: Path
+    bounded: pl.DataFrame, clicks: tuple[np.ndarray, ...], user_ids: pl.Series, item_ids: pl.Series, out_dir: Path
 ) -> dict[str, int]:
-    """Sink each split into <split>.parquet through a lazy source that materialises histories chunk by chunk."""
+    """Sink each split into <split>.parquet through a lazy source that materialises histories chunk by chunk.
+
+    ``clicks[level]`` is the click array a split's histories are slices of (``LEVEL_OF_SPLIT``).
+    """
     columns = ["user_id", "item_id", "user_idx", "item_idx", "timestamp", "click"]
     columns += [c for c in ("conversion", "rating") if c in bounded.columns] + ["history", "sampled"]
 
-    def with_ids_and_history(chunk: pl.DataFrame) -> pl.DataFrame:
+    def with_ids_and_history(chunk: pl.DataFrame, clicked_items: np.ndarray) -> pl.DataFrame:
         history = _history_lists(chunk["hist_start"].to_numpy(), chunk["hist_end"].to_numpy(), clicked_items)
         return chunk.with_columns(
             user_id=user_ids.gather(chunk["user_idx"] - 1),
@@ -387,14 +430,15 @@ def _write_splits(
             history=history,
         ).select(columns)
 
-    schema = with_ids_and_history(bounded.head(0)).schema
+    schema = with_ids_and_history(bounded.head(0), clicks[0]).schema
     rows = dict.fromkeys(SPLITS, 0)
     with tqdm(total=len(bounded), unit="rows", desc="history+write", disable=None) as progress:
         for code, name in enumerate(SPLITS):
             part = bounded.filter(pl.col("split") == code)  # no lists yet: cheap to copy
             edges = _chunk_edges((part["hist_end"] - part["hist_start"]).to_numpy(), HISTORY_VALUES_PER_CHUNK, CHUNK_ROWS)
             chunks = (part.slice(int(lo), int(hi - lo)) for lo, hi in zip(edges[:-1], edges[1:]))
-            source = _lazy_source(chunks, with_ids_and_history, schema, progress)
+            clicked_items = clicks[LEVEL_OF_SPLIT[code]]
+            source = _lazy_source(chunks, lambda chunk, items=clicked_items: with_ids_and_history(chunk, items), schema, progress)
             with atomic_path(out_dir / f"{name}.parquet") as tmp:
                 source.sink_parquet(tmp, compression="lz4")
             rows[name] = len(part)

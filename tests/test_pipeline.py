@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from features.pipeline import prepare, sample_negatives, with_history
 from recsys.config import load_config
@@ -100,6 +102,69 @@ def test_unclicked_events_and_other_users_never_enter_history() -> None:
     events = pl.DataFrame({"user_idx": [1, 2, 1, 1], "item_idx": [3, 4, 5, 6], "timestamp": [1, 1, 2, 3], "click": [0, 1, 1, 0]})
     result = with_history(events, 10).sort("user_idx", "timestamp")
     assert result["history"].to_list() == [[], [], [5], []]
+
+
+# -- the leak-free rule: splits at or before a row's own -------------------------------------
+VISIBLE = {0: {0}, 1: {0, 1}, 2: {0, 1}}  # train sees train; valid and test see train + valid
+
+
+def brute_force_visible_history(rows: list[dict], history_len: int) -> list[list[int]]:
+    """Per row: the last L clicks of the same user, strictly earlier, from a split the row may see."""
+    out = []
+    for row in rows:
+        earlier = sorted(
+            (r["timestamp"], r["seq"], r["item_idx"]) for r in rows
+            if r["user_idx"] == row["user_idx"] and r["click"] == 1 and r["timestamp"] < row["timestamp"] and r["split"] in VISIBLE[row["split"]]
+        )
+        out.append([item for _, _, item in earlier][-history_len:])
+    return out
+
+
+events_with_splits = st.integers(1, 60).flatmap(lambda n: st.fixed_dictionaries({
+    "user_idx": st.lists(st.integers(1, 4), min_size=n, max_size=n),
+    "item_idx": st.lists(st.integers(1, 9), min_size=n, max_size=n),
+    "timestamp": st.lists(st.integers(0, 5), min_size=n, max_size=n),  # few times: ties everywhere
+    "click": st.lists(st.integers(0, 1), min_size=n, max_size=n),
+    "split": st.lists(st.integers(0, 2), min_size=n, max_size=n),  # a random split: test events among train ones
+}))
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=events_with_splits, history_len=st.integers(1, 6))
+def test_history_holds_only_earlier_events_of_visible_splits(events, history_len):
+    frame = pl.DataFrame(events).with_row_index("seq")
+    result = with_history(frame, history_len).sort("seq")
+    assert result["history"].to_list() == brute_force_visible_history(frame.rows(named=True), history_len)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=events_with_splits, negatives=st.integers(0, 2))
+def test_prepared_train_rows_never_see_valid_or_test_events(tmp_path_factory, events, negatives):
+    """Through ``recsys prepare`` with a given random split: histories and negative exclusions of train rows."""
+    tmp = tmp_path_factory.mktemp("leak")
+    names = np.array(["train", "valid", "test"])
+    events["split"][0] = 0  # prepare refuses a split without train rows
+    events["click"][0] = 1
+    interactions = {
+        "user_id": [f"u{u}" for u in events["user_idx"]], "item_id": [f"i{i}" for i in events["item_idx"]],
+        "timestamp": events["timestamp"], "split": names[events["split"]].tolist(),
+    }
+    if negatives == 0:  # impressions: clicks given
+        interactions["click"] = events["click"]
+    items = {"item_id": [f"i{i}" for i in range(1, 13)]}  # more items than the events use: room for negatives
+    run = make_run(tmp, interactions, items, split="given", negatives_per_positive=str(max(negatives, 1)), history_len="100")
+    prepare(run)
+    rows = all_rows(run).with_columns(split=pl.col("split").replace_strict({"train": 0, "valid": 1, "test": 2}, return_dtype=pl.Int64))
+    real = rows.filter(~pl.col("sampled"))
+    clicks = real.filter(pl.col("click") == 1).rows(named=True)
+    for row in rows.iter_rows(named=True):  # sampled negatives too: they carry their positive's history
+        visible = [c["item_idx"] for c in clicks if c["user_idx"] == row["user_idx"] and c["timestamp"] < row["timestamp"] and c["split"] in VISIBLE[row["split"]]]
+        assert sorted(row["history"]) == sorted(visible), row  # no cut at L = 100: the whole visible past
+    positives = real.filter(pl.col("click") == 1)
+    for code in (0, 1, 2):
+        known = positives.filter(pl.col("split") <= code).select("user_idx", "item_idx").unique()
+        sampled = rows.filter(pl.col("sampled") & (pl.col("split") == code))
+        assert len(sampled.join(known, on=["user_idx", "item_idx"], how="semi")) == 0
 
 
 # -- negative sampling ---------------------------------------------------------------------
@@ -249,8 +314,10 @@ def test_negatives_share_the_positive_timestamp_and_history(tmp_path: Path) -> N
     assert len(negatives) == 3 * len(positives) == 600 and summary["negatives"] == {"sampled": 600, "unavailable": 0}
     assert (negatives["click"] == 0).all() and (negatives["conversion"] == 0).all() and negatives["rating"].is_null().all()
     assert (positives["click"] == 1).all()
-    user_positives = positives.select("user_idx", "item_idx").unique()
-    assert len(negatives.join(user_positives, on=["user_idx", "item_idx"], how="semi")) == 0
+    code = {"train": 0, "valid": 1, "test": 2}
+    for split, level in code.items():  # a negative is never a positive of the user in its split or an earlier one
+        known = positives.filter(pl.col("split").replace_strict(code, return_dtype=pl.Int64) <= level).select("user_idx", "item_idx").unique()
+        assert len(negatives.filter(pl.col("split") == split).join(known, on=["user_idx", "item_idx"], how="semi")) == 0, split
     per_event = rows.group_by("user_idx", "timestamp", "split").agg(pl.col("history").unique().len())
     assert (per_event["history"] == 1).all()  # a negative carries exactly its positive's history
 
