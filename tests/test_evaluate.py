@@ -158,12 +158,18 @@ def test_retrieval_counts_are_the_test_users_with_a_click_not_seen_in_train_or_v
     assert metrics["counts"]["retrieval_users_without_relevant"] == len({u for u, _ in test_clicks} - evaluated)
 
 
-def test_metrics_json_recall_is_the_mean_share_of_each_users_new_test_clicks_in_their_top_k(full_run):
-    run, metrics = full_run
+def ranked_with_known_clicks(run):
+    """The test split, the model's full ranking of the catalogue, and the train + valid clicks it excludes."""
     model = load_model(run.model)
     test = pl.read_parquet(run.data / "test.parquet")
     result = rank_catalogue(run, model, all_item_vectors(model, load_content(run, model)), test, run.config().eval)
     known = pl.concat([pl.read_parquet(run.data / f"{s}.parquet") for s in ("train", "valid")]).filter(pl.col("click") == 1)
+    return test, result, known
+
+
+def test_metrics_json_recall_is_the_mean_share_of_each_users_new_test_clicks_in_their_top_k(full_run):
+    run, metrics = full_run
+    test, result, known = ranked_with_known_clicks(run)
     known_pairs = set(known.select("user_idx", "item_idx").iter_rows())
     relevant: dict[int, set[int]] = {}
     for u, i in test.filter(pl.col("click") == 1).select("user_idx", "item_idx").iter_rows():
@@ -184,10 +190,7 @@ def test_absent_tasks_and_ann_are_left_out(click_only_run):
 
 def test_retrieval_lists_never_contain_a_users_train_or_valid_positive(full_run):
     run, _ = full_run
-    model = load_model(run.model)
-    test = pl.read_parquet(run.data / "test.parquet")
-    result = rank_catalogue(run, model, all_item_vectors(model, load_content(run, model)), test, run.config().eval)
-    positives = pl.concat([pl.read_parquet(run.data / f"{s}.parquet") for s in ("train", "valid")]).filter(pl.col("click") == 1)
+    _, result, positives = ranked_with_known_clicks(run)
     recommended = {(int(u), int(i)) for u, items in zip(result.user_idx, result.top_items) for i in items if i > 0}
     assert len(recommended) > 0
     assert not recommended & set(zip(positives["user_idx"].to_list(), positives["item_idx"].to_list()))

@@ -88,10 +88,11 @@ def check_finite(total: torch.Tensor, losses: dict[str, torch.Tensor], batch: di
     )
 
 
-def add_losses(sums: dict[str, float], losses: dict[str, torch.Tensor], total: torch.Tensor, rows: int) -> None:
-    """Row-weighted running sums of each loss and the total (divided by the rows seen at the end)."""
+def add_losses(sums: dict[str, float], losses: dict[str, torch.Tensor], total: torch.Tensor, rows: int) -> int:
+    """Row-weighted running sums of each loss and the total (divided by the rows seen at the end); returns ``rows``."""
     for k, v in [*losses.items(), ("total", total)]:
         sums[k] = sums.get(k, 0.0) + float(v.detach()) * rows
+    return rows
 
 
 # -- validation and model selection ---------------------------------------------------------------

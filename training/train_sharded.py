@@ -180,10 +180,8 @@ def train_epoch_sharded(dmp, weighting, opt, split, content, log_q, cfg: Config,
         opt.step()
         weighting.renormalise()
         global_step += 1
-        rows = len(batch["click"])
-        seen += rows
-        add_losses(sums, losses, total, rows)
-        progress.update(rows * ctx.world_size)
+        seen += add_losses(sums, losses, total, len(batch["click"]))
+        progress.update(len(batch["click"]) * ctx.world_size)
     progress.close()
     seconds = time.perf_counter() - started
     names = sorted(sums)

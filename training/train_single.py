@@ -81,10 +81,8 @@ def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: in
         dense_opt.step()
         weighting.renormalise()
         global_step += 1
-        rows = len(batch["click"])
-        seen += rows
-        add_losses(sums, losses, total, rows)
-        progress.update(rows)
+        seen += add_losses(sums, losses, total, len(batch["click"]))
+        progress.update(len(batch["click"]))
         rate = seen / max(time.perf_counter() - started, 1e-9)
         progress.set_postfix({"samples/s": f"{rate:,.0f}", **{k: f"{v / seen:.4f}" for k, v in sums.items()}}, refresh=False)
     progress.close()
