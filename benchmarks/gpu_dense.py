@@ -46,7 +46,7 @@ class PlainModel(nn.Module):
         hist = self.item_table(history)
         i_id = self.item_table(item.unsqueeze(1))
         u = self.user_tower({"user_id": u_id, "history": hist}, user)
-        v, _ = self.item_tower({"item_id": i_id}, item, text, torch.ones(len(item), device=item.device))
+        v, _, _ = self.item_tower({"item_id": i_id}, item, text, torch.ones(len(item), device=item.device))
         logits, _ = self.ranker(torch.cat([u, v, u * v], dim=-1))
         retrieval = F.cross_entropy(u @ v.T / 0.05, torch.arange(len(u), device=u.device))
         return logits, retrieval

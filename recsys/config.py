@@ -91,6 +91,9 @@ class ModelConfig(_Section):
     expert_dim: int = 64
     tower_dim: int = 32
     tasks: tuple[Literal["click", "conversion", "rating"], ...] = ("click", "conversion", "rating")  # heads wanted; ones without labels switch off
+    ranker_input: Literal["features", "towers"] = "features"  # features: ids, side features, content, target attention and the towers; towers: [u, v, u*v] only
+    ranker_stop_gradient: bool = False  # true: the ranker's loss does not reach the tower vectors (it still trains the tables it reads)
+    ranker_content_dim: int = Field(32, ge=1)  # the candidate's projected text + image, as the ranker (and the service) keeps it
 
 
 class TrainConfig(_Section):
@@ -105,7 +108,12 @@ class TrainConfig(_Section):
     retrieval_weight: float = 1.0
     retrieval_negatives: Literal["clicked", "all_rows"] = "clicked"  # in-batch candidates: the clicked rows' items, or every row's item
     logq_correction: float = 1.0  # alpha in the in-batch logits u.v/T - alpha log q(item): 1 = full popularity correction, 0 = none
-    loss_weights: Literal["static", "uncertainty", "gradnorm"] = "static"
+    retrieval_softmax: Literal["auto", "full", "sampled"] = "auto"  # full: every catalogue item is a candidate; sampled: in-batch + uniform; auto: full up to full_softmax_max_items
+    full_softmax_max_items: int = Field(20_000, ge=0)
+    uniform_negatives: int = Field(256, ge=0)  # sampled softmax: catalogue items drawn uniformly per batch (through the item tower, so cold and tail items are negatives too)
+    selection_recall_k: int = Field(20, ge=1)  # model selection also weighs valid recall@K of the towers (0 rows: losses only)
+    selection_recall_rows: int = Field(2000, ge=0)  # clicked valid rows that measure it (a fixed sample)
+    loss_weights: Literal["static", "uncertainty", "gradnorm", "dwa"] = "static"  # learned or performance-based weights cover the task losses, not the retrieval term
     click_weight: float = 1.0
     conversion_weight: float = 1.0
     rating_weight: float = 1.0
@@ -151,6 +159,11 @@ class EvalConfig(_Section):
     bootstrap: int = 200
     max_eval_users: int = 0  # 0 = all test users in the retrieval metrics
     baseline_mf: bool = True  # also train BPR-MF / biased MF (seconds) and report them under "baseline_mf"
+    baselines: tuple[Literal["most_popular", "item_knn", "ease", "bpr_mf"], ...] = ("most_popular", "item_knn", "ease", "bpr_mf")  # ranked with the model's retrieval protocol under "baselines" ("" = none)
+    knn_neighbours: int = Field(50, ge=1)  # item_knn: most similar items each item keeps
+    knn_max_items: int = Field(20_000, ge=1)  # item_knn: skipped above this many catalogue items (dense items x items weights, 4 bytes each)
+    ease_lambda: float = Field(300.0, gt=0)  # ease: L2 weight lambda in B = I - P diag(1/diag P), P = (X^T X + lambda I)^-1
+    ease_max_items: int = Field(20_000, ge=1)  # ease: skipped above this many catalogue items (inverts a dense items x items matrix, 16 bytes each at the peak)
 
 
 class Config(BaseModel):

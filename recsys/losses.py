@@ -1,9 +1,10 @@
 """Losses: per-task losses, the retrieval objective, and how the task losses are weighted.
 
 ``L = sum_t lambda_t L_t + retrieval_weight * L_retrieval`` with lambda static (config),
-``uncertainty`` (Kendall et al. 2018: learned log-variances s_t, ``exp(-s_t) L_t + s_t``) or
+``uncertainty`` (Kendall et al. 2018: learned log-variances s_t, ``exp(-s_t) L_t + s_t``),
 ``gradnorm`` (Chen et al. 2018: weights learned so each task's gradient norm on a shared layer
-follows its relative training rate).
+follows its relative training rate) or ``dwa`` (Liu et al. 2019: weights from the ratio of each
+task's last two epoch losses). None of them weighs the retrieval term, which keeps its static weight.
 """
 
 from __future__ import annotations
@@ -46,39 +47,89 @@ def task_losses(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
 
 
 def retrieval_logits(
-    user_vec: torch.Tensor, item_vec: torch.Tensor, item_idx: torch.Tensor, item_log_q: torch.Tensor, temperature: float, positive: torch.Tensor | None = None
+    user_vec: torch.Tensor,
+    item_vec: torch.Tensor,
+    item_idx: torch.Tensor,
+    item_log_q: torch.Tensor,
+    temperature: float,
+    positive: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """In-batch logits ``(P, C)``: ``u_i . v_j / T - log q(item_j)``; other copies of user i's positive item masked to -inf.
+    """Sampled-softmax logits ``(P, C)``: ``u_i . v_j / T - log q(item_j)``; other copies of user i's positive item masked to -inf.
 
     ``item_vec``/``item_idx`` are the C candidates; ``positive`` (P,) is the column of each
     user's own item (default: ``arange(P)``, the square case where candidate i is user i's item).
-    The log-q correction (Yi et al., RecSys 2019) removes the popularity bias of in-batch
-    negatives: popular items appear as negatives more often than a uniform sample would.
+    ``exclude (P, C)`` masks further candidates (the user's other positives), never the positive.
+    The log-q correction (Yi et al., RecSys 2019) removes the sampling bias of the candidates:
+    popular items appear as in-batch negatives more often than a uniform sample would.
     """
     positive = torch.arange(len(user_vec), device=item_idx.device) if positive is None else positive
     logits = user_vec @ item_vec.T / temperature - item_log_q[item_idx].unsqueeze(0)
-    duplicate = item_idx[positive].unsqueeze(1) == item_idx.unsqueeze(0)
-    duplicate[torch.arange(len(positive)), positive] = False
-    return logits.masked_fill(duplicate, float("-inf"))
+    masked = item_idx[positive].unsqueeze(1) == item_idx.unsqueeze(0)
+    if exclude is not None:
+        masked = masked | exclude
+    masked[torch.arange(len(positive)), positive] = False
+    return logits.masked_fill(masked, float("-inf"))
+
+
+def other_positives(row_users: torch.Tensor, candidate_users: torch.Tensor, candidate_clicked: torch.Tensor) -> torch.Tensor:
+    """``(P, C)``: candidate j is another positive of row i's user (a row's own column is unmasked by ``retrieval_logits``)."""
+    return (row_users.unsqueeze(1) == candidate_users.unsqueeze(0)) & candidate_clicked.unsqueeze(0)
 
 
 def retrieval_loss(
-    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], item_log_q: torch.Tensor, temperature: float, all_rows: bool = False
+    outputs: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    item_log_q: torch.Tensor,
+    temperature: float,
+    all_rows: bool = False,
+    uniform: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """In-batch softmax cross-entropy over the clicked rows (positive = the row's own item).
+    """Sampled softmax cross-entropy over the clicked rows (positive = the row's own item).
 
     The candidates are the clicked rows' items, or with ``all_rows`` every row's item (shown but
-    not clicked, sampled negatives): several times more negatives, drawn from the impression
-    distribution, at no extra tower cost. ``item_log_q`` must then be each item's share of all
-    rows (``item_log_q(..., clicked=None)``).
+    not clicked, sampled negatives): several times more negatives at no extra tower cost; plus,
+    with ``uniform = (vectors (S, d), item_idx (S,))``, items drawn uniformly from the catalogue.
+    ``item_log_q`` must be the log of each item's expected count among the candidates
+    (``mixed_log_q``). A user's other clicked rows in the batch are never its negatives.
     """
     clicked = batch["click"] > 0
     candidates = torch.ones_like(clicked) if all_rows else clicked
-    if int(clicked.sum()) < 1 or int(candidates.sum()) < 2:
+    if int(clicked.sum()) < 1 or int(candidates.sum()) + (len(uniform[1]) if uniform is not None else 0) < 2:
         return outputs["user_vec"].sum() * 0.0
     positive = torch.cumsum(candidates.long(), 0)[clicked] - 1  # each clicked row's column among the candidates
-    logits = retrieval_logits(outputs["user_vec"][clicked], outputs["item_vec"][candidates], batch["item_idx"][candidates], item_log_q, temperature, positive)
+    vectors, items = outputs["item_vec"][candidates], batch["item_idx"][candidates]
+    exclude = other_positives(batch["user_idx"][clicked], batch["user_idx"][candidates], clicked[candidates])
+    if uniform is not None:
+        vectors, items = torch.cat([vectors, uniform[0]]), torch.cat([items, uniform[1]])
+        exclude = torch.cat([exclude, torch.zeros(len(exclude), len(uniform[1]), dtype=torch.bool)], dim=1)
+    logits = retrieval_logits(outputs["user_vec"][clicked], vectors, items, item_log_q, temperature, positive, exclude)
     return F.cross_entropy(logits, positive)
+
+
+def full_softmax_loss(
+    user_vec: torch.Tensor, positive_item: torch.Tensor, catalogue: torch.Tensor, temperature: float, exclude: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Softmax over the whole catalogue: ``user_vec (P, d)`` against ``catalogue (N, d)`` (row j = item_idx j; row 0 never a candidate).
+
+    ``exclude = (rows, item_idx)`` masks (row, item) pairs, e.g. the user's other training
+    positives; the row's own positive is never masked. No log-q: nothing is sampled.
+    """
+    logits = user_vec @ catalogue.T / temperature  # (P, N)
+    masked = torch.zeros_like(logits, dtype=torch.bool)
+    masked[:, 0] = True
+    if exclude is not None:
+        masked[exclude[0], exclude[1]] = True
+    masked[torch.arange(len(positive_item)), positive_item] = False
+    return F.cross_entropy(logits.masked_fill(masked, float("-inf")), positive_item)
+
+
+def mixed_log_q(item_counts: torch.Tensor, candidates_per_batch: float, uniform: int) -> torch.Tensor:
+    """log of each item's expected count among a batch's candidates: ``C q(item) + S / N`` (in-batch share plus uniform draws)."""
+    counts = item_counts.double().clamp(min=1.0)
+    q = counts / counts.sum()
+    n = len(item_counts) - 1  # row 0 is padding, never drawn
+    return (candidates_per_batch * q + uniform / max(n, 1)).log().float()
 
 
 def item_log_q(item_idx: torch.Tensor, clicked: torch.Tensor | None, n_items: int) -> torch.Tensor:
@@ -98,7 +149,7 @@ class TaskWeighting(nn.Module):
 
     def __init__(self, losses: list[str], mode: str = "static", static: dict[str, float] | None = None, gradnorm_alpha: float = 1.5):
         super().__init__()
-        if mode not in ("static", "uncertainty", "gradnorm"):
+        if mode not in ("static", "uncertainty", "gradnorm", "dwa"):
             raise ValueError(f"unknown loss weighting {mode!r}")
         self.losses, self.mode, self.alpha = list(losses), mode, gradnorm_alpha
         static = static or {}
@@ -106,6 +157,9 @@ class TaskWeighting(nn.Module):
         self.log_var = nn.Parameter(torch.zeros(len(self.losses))) if mode == "uncertainty" else None
         self.gradnorm_w = nn.Parameter(torch.ones(len(self.losses))) if mode == "gradnorm" else None
         self.register_buffer("initial_losses", torch.zeros(len(self.losses)))  # GradNorm's L_t(0)
+        # DWA (Liu et al., CVPR 2019): the mean training loss of each task over the last two epochs, newest last
+        self.register_buffer("epoch_losses", torch.zeros(2, len(self.losses)))
+        self.register_buffer("dwa_w", torch.ones(len(self.losses)))
 
     def weights(self) -> dict[str, float]:
         """The current effective lambda per task (logged per epoch)."""
@@ -113,6 +167,8 @@ class TaskWeighting(nn.Module):
             w = torch.exp(-self.log_var)
         elif self.mode == "gradnorm":
             w = self.gradnorm_w
+        elif self.mode == "dwa":
+            w = self.dwa_w
         else:
             w = self.static
         return {name: float(v) for name, v in zip(self.losses, w.detach())}
@@ -123,7 +179,24 @@ class TaskWeighting(nn.Module):
             return (torch.exp(-self.log_var) * stacked + self.log_var).sum()
         if self.mode == "gradnorm":
             return (self.gradnorm_w.detach() * stacked).sum()  # the weights learn only from gradnorm_loss
+        if self.mode == "dwa":
+            return (self.dwa_w * stacked).sum()
         return (self.static * stacked).sum()
+
+    @torch.no_grad()
+    def end_epoch(self, train_losses: dict[str, float], temperature: float = 2.0) -> None:
+        """DWA: after an epoch, ``λ_k = K softmax(r_k / T)`` with ``r_k = L_k(t-1) / L_k(t-2)`` (1 until two epochs are known).
+
+        A task whose loss fell less than the others' gets more weight. Only the task losses are
+        weighted: the retrieval term keeps ``train.retrieval_weight`` (as with every mode).
+        """
+        if self.mode != "dwa":
+            return
+        self.epoch_losses[0] = self.epoch_losses[1]
+        self.epoch_losses[1] = torch.tensor([train_losses[name] for name in self.losses])
+        if bool((self.epoch_losses[0] > 0).all()):
+            ratio = self.epoch_losses[1] / self.epoch_losses[0]
+            self.dwa_w.copy_(len(self.losses) * torch.softmax(ratio / temperature, dim=0))
 
     def gradnorm_loss(self, losses: dict[str, torch.Tensor], shared: torch.Tensor) -> torch.Tensor:
         """GradNorm's auxiliary loss; its gradient w.r.t. ``gradnorm_w`` is all that is used."""

@@ -24,11 +24,12 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from recsys.config import ModelConfig, section_dict
 from recsys.errors import ConfigError, RunError
+from recsys.attention import TargetAttention
 from recsys.mmoe import MultiTaskRanker
 from recsys.rundir import atomic_path, write_json
 from recsys.towers import ItemTower, UserTower
 
-MODEL_VERSION = 2  # 2: per-id feature buffers live in the towers (user_tower.cat_values, item_tower.trained, ...)
+MODEL_VERSION = 3  # 2: per-id feature buffers in the towers; 3: history positions as features, a ranker over the features
 TASK_ORDER = ("click", "conversion", "rating")
 
 
@@ -69,14 +70,24 @@ def active_tasks(data_tasks: dict[str, bool], wanted: tuple[str, ...]) -> tuple[
     return tasks
 
 
-def padded_to_kjt(features: dict[str, torch.Tensor]) -> KeyedJaggedTensor:
-    """``{key: (B, L) int64 padded with 0}`` -> KJT of the non-zero ids (0 contributes nothing)."""
-    values, lengths = [], []
-    for ids in features.values():
-        present = ids != 0
-        values.append(ids[present])  # row-major, so each row's ids stay together and in order
-        lengths.append(present.sum(dim=1))
-    return KeyedJaggedTensor(keys=list(features), values=torch.cat(values), lengths=torch.cat(lengths).to(torch.int64))
+def ids_to_kjt(keys: list[str], ids: torch.Tensor) -> KeyedJaggedTensor:
+    """``ids (B, K)`` int64, column k = feature ``keys[k]`` with one id per row (0 = none) -> KJT of the non-zero ids."""
+    by_key = ids.T  # (K, B): a KJT lists key by key, each key's rows in order
+    present = by_key != 0
+    return KeyedJaggedTensor(keys=keys, values=by_key[present], lengths=present.reshape(-1).to(torch.int64))
+
+
+def fit_history(history: torch.Tensor, length: int) -> torch.Tensor:
+    """``(B, W)`` left-aligned, 0-padded -> ``(B, length)``: padded on the right, or each row's last ``length`` items."""
+    history = history.to(torch.int64)
+    width = history.shape[1]
+    if width <= length:
+        return torch.nn.functional.pad(history, (0, length - width))
+    count = (history != 0).sum(1, keepdim=True)  # (B, 1)
+    first = (count - length).clamp(min=0)
+    window = first + torch.arange(length)  # (B, length) positions of the kept items
+    kept = history.gather(1, window.clamp(max=width - 1))
+    return torch.where(window < count, kept, torch.zeros_like(kept))
 
 
 def _feature_names(features: dict[str, int | None], prefix: str) -> tuple[list[str], list[str]]:
@@ -86,18 +97,30 @@ def _feature_names(features: dict[str, int | None], prefix: str) -> tuple[list[s
 
 
 class RecsysModel(nn.Module):
+    """Tables -> user and item towers (retrieval) -> the multi-task ranker over the features.
+
+    One KJT per call holds every id feature: ``user_id``, ``item_id``, each history position
+    (``history_0`` .. ``history_{L-1}``, all on the item table, so the ranker's target attention
+    sees each history item and the user tower their mean) and the categorical side features.
+    The ranker (``model.ranker_input = "features"``) reads the tower vectors, their product and
+    dot product, the user's and the candidate's id and side-feature embeddings, the candidate's
+    projected text and image (``content_vec``) and a target attention of the candidate over
+    the history; ``"towers"`` reads ``[u, v, u * v]`` only.
+    """
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
         cfg = spec.config
         self.tasks = tuple(spec.tasks)
-        emb = cfg.embedding_dim
+        emb, dim = cfg.embedding_dim, cfg.dim
         self.user_cat_keys, user_nums = _feature_names(spec.user_features, "user")
         self.item_cat_keys, item_nums = _feature_names(spec.item_features, "item")
+        self.history_keys = [f"history_{j}" for j in range(spec.history_len)]
 
         tables = [
             EmbeddingBagConfig(name="user", num_embeddings=spec.n_users, embedding_dim=emb, feature_names=["user_id"], pooling=PoolingType.MEAN),
-            EmbeddingBagConfig(name="item", num_embeddings=spec.n_items, embedding_dim=emb, feature_names=["item_id", "history"], pooling=PoolingType.MEAN),
+            EmbeddingBagConfig(name="item", num_embeddings=spec.n_items, embedding_dim=emb, feature_names=["item_id", *self.history_keys], pooling=PoolingType.MEAN),
         ]
         cardinalities = {f"user_{k}": v for k, v in spec.user_features.items()} | {f"item_{k}": v for k, v in spec.item_features.items()}
         for key in self.user_cat_keys + self.item_cat_keys:  # one table per categorical feature
@@ -106,7 +129,7 @@ class RecsysModel(nn.Module):
 
         self.use_text = cfg.use_text and spec.text_dim > 0
         self.use_image = cfg.use_image and spec.image_dim > 0
-        self.user_tower = UserTower(spec.n_users, self.user_cat_keys, len(user_nums), emb, cfg.dim)
+        self.user_tower = UserTower(spec.n_users, self.user_cat_keys, len(user_nums), emb, dim)
         self.item_tower = ItemTower(
             spec.n_items,
             self.item_cat_keys,
@@ -114,28 +137,46 @@ class RecsysModel(nn.Module):
             emb,
             spec.text_dim if self.use_text else 0,
             spec.image_dim if self.use_image else 0,
-            cfg.dim,
+            dim,
             fusion=cfg.fusion,
             modality_dropout=cfg.modality_dropout,
             id_dropout=cfg.id_dropout,
         )
         self.user_num_names, self.item_num_names = user_nums, item_nums
-        self.ranker = MultiTaskRanker(3 * cfg.dim, list(self.tasks), cfg.ranker, cfg.experts, cfg.expert_dim, cfg.tower_dim)
+        self.sees_features = cfg.ranker_input == "features"
+        n_modalities = int(self.use_text) + int(self.use_image)
+        self.content_dim = cfg.ranker_content_dim if self.sees_features and n_modalities else 0
+        ranker_in = 3 * dim
+        if self.sees_features:
+            self.content_proj = nn.Linear(n_modalities * dim, self.content_dim) if self.content_dim else None
+            self.attention_query = nn.Linear(dim, emb)  # from the candidate's item vector, so cold candidates have a query too
+            self.attention = TargetAttention(emb)
+            user_part = emb * (1 + len(self.user_cat_keys)) + len(user_nums)
+            item_part = emb * (1 + len(self.item_cat_keys)) + len(item_nums) + self.content_dim
+            ranker_in += 1 + user_part + item_part + emb
+            self.ranker_norm = nn.LayerNorm(ranker_in)  # ids, unit vectors and content live on different scales
+        self.ranker = MultiTaskRanker(ranker_in, list(self.tasks), cfg.ranker, cfg.experts, cfg.expert_dim, cfg.tower_dim)
         lo, hi = spec.rating_range
         self.rating_lo, self.rating_span = float(lo), float(hi - lo)
 
     # -- embedding lookups -------------------------------------------------------------
     def _pooled(self, user_idx: torch.Tensor | None, history: torch.Tensor | None, item_idx: torch.Tensor | None):
-        """One KJT over every feature (absent parts empty) -> one call into the tables."""
+        """One KJT over every feature (absent parts empty) -> one call into the tables.
+
+        Returns the pooled embeddings by feature, the known user and item indices, and the
+        history as looked up ``(B, L)`` (untrained items and padding 0).
+        """
         batch = next(x for x in (user_idx, item_idx) if x is not None).shape[0]
         empty = torch.zeros(batch, 1, dtype=torch.int64)
         users = self.user_tower.known(user_idx) if user_idx is not None else None
         items = self.item_tower.known(item_idx) if item_idx is not None else None
         user = self.user_tower.lookup(users) if users is not None else {k: empty for k in ["user_id", *self.user_cat_keys]}
         item = self.item_tower.lookup(items) if items is not None else {k: empty for k in ["item_id", *self.item_cat_keys]}
-        history = self.item_tower.trained_ids(history) if history is not None else empty
-        features = {"user_id": user.pop("user_id"), "history": history, "item_id": item.pop("item_id"), **user, **item}  # the tables' key order
-        return self.embedding_tables(padded_to_kjt(features)), users, items
+        length = len(self.history_keys)
+        looked_up = self.item_tower.trained_ids(fit_history(history, length)) if history is not None else torch.zeros(batch, length, dtype=torch.int64)
+        keys = [*user, *item, *self.history_keys]
+        ids = torch.cat([*user.values(), *item.values(), looked_up], dim=1)
+        return self.embedding_tables(ids_to_kjt(keys, ids)), users, items, looked_up
 
     def set_trained_items(self, item_idx: torch.Tensor) -> None:
         """Mark which items have training interactions (``ItemTower``: the rest use the unknown id row)."""
@@ -158,11 +199,61 @@ class RecsysModel(nn.Module):
     def item_num(self) -> torch.Tensor:
         return self.item_tower.num_values
 
+    # -- the two sides -----------------------------------------------------------------------
+    def _user_state(self, pooled, users: torch.Tensor, history: torch.Tensor) -> dict[str, torch.Tensor]:
+        keys = torch.stack([pooled[k] for k in self.history_keys], dim=1)  # (B, L, E); 0 rows at padding / untrained
+        mask = history != 0
+        mean = keys.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # the MEAN bag of the history's trained items
+        state = {"user_vec": self.user_tower({**{k: pooled[k] for k in ["user_id", *self.user_cat_keys]}, "history": mean}, users)}
+        if self.sees_features:
+            state["user_part"] = torch.cat([pooled["user_id"], *(pooled[k] for k in self.user_cat_keys), self.user_num[users]], dim=-1)
+            state["history_keys"], state["history_mask"] = keys, mask
+        return state
+
+    def _item_state(self, pooled, items, text=None, text_mask=None, image=None, image_mask=None, item_vec=None, content_vec=None) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        if item_vec is None or (self.content_dim and content_vec is None):
+            item_vec, gates, modalities = self.item_tower(pooled, items, text, text_mask, image, image_mask)
+            if gates is not None:
+                state["modality_gates"] = gates
+            if self.content_dim:
+                content_vec = self.content_proj(torch.cat(modalities, dim=-1))
+        state["item_vec"] = item_vec
+        if self.sees_features:
+            parts = [pooled["item_id"], *(pooled[k] for k in self.item_cat_keys), self.item_num[items]]
+            if self.content_dim:
+                state["content_vec"] = content_vec
+                parts.append(content_vec)
+            state["item_part"] = torch.cat(parts, dim=-1)
+        return state
+
     # -- public surface ----------------------------------------------------------------
+    def user_state(self, user_idx: torch.Tensor, history: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 -> what ``rank`` needs of the user (``user_vec`` (B, d) among it)."""
+        pooled, users, _, looked_up = self._pooled(user_idx, history, None)
+        return self._user_state(pooled, users, looked_up)
+
+    def item_state(
+        self,
+        item_idx: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        item_vec: torch.Tensor | None = None,
+        content_vec: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """What ``rank`` needs of the candidates: ``item_vec`` (B, d), ``content_vec`` (B, C) and the id part.
+
+        Given ``item_vec`` and ``content_vec`` (kept by the service for its catalogue and for
+        items added live), the towers are not run again: only the id and side features are looked up.
+        """
+        pooled, _, items, _ = self._pooled(None, None, item_idx)
+        return self._item_state(pooled, items, text, text_mask, image, image_mask, item_vec, content_vec)
+
     def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 -> ``(B, d)``, L2-normalised."""
-        pooled, users, _ = self._pooled(user_idx, history, None)
-        return self.user_tower(pooled, users)
+        return self.user_state(user_idx, history)["user_vec"]
 
     def item_vectors(
         self,
@@ -173,24 +264,33 @@ class RecsysModel(nn.Module):
         image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``item_idx (B,)``, content ``(B, d_text)`` / ``(B, d_image)`` with masks ``(B,)`` -> ``(B, d)``, L2-normalised."""
-        pooled, _, items = self._pooled(None, None, item_idx)
+        pooled, _, items, _ = self._pooled(None, None, item_idx)
         return self.item_tower(pooled, items, text, text_mask, image, image_mask)[0]
 
-    def rank(self, user_vec: torch.Tensor, item_vec: torch.Tensor, user_idx: torch.Tensor | None = None, item_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def rank(self, user: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Scores ``(B,)`` for the heads that are on: ``p_click``, ``p_cvr``, ``p_ctcvr``, ``rating``.
 
-        A single user row ``(1, d)`` broadcasts against ``(B, d)`` candidates. ``user_idx`` /
-        ``item_idx`` are accepted for callers that have them; the ranker reads only the tower
-        vectors (which already carry the id embeddings).
+        ``user`` from ``user_state``, ``item`` from ``item_state``; a single user row broadcasts
+        against B candidates.
         """
-        user_vec, item_vec = torch.broadcast_tensors(user_vec, item_vec)
-        return self._rank(user_vec, item_vec)[0]
+        return self._rank(user, item)[0]
 
-    def _rank(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    def _rank(self, user: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        user_vec, item_vec = user["user_vec"], item["item_vec"]
+        if self.spec.config.ranker_stop_gradient:
+            user_vec, item_vec = user_vec.detach(), item_vec.detach()
+        user_vec, item_vec = torch.broadcast_tensors(user_vec, item_vec)
+        batch = item_vec.shape[0]
         # Unit vectors have elements ~ 1/sqrt(d): rescale so the ranker's inputs are O(1).
         scale = user_vec.shape[-1] ** 0.5
-        user_vec, item_vec = user_vec * scale, item_vec * scale
-        logits, gates = self.ranker(torch.cat([user_vec, item_vec, user_vec * item_vec], dim=-1))
+        parts = [user_vec * scale, item_vec * scale, user_vec * item_vec * scale]
+        if self.sees_features:
+            attended, _ = self.attention(self.attention_query(item_vec), user["history_keys"], user["history_mask"])
+            parts += [(user_vec * item_vec).sum(-1, keepdim=True), user["user_part"].expand(batch, -1), item["item_part"].expand(batch, -1), attended]
+            x = self.ranker_norm(torch.cat(parts, dim=-1))
+        else:
+            x = torch.cat(parts, dim=-1)
+        logits, gates = self.ranker(x)
         out: dict[str, torch.Tensor] = {"p_click": torch.sigmoid(logits["click"])}
         if "conversion" in logits:
             out["p_cvr"] = torch.sigmoid(logits["conversion"])
@@ -201,16 +301,14 @@ class RecsysModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training/eval pass over a batch (keys as ``training.data``) -> vectors, logits, scores, gates."""
-        pooled, users, items = self._pooled(batch["user_idx"], batch["history"], batch["item_idx"])
-        user_vec = self.user_tower(pooled, users)
-        item_vec, modality_gates = self.item_tower(
-            pooled, items, batch.get("text"), batch.get("text_mask"), batch.get("image"), batch.get("image_mask")
-        )
-        scores, gates, logits = self._rank(user_vec, item_vec)
-        out = {"user_vec": user_vec, "item_vec": item_vec, "gates": gates, **scores}
+        pooled, users, items, looked_up = self._pooled(batch["user_idx"], batch["history"], batch["item_idx"])
+        user = self._user_state(pooled, users, looked_up)
+        item = self._item_state(pooled, items, batch.get("text"), batch.get("text_mask"), batch.get("image"), batch.get("image_mask"))
+        scores, gates, logits = self._rank(user, item)
+        out = {"user_vec": user["user_vec"], "item_vec": item["item_vec"], "gates": gates, **scores}
         out.update({f"logit_{t}": v for t, v in logits.items()})
-        if modality_gates is not None:
-            out["modality_gates"] = modality_gates
+        if "modality_gates" in item:
+            out["modality_gates"] = item["modality_gates"]
         return out
 
     def set_feature_values(self, user_cat=None, user_num=None, item_cat=None, item_num=None) -> None:

@@ -142,8 +142,8 @@ class ItemTower(nn.Module):
         text_mask: torch.Tensor | None = None,  # (B,)
         image: torch.Tensor | None = None,  # (B, image_dim)
         image_mask: torch.Tensor | None = None,  # (B,)
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> item vectors (B, d), L2-normalised, and for gated fusion the modality gates (B, M)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """-> item vectors (B, d), L2-normalised; for gated fusion the modality gates (B, M); the content vectors [(B, d)] (text, image: projected or stand-in)."""
         batch = items.shape[0]
         id_part = torch.cat([pooled["item_id"], *(pooled[k] for k in self.cat_keys), self.num_values[items]], dim=-1)
         vectors = [self.id_proj(id_part)]
@@ -161,4 +161,4 @@ class ItemTower(nn.Module):
             fused = (gates.unsqueeze(-1) * stacked).sum(1)
         else:
             gates, fused = None, torch.cat(vectors, dim=-1)
-        return F.normalize(self.mlp(fused), dim=-1), gates
+        return F.normalize(self.mlp(fused), dim=-1), gates, vectors[1:]

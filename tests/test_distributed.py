@@ -127,13 +127,14 @@ def _shard_diffs(dmp: nn.Module, expected: dict[str, torch.Tensor]) -> dict[str,
 
 
 def _retrieval_batch() -> dict[str, torch.Tensor]:
-    """Unit user/item vectors of GLOBAL_BATCH rows, some clicked, one item repeated across the ranks' halves."""
+    """Unit user/item vectors of GLOBAL_BATCH rows, some clicked, one item and two users repeated across the ranks' halves."""
     g = torch.Generator().manual_seed(7)
     return {
         "user_vec": torch.nn.functional.normalize(torch.randn(GLOBAL_BATCH, 6, generator=g), dim=-1),
         "item_vec": torch.nn.functional.normalize(torch.randn(GLOBAL_BATCH, 6, generator=g), dim=-1),
         "click": torch.tensor([1.0, 0, 1, 1, 0, 1, 0, 1]),
         "item_idx": torch.tensor([3, 5, 7, 2, 3, 9, 1, 2]),
+        "user_idx": torch.tensor([1, 2, 3, 4, 1, 2, 3, 1]),  # users 1 and 2 click on both ranks: masked across ranks too
     }
 
 

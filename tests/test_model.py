@@ -11,7 +11,7 @@ from recsys.config import ModelConfig
 from recsys.errors import ConfigError
 from recsys.losses import TaskWeighting, item_log_q, retrieval_logits, retrieval_loss, task_losses
 from recsys.mmoe import MultiTaskRanker
-from recsys.model import ModelSpec, RecsysModel, active_tasks, load_model, padded_to_kjt, save_model
+from recsys.model import ModelSpec, RecsysModel, active_tasks, ids_to_kjt, load_model, save_model
 
 torch.set_num_threads(1)
 
@@ -53,23 +53,23 @@ def make_batch(n: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
 
 # -- KJT construction -----------------------------------------------------------------------
 def test_kjt_drops_padding_and_keeps_per_row_lengths_by_key():
-    kjt = padded_to_kjt({"history": torch.tensor([[3, 0, 5], [0, 0, 0], [7, 8, 9]]), "item_id": torch.tensor([[4], [0], [6]])})
+    kjt = ids_to_kjt(["history_0", "history_1", "item_id"], torch.tensor([[3, 5, 4], [0, 0, 0], [7, 0, 6]]))
     by_key = kjt.to_dict()
-    assert by_key["history"].lengths().tolist() == [2, 0, 3]
-    assert by_key["history"].values().tolist() == [3, 5, 7, 8, 9]
-    assert by_key["item_id"].lengths().tolist() == [1, 0, 1]
-    assert by_key["item_id"].values().tolist() == [4, 6]
+    assert by_key["history_0"].lengths().tolist() == [1, 0, 1] and by_key["history_0"].values().tolist() == [3, 7]
+    assert by_key["history_1"].lengths().tolist() == [1, 0, 0] and by_key["history_1"].values().tolist() == [5]
+    assert by_key["item_id"].lengths().tolist() == [1, 0, 1] and by_key["item_id"].values().tolist() == [4, 6]
 
 
-def test_history_is_the_mean_of_its_non_padding_item_rows():
+def test_user_tower_reads_the_mean_of_the_histories_non_padding_item_rows():
     model = make_model()
-    pooled = model.embedding_tables(padded_to_kjt({
-        "user_id": torch.tensor([[1]]), "history": torch.tensor([[2, 5, 0, 0]]), "item_id": torch.tensor([[0]]),
-        "user_cat_age": torch.tensor([[1]]), "item_cat_genre": torch.tensor([[0]]),
-    }))
     item_table = model.embedding_tables.state_dict()["embedding_bags.item.weight"]
-    torch.testing.assert_close(pooled["history"][0], item_table[[2, 5]].mean(0))
-    assert torch.count_nonzero(pooled["item_id"]) == 0  # index 0 contributes nothing
+    state = model.user_state(torch.tensor([1]), torch.tensor([[2, 5, 0, 0]]))
+    torch.testing.assert_close(state["history_keys"][0, :2], item_table[[2, 5]])  # each position is its item's row
+    assert torch.count_nonzero(state["history_keys"][0, 2:]) == 0 and state["history_mask"].tolist() == [[True, True] + [False] * (HISTORY_LEN - 2)]
+    with torch.no_grad():  # the user tower sees the mean: a history of the two rows' mean item says the same
+        item_table_module = model.embedding_tables.embedding_bags["item"]
+        item_table_module.weight[7] = item_table[[2, 5]].mean(0)
+    torch.testing.assert_close(model.user_vectors(torch.tensor([1]), torch.tensor([[7, 0, 0, 0]])), state["user_vec"])
 
 
 def test_padding_width_does_not_change_the_user_vector():
@@ -155,12 +155,10 @@ def test_esmm_ctcvr_is_click_times_cvr_and_a_probability():
 
 
 def test_rating_output_stays_within_the_rating_range():
-    model = make_model()
-    u, v = torch.randn(64, 16) * 50, torch.randn(64, 16) * 50
+    model, batch = make_model(), make_batch()
     with torch.no_grad():
         model.ranker.towers["rating"][-1].bias.fill_(30.0)
-    with torch.no_grad():
-        rating = model.rank(u, v)["rating"]
+        rating = model(batch)["rating"]
     assert float(rating.min()) >= 1.0 and float(rating.max()) <= 5.0
     assert float(rating.max()) > 4.9  # saturates towards the top, not clipped below it
 
@@ -220,7 +218,7 @@ def test_retrieval_loss_is_lower_for_aligned_than_for_random_vectors():
     torch.manual_seed(0)
     users = torch.nn.functional.normalize(torch.randn(32, 16), dim=-1)
     random_items = torch.nn.functional.normalize(torch.randn(32, 16), dim=-1)
-    batch = {"click": torch.ones(32), "item_idx": torch.arange(1, 33)}
+    batch = {"click": torch.ones(32), "item_idx": torch.arange(1, 33), "user_idx": torch.arange(1, 33)}
     log_q = torch.zeros(40)
     aligned = retrieval_loss({"user_vec": users, "item_vec": users}, batch, log_q, 0.1)
     random = retrieval_loss({"user_vec": users, "item_vec": random_items}, batch, log_q, 0.1)
@@ -246,7 +244,7 @@ def test_duplicate_items_in_a_batch_are_not_negatives():
 
 def test_retrieval_loss_only_reads_clicked_rows():
     users = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    batch = {"click": torch.tensor([1.0, 1, 0, 0]), "item_idx": torch.arange(4)}
+    batch = {"click": torch.tensor([1.0, 1, 0, 0]), "item_idx": torch.arange(4), "user_idx": torch.arange(4)}
     scrambled = users.clone()
     scrambled[2:] = torch.randn(2, 8)
     a = retrieval_loss({"user_vec": users, "item_vec": users}, batch, torch.zeros(4), 0.1)
@@ -257,7 +255,7 @@ def test_retrieval_loss_only_reads_clicked_rows():
 def test_all_rows_retrieval_scores_clicked_users_against_every_rows_item():
     torch.manual_seed(0)
     vecs = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
-    batch = {"click": torch.tensor([1.0, 0, 1, 0, 0]), "item_idx": torch.tensor([4, 1, 2, 3, 4])}
+    batch = {"click": torch.tensor([1.0, 0, 1, 0, 0]), "item_idx": torch.tensor([4, 1, 2, 3, 4]), "user_idx": torch.arange(5)}
     loss = retrieval_loss({"user_vec": vecs, "item_vec": vecs}, batch, torch.zeros(6), 0.5, all_rows=True)
     # by hand: users 0 and 2 against the five rows' items; row 4 repeats user 0's item 4, so it is masked for user 0
     logits = vecs[[0, 2]] @ vecs.T / 0.5
@@ -270,11 +268,53 @@ def test_all_rows_retrieval_scores_clicked_users_against_every_rows_item():
 def test_all_rows_equals_clicked_when_every_row_is_clicked():
     torch.manual_seed(1)
     users, items = torch.randn(6, 8), torch.randn(6, 8)
-    batch = {"click": torch.ones(6), "item_idx": torch.tensor([1, 2, 2, 3, 4, 5])}
+    batch = {"click": torch.ones(6), "item_idx": torch.tensor([1, 2, 2, 3, 4, 5]), "user_idx": torch.arange(6)}
     log_q = torch.log(torch.tensor([0.1, 0.2, 0.05, 0.4, 0.1, 0.15]))
     a = retrieval_loss({"user_vec": users, "item_vec": items}, batch, log_q, 0.2)
     b = retrieval_loss({"user_vec": users, "item_vec": items}, batch, log_q, 0.2, all_rows=True)
     torch.testing.assert_close(a, b)
+
+
+def test_a_users_other_clicked_rows_are_not_its_negatives():
+    torch.manual_seed(2)
+    vecs = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    batch = {"click": torch.tensor([1.0, 1, 1, 0]), "item_idx": torch.tensor([1, 2, 3, 4]), "user_idx": torch.tensor([7, 7, 8, 7])}
+    loss = retrieval_loss({"user_vec": vecs, "item_vec": vecs}, batch, torch.zeros(6), 0.5, all_rows=True)
+    logits = vecs[:3] @ vecs.T / 0.5
+    logits[0, 1] = logits[1, 0] = float("-inf")  # user 7's two clicks mask each other; its unclicked row 3 stays a negative
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])))
+
+
+def test_uniform_negatives_join_the_candidates_with_their_log_q():
+    torch.manual_seed(3)
+    users, items, extra = torch.randn(3, 8), torch.randn(3, 8), torch.randn(2, 8)
+    batch = {"click": torch.ones(3), "item_idx": torch.tensor([1, 2, 3]), "user_idx": torch.arange(3)}
+    log_q = torch.log(torch.tensor([1.0, 0.5, 0.2, 0.1, 0.3, 0.4]))
+    loss = retrieval_loss({"user_vec": users, "item_vec": items}, batch, log_q, 0.5, uniform=(extra, torch.tensor([4, 1])))
+    logits = users @ torch.cat([items, extra]).T / 0.5 - log_q[torch.tensor([1, 2, 3, 4, 1])]
+    logits[0, 4] = float("-inf")  # the uniform draw of item 1 is user 0's own item: not a negative
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.arange(3)))
+
+
+def test_full_softmax_ranks_the_positive_against_the_whole_catalogue_but_padding_and_exclusions():
+    from recsys.losses import full_softmax_loss
+
+    torch.manual_seed(4)
+    users, catalogue = torch.randn(2, 8), torch.randn(5, 8)  # row 0 = padding
+    loss = full_softmax_loss(users, torch.tensor([2, 4]), catalogue, 0.5, exclude=(torch.tensor([0, 0, 1]), torch.tensor([3, 2, 4])))
+    logits = users @ catalogue.T / 0.5
+    logits[:, 0] = float("-inf")
+    logits[0, 3] = float("-inf")  # user 0's other positive; user 1's exclusion of its own positive 4 is ignored
+    logits[1, 4] = users[1] @ catalogue[4] / 0.5
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([2, 4])))
+
+
+def test_mixed_log_q_is_the_expected_count_of_in_batch_plus_uniform_candidates():
+    from recsys.losses import mixed_log_q
+
+    counts = torch.tensor([0, 6, 3, 1])  # item 0 is padding
+    expected = torch.tensor([1 / 11, 6 / 11, 3 / 11, 1 / 11]) * 100 + 30 / 3
+    torch.testing.assert_close(mixed_log_q(counts, 100.0, 30).exp(), expected.float())
 
 
 def test_item_log_q_counts_positives_or_all_rows():
@@ -356,10 +396,47 @@ def test_load_model_without_weights_names_the_step_to_run(tmp_path):
 
 def test_one_user_row_is_ranked_against_many_candidates():
     model = make_model()
-    user = torch.nn.functional.normalize(torch.randn(1, 16), dim=-1)
-    items = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
-    broadcast = model.rank(user, items)["p_click"]
-    torch.testing.assert_close(broadcast, model.rank(user.expand(5, 16), items)["p_click"])
+    items = torch.tensor([1, 4, 7, 9, 12])
+    with torch.no_grad():
+        user = model.user_state(torch.tensor([3]), torch.tensor([[2, 5, 0, 0]]))
+        many = model.user_state(torch.tensor([3] * 5), torch.tensor([[2, 5, 0, 0]] * 5))
+        item = model.item_state(items)
+        broadcast = model.rank(user, item)["p_click"]
+        torch.testing.assert_close(broadcast, model.rank(many, item)["p_click"])
+        # the same scores as the training/evaluation pass over (user, item) rows
+        rows = model({"user_idx": torch.tensor([3] * 5), "item_idx": items, "history": torch.tensor([[2, 5, 0, 0]] * 5)})
+    torch.testing.assert_close(broadcast, rows["p_click"])
+
+
+def test_kept_item_and_content_vectors_give_the_scores_of_the_towers():
+    """The service keeps item_vec and content_vec per item: ranking from them equals ranking from the content."""
+    model, batch = make_model(), make_batch()
+    content = {k: batch[k] for k in ("text", "text_mask", "image", "image_mask")}
+    with torch.no_grad():
+        user = model.user_state(batch["user_idx"], batch["history"])
+        full = model.item_state(batch["item_idx"], **content)
+        kept = model.item_state(batch["item_idx"], item_vec=full["item_vec"], content_vec=full["content_vec"])
+        torch.testing.assert_close(model.rank(user, kept)["p_ctcvr"], model.rank(user, full)["p_ctcvr"])
+        torch.testing.assert_close(model.rank(user, full)["p_click"], model(batch)["p_click"])
+
+
+def test_target_attention_gives_padding_no_weight_and_follows_the_candidate():
+    from recsys.attention import TargetAttention
+
+    torch.manual_seed(0)
+    attention = TargetAttention(4)
+    keys = torch.randn(1, 3, 4)
+    mask = torch.tensor([[True, True, False]])
+    pooled, weights = attention(torch.randn(2, 4), keys, mask)
+    assert weights.shape == (2, 3) and torch.all(weights[:, 2] == 0)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+    torch.testing.assert_close(pooled, weights[:, :2] @ keys[0, :2])
+    assert not torch.allclose(weights[0], weights[1])  # two candidates weigh the same history differently
+    changed = keys.clone()
+    changed[0, 2] = 100.0  # what stands at a padding position never matters
+    torch.testing.assert_close(attention(torch.randn(2, 4), changed, mask)[0].shape, pooled.shape)
+    none, w = attention(torch.randn(2, 4), keys, torch.zeros(1, 3, dtype=torch.bool))
+    assert torch.count_nonzero(none) == 0 and torch.count_nonzero(w) == 0  # an empty history pools to zero
 
 
 # -- cold items ------------------------------------------------------------------------------
@@ -406,3 +483,37 @@ def test_item_feature_values_no_trained_item_has_are_looked_up_as_unknown():
     before = model.item_vectors(torch.tensor([8]))
     model.item_cat[8, 0] = 2  # an unseen value is the same as no value
     torch.testing.assert_close(model.item_vectors(torch.tensor([8])), before)
+
+
+def test_dwa_weights_follow_the_softmax_of_loss_ratios_over_two_epochs():
+    weighting = TaskWeighting(["click", "rating"], "dwa")
+    assert weighting.weights() == {"click": 1.0, "rating": 1.0}
+    weighting.end_epoch({"click": 0.6, "rating": 2.0})
+    assert weighting.weights() == {"click": 1.0, "rating": 1.0}  # one epoch: no ratio yet
+    weighting.end_epoch({"click": 0.3, "rating": 1.8})  # ratios 0.5 and 0.9: rating fell less, it gets more weight
+    e_click, e_rating = math.exp(0.5 / 2), math.exp(0.9 / 2)
+    expected = {"click": 2 * e_click / (e_click + e_rating), "rating": 2 * e_rating / (e_click + e_rating)}
+    assert weighting.weights() == pytest.approx(expected, rel=1e-6)
+    total = weighting({"click": torch.tensor(1.0), "rating": torch.tensor(2.0)})
+    torch.testing.assert_close(total, torch.tensor(expected["click"] * 1.0 + expected["rating"] * 2.0))
+    restored = TaskWeighting(["click", "rating"], "dwa")
+    restored.load_state_dict(weighting.state_dict())  # resumable: the epoch losses travel in the checkpoint
+    assert restored.weights() == pytest.approx(expected, rel=1e-6)
+
+
+def test_wide_histories_keep_their_last_items():
+    from recsys.model import fit_history
+
+    history = torch.tensor([[1, 2, 3, 4, 5, 6, 0], [7, 8, 0, 0, 0, 0, 0]])
+    assert fit_history(history, 4).tolist() == [[3, 4, 5, 6], [7, 8, 0, 0]]
+    assert fit_history(history[:, :3], 5).tolist() == [[1, 2, 3, 0, 0], [7, 8, 0, 0, 0]]
+
+
+def test_stop_gradient_keeps_the_ranker_loss_out_of_the_towers():
+    batch = make_batch()
+    for stop, reaches in ((True, False), (False, True)):
+        model = make_model(ranker_stop_gradient=stop)
+        model(batch)["logit_click"].sum().backward()
+        grad = model.user_tower.mlp[-1].weight.grad
+        assert (grad is not None and bool(grad.abs().sum() > 0)) == reaches, stop
+        assert model.ranker.towers["click"][-1].weight.grad is not None  # the ranker itself still learns

@@ -88,7 +88,7 @@ def test_rank0_writes_one_log_the_plan_and_a_plain_model(two_processes) -> None:
     plan = (run.model / "sharding_plan.txt").read_text()
     assert "[0, 1]" in plan and "item" in plan and "user" in plan, plan  # tables placed on both ranks
     model = load_model(run.model)  # an ordinary unsharded RecsysModel: evaluate/index/serve are unchanged
-    scores = model.rank(model.user_vectors(torch.tensor([1, 2]), torch.zeros(2, HISTORY_LEN, dtype=torch.int64)), model.item_vectors(torch.tensor([3, 4])))
+    scores = model.rank(model.user_state(torch.tensor([1, 2]), torch.zeros(2, HISTORY_LEN, dtype=torch.int64)), model.item_state(torch.tensor([3, 4])))
     assert set(scores) == {"p_click", "p_cvr", "p_ctcvr", "rating"}
     meta = json.loads((run.model / "model.json").read_text())
     assert meta["best_epoch"] == summary["best_epoch"] and meta["trained_with"]["processes"] == 2

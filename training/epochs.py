@@ -21,7 +21,7 @@ import torch
 from recsys import metrics
 from recsys.config import Config, section_dict
 from recsys.errors import ConfigError, RecsysError
-from recsys.losses import LOSS_OF_TASK, TaskWeighting, task_losses
+from recsys.losses import LOSS_OF_TASK, TaskWeighting, full_softmax_loss, mixed_log_q, retrieval_loss, task_losses
 from recsys.model import ModelSpec, RecsysModel, active_tasks
 from recsys.rundir import RunDir
 from training.data import TrainingData
@@ -117,15 +117,103 @@ def selection_score(valid: dict[str, Any], reference: dict[str, float], cfg: Con
     Each loss (click, ctcvr, rating, retrieval) is divided by its value after the first epoch
     and the ratios averaged with the configured static weights, so every head and the
     retrieval tower count in proportion to how much it has improved, whatever the scale of
-    its loss. Selecting on the click/ctcvr AUCs alone kept epochs whose ratings had started
-    to over-fit; selecting on the raw sum let the in-batch retrieval loss (about 10x the
-    others, and noisy by about 1% between epochs) stop runs whose heads were still improving.
+    its loss. The towers' valid recall@K (``valid["recall"]``) counts as one more term, the
+    inverse ratio (epoch-1 recall / now, lower is better like a loss), weighted as the
+    retrieval loss. Selecting on the click/ctcvr AUCs alone kept epochs whose ratings had
+    started to over-fit; selecting on the raw sum let the in-batch retrieval loss (about 10x
+    the others, and noisy by about 1% between epochs) stop runs whose heads were still improving.
     """
     weights = {"click": cfg.train.click_weight, "ctcvr": cfg.train.conversion_weight, "rating": cfg.train.rating_weight, "retrieval": cfg.train.retrieval_weight}
-    terms = {k: weights.get(k, 1.0) for k in reference if reference[k] > 0 and k in valid["loss"]}
+    ratios = {k: valid["loss"][k] / reference[k] for k in reference if k in valid["loss"] and reference[k] > 0}
+    if reference.get("recall", 0) > 0 and valid.get("recall") is not None:
+        ratios["recall"] = reference["recall"] / max(valid["recall"], 1e-6)
+    terms = {k: weights.get(k, weights["retrieval"] if k == "recall" else 1.0) for k in ratios}
     if not terms or sum(terms.values()) <= 0:
         return -float(valid["loss"]["total"])
-    return -sum(w * valid["loss"][k] / reference[k] for k, w in terms.items()) / sum(terms.values())
+    return -sum(w * ratios[k] for k, w in terms.items()) / sum(terms.values())
+
+
+# -- the towers' objective and their validation recall ---------------------------------------------
+class RetrievalObjective:
+    """The retrieval loss of one run: a full softmax over the catalogue, or a sampled one.
+
+    ``full`` (``train.retrieval_softmax``, or ``auto`` up to ``train.full_softmax_max_items``):
+    every catalogue item is a candidate, scored through the item tower with its content each
+    step; the user's other training positives are masked. ``sampled``: the batch's items plus
+    ``train.uniform_negatives`` items drawn uniformly from the catalogue (cold and tail items
+    too), with the log-q of that mixture; a user's other clicked rows in the batch are masked.
+    Everything it counts comes from the train split.
+    """
+
+    def __init__(self, cfg: Config, train: dict[str, torch.Tensor], n_items: int, content: dict[str, torch.Tensor]):
+        self.cfg, self.n_items, self.content = cfg.train, n_items, content
+        mode = cfg.train.retrieval_softmax
+        self.full = mode == "full" or (mode == "auto" and n_items - 1 <= cfg.train.full_softmax_max_items)
+        self.all_rows = cfg.train.retrieval_negatives == "all_rows"
+        clicked = train["click"] > 0
+        counted = train["item_idx"] if self.all_rows else train["item_idx"][clicked]
+        candidates_per_batch = len(counted) / max(1, math.ceil(len(train["click"]) / cfg.train.batch_size))
+        uniform = 0 if self.full else cfg.train.uniform_negatives
+        self.uniform = uniform
+        self.log_q = cfg.train.logq_correction * mixed_log_q(torch.bincount(counted, minlength=n_items), candidates_per_batch, uniform)
+        # each user's training positives, as CSR over user_idx: the full softmax masks them
+        users, items = train["user_idx"][clicked], train["item_idx"][clicked]
+        order = torch.argsort(users, stable=True)
+        self.positive_items = items[order]
+        self.positive_ptr = torch.zeros(int(train["user_idx"].max()) + 2 if len(users) else 2, dtype=torch.int64)
+        self.positive_ptr[1:] = torch.cumsum(torch.bincount(users, minlength=len(self.positive_ptr) - 1), 0)
+
+    def describe(self) -> str:
+        return "full softmax over the catalogue" if self.full else f"sampled softmax (in-batch + {self.uniform} uniform, log-q corrected)"
+
+    def known_positives(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, item_idx)``: every training positive of each of ``users`` (row r = users[r])."""
+        users = users.clamp(max=len(self.positive_ptr) - 2)
+        start, stop = self.positive_ptr[users], self.positive_ptr[users + 1]
+        counts = stop - start
+        rows = torch.repeat_interleave(torch.arange(len(users)), counts)
+        offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return rows, self.positive_items[torch.repeat_interleave(start, counts) + offsets]
+
+    def catalogue_vectors(self, model, items: torch.Tensor) -> torch.Tensor:
+        """Item-tower vectors of ``items`` with their content (in the model's current train/eval mode)."""
+        return model.item_vectors(items, **{name: matrix[items] for name, matrix in self.content.items()})
+
+    def loss(self, model, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.full:
+            uniform = None
+            if self.uniform:
+                drawn = torch.randint(1, self.n_items, (self.uniform,))
+                uniform = (self.catalogue_vectors(model, drawn), drawn)
+            return retrieval_loss(outputs, batch, self.log_q, self.cfg.temperature, self.all_rows, uniform)
+        clicked = batch["click"] > 0
+        if not clicked.any():
+            return outputs["user_vec"].sum() * 0.0
+        catalogue = self.catalogue_vectors(model, torch.arange(self.n_items))
+        exclude = self.known_positives(batch["user_idx"][clicked])
+        return full_softmax_loss(outputs["user_vec"][clicked], batch["item_idx"][clicked], catalogue, self.cfg.temperature, exclude)
+
+
+@torch.no_grad()
+def valid_recall(model, split: dict[str, torch.Tensor], objective: RetrievalObjective, k: int, max_rows: int, seed: int = 0) -> float | None:
+    """Share of (a fixed sample of) clicked valid rows whose item the towers rank in the top K, training positives excluded."""
+    clicked = torch.nonzero(split["click"] > 0).squeeze(1)
+    if max_rows <= 0 or len(clicked) == 0:
+        return None
+    rows = clicked[torch.randperm(len(clicked), generator=torch.Generator().manual_seed(seed))[:max_rows]]
+    model.eval()
+    catalogue = torch.cat([objective.catalogue_vectors(model, torch.arange(s, min(s + 8192, objective.n_items))) for s in range(0, objective.n_items, 8192)])
+    hits, block = 0, max(1, 20_000_000 // objective.n_items)  # scores held at once: block x catalogue
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        scores = model.user_vectors(split["user_idx"][part], split["history"][part]) @ catalogue.T  # (b, N)
+        scores[:, 0] = float("-inf")
+        known_rows, known_items = objective.known_positives(split["user_idx"][part])
+        keep = known_items != split["item_idx"][part][known_rows]  # a re-clicked training item stays rankable
+        scores[known_rows[keep], known_items[keep]] = float("-inf")
+        top = scores.topk(min(k, objective.n_items - 1), dim=1).indices
+        hits += int((top == split["item_idx"][part].unsqueeze(1)).any(1).sum())
+    return hits / len(rows)
 
 
 def new_state() -> dict[str, Any]:
@@ -143,6 +231,8 @@ def end_of_epoch(state: dict[str, Any], last_valid: dict[str, Any], cfg: Config,
     if last_valid["loss"]:  # a validation split: score relative to its losses after the first epoch
         if not state.get("reference_loss"):
             state["reference_loss"] = {k: float(v) for k, v in last_valid["loss"].items() if k != "total"}
+            if last_valid.get("recall") is not None:
+                state["reference_loss"]["recall"] = float(last_valid["recall"])
         last_valid["score"] = selection_score(last_valid, state["reference_loss"], cfg)
     improved = state["best_epoch"] == 0 or last_valid["score"] > state["best_score"]
     if improved:
@@ -182,6 +272,7 @@ def log_epoch(run: RunDir, epoch: int, train_losses, last_valid, weighting, impr
         "valid_loss": last_valid["loss"],
         "valid_auc": last_valid["auc"],
         **({"valid_rating_rmse": last_valid["rating_rmse"]} if "rating_rmse" in last_valid else {}),
+        **({"valid_recall": last_valid["recall"]} if last_valid.get("recall") is not None else {}),
         "score": last_valid["score"],
         "best": improved,
         "task_weights": weighting.weights(),
@@ -198,7 +289,7 @@ def log_epoch(run: RunDir, epoch: int, train_losses, last_valid, weighting, impr
 
 def valid_summary(valid: dict[str, Any]) -> dict[str, Any]:
     """What ``model.json`` records of the selected epoch's validation."""
-    return {k: valid[k] for k in ("auc", "rating_rmse", "score") if k in valid}
+    return {k: valid[k] for k in ("auc", "rating_rmse", "recall", "score") if k in valid}
 
 
 def _fmt(values: dict[str, float]) -> str:

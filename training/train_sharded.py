@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from recsys.config import Config
 from recsys.errors import ConfigError, RunError
-from recsys.losses import TaskWeighting, log_q_from_counts, retrieval_logits, retrieval_loss
+from recsys.losses import TaskWeighting, log_q_from_counts, other_positives, retrieval_logits, retrieval_loss
 from recsys.model import model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_write_text
 from training.data import TrainingData, batches, load_training_data
@@ -132,7 +132,7 @@ def retrieval_loss_across_ranks(outputs, batch, log_q: torch.Tensor, temperature
     keep = torch.ones_like(batch["click"], dtype=torch.bool) if keep is None else keep
     if world == 1:
         rows = {"user_vec": outputs["user_vec"][keep], "item_vec": outputs["item_vec"][keep]}
-        return retrieval_loss(rows, {"click": batch["click"][keep], "item_idx": batch["item_idx"][keep]}, log_q, temperature, all_rows)
+        return retrieval_loss(rows, {k: batch[k][keep] for k in ("click", "item_idx", "user_idx")}, log_q, temperature, all_rows)
     clicked = (batch["click"] > 0) & keep
     candidates = keep if all_rows else clicked
     item_vec, items = outputs["item_vec"][candidates], batch["item_idx"][candidates]
@@ -143,15 +143,19 @@ def retrieval_loss_across_ranks(outputs, batch, log_q: torch.Tensor, temperature
         return outputs["user_vec"].sum() * 0.0
     most = max(counts)
     gathered_vecs = dist_nn.all_gather(F.pad(item_vec, (0, 0, 0, most - len(items))))
-    gathered_items = [torch.zeros(most, dtype=items.dtype) for _ in range(world)]
-    dist.all_gather(gathered_items, F.pad(items, (0, most - len(items))))
+    # item_idx, user_idx and clicked of every rank's candidates, in one all-gather
+    meta = torch.stack([items, batch["user_idx"][candidates], clicked[candidates].long()])  # (3, C)
+    gathered_meta = [torch.zeros(3, most, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(gathered_meta, F.pad(meta, (0, most - len(items))))
     all_vec = torch.cat([v[:c] for v, c in zip(gathered_vecs, counts)])  # (C_all, d)
-    all_items = torch.cat([i[:c] for i, c in zip(gathered_items, counts)])
+    all_meta = torch.cat([m[:, :c] for m, c in zip(gathered_meta, counts)], dim=1)
+    all_items = all_meta[0]
     if not clicked.any():  # still in the graph: the all-gather's backward is collective too
         return all_vec.sum() * 0.0 + outputs["user_vec"].sum() * 0.0
     # this rank's clicked rows: their column among this rank's candidates, offset by the ranks before
     positive = torch.cumsum(candidates.long(), 0)[clicked] - 1 + sum(counts[: dist.get_rank()])
-    logits = retrieval_logits(outputs["user_vec"][clicked], all_vec, all_items, log_q, temperature, positive)
+    exclude = other_positives(batch["user_idx"][clicked], all_meta[1], all_meta[2] > 0)  # the user's other clicked rows, on any rank
+    logits = retrieval_logits(outputs["user_vec"][clicked], all_vec, all_items, log_q, temperature, positive, exclude)
     n_clicked = sum(int(c[1]) for c in counts_list)
     return F.cross_entropy(logits, positive, reduction="sum") * world / n_clicked
 
@@ -267,6 +271,8 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
     opt, dense_opts = _sharded_optimizer(dmp, weighting, cfg)
     log_q = cfg.train.logq_correction * log_q_from_counts(item_rows if cfg.train.retrieval_negatives == "all_rows" else item_clicks)
     train_rows = int(item_rows.sum())
+    if ctx.is_main and (cfg.train.retrieval_softmax != "sampled" or cfg.train.uniform_negatives):
+        log.info("the N-process job trains the towers on in-batch negatives across ranks (train.retrieval_softmax and train.uniform_negatives apply to one process)")
     if ctx.is_main:
         log.info(
             "train: %d rows on %d ranks (%d each, global batch %d), valid: %d rows, tasks %s, sharding %s (plan in %s)",
@@ -310,6 +316,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         improved = end_of_epoch(state, last_valid, cfg, epoch)
         for dense_opt in dense_opts:
             set_lr(dense_opt, cfg.train.lr * state["lr_scale"])
+        weighting.end_epoch(train_losses)  # DWA: the weights of the next epoch, saved in this checkpoint (the log line shows them)
         train_state = {**state, "config_digest": resume_digest(cfg), "seed": cfg.train.seed, "world_size": ctx.world_size, "sharding": cfg.train.sharding}
         checkpoint = save_sharded_checkpoint(ckpt_dir, f"epoch-{epoch:04d}", dmp, opt, train_state, extra={"weighting": weighting})
         if ctx.is_main:

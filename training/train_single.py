@@ -25,14 +25,13 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from tqdm import tqdm
 
 from recsys.config import Config
-from recsys.losses import item_log_q, retrieval_loss
 from recsys.model import RecsysModel, model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_path, write_json
 from training.data import batches, load_training_data
 from training.epochs import (
     add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
     epochs_summary, head_metrics, log_epoch, new_state, resume_digest, set_lr, task_weighting, train_loss_as_valid, truncate_log,
-    valid_summary,
+    valid_summary, RetrievalObjective, valid_recall,
 )  # fmt: skip
 
 log = logging.getLogger("recsys.training")
@@ -56,7 +55,7 @@ def fuse_tables(model: RecsysModel, embedding_lr: float) -> None:
 
 
 # -- one epoch -------------------------------------------------------------------------------
-def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: int, global_step: int) -> tuple[dict[str, float], int, float]:
+def train_epoch(model, weighting, dense_opt, data, objective: RetrievalObjective, cfg: Config, epoch: int, global_step: int) -> tuple[dict[str, float], int, float]:
     """One pass over the shuffled train split -> mean losses, global step, samples/s."""
     model.train()
     torch.manual_seed(epoch_seed(cfg.train.seed, epoch))  # modality dropout
@@ -68,7 +67,7 @@ def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: in
     progress = tqdm(total=n_rows, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False)
     for step, batch in enumerate(batches(data.train, cfg.train.batch_size, data.content, seed=epoch_seed(cfg.train.seed, epoch)), 1):
         outputs = model(batch)
-        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature, cfg.train.retrieval_negatives == "all_rows"))
+        losses, total = batch_losses(outputs, batch, weighting, cfg, objective.loss(model, outputs, batch))
         check_finite(total, losses, batch, step, f"epoch {epoch}, step {step} of {n_batches} (global step {global_step + 1})")
         dense_opt.zero_grad(set_to_none=True)
         gradnorm_grad = None
@@ -90,30 +89,40 @@ def train_epoch(model, weighting, dense_opt, data, log_q, cfg: Config, epoch: in
 
 
 @torch.no_grad()
-def validate(model, weighting, split, content, log_q, cfg: Config) -> dict[str, Any]:
-    """Losses, AUCs, rating RMSE and mean MMoE gate weights per task over a split."""
+def validate(model, weighting, split, content, objective: RetrievalObjective, cfg: Config) -> dict[str, Any]:
+    """Losses, AUCs, rating RMSE, the towers' recall@K and mean MMoE gate weights per task over a split.
+
+    Batches are shuffled (a fixed order): the split is sorted by user, and a batch of one
+    user's rows would make the sampled retrieval loss meaningless.
+    """
     model.eval()
     sums: dict[str, float] = {}
     scores: dict[str, list[torch.Tensor]] = {}
+    labels: dict[str, list[torch.Tensor]] = {}
     gates_sum, n = None, 0
-    for batch in batches(split, cfg.train.batch_size, content):
+    torch.manual_seed(cfg.train.seed)  # the uniform negatives of the sampled softmax
+    for batch in batches(split, cfg.train.batch_size, content, seed=cfg.train.seed):
         outputs = model(batch)
-        losses, total = batch_losses(outputs, batch, weighting, cfg, retrieval_loss(outputs, batch, log_q, cfg.train.temperature, cfg.train.retrieval_negatives == "all_rows"))
+        losses, total = batch_losses(outputs, batch, weighting, cfg, objective.loss(model, outputs, batch))
         rows = len(batch["click"])
         add_losses(sums, losses, total, rows)
         for k in ("p_click", "p_cvr", "p_ctcvr", "rating"):
             if k in outputs:
                 scores.setdefault(k, []).append(outputs[k])
+        for k in ("click", "conversion", "rating"):  # the labels in the same (shuffled) order as the scores
+            if k in batch:
+                labels.setdefault(k, []).append(batch[k])
         gates_sum = outputs["gates"].sum(0) if gates_sum is None else gates_sum + outputs["gates"].sum(0)
         if "modality_gates" in outputs:
             sums["_modality_gates"] = sums.get("_modality_gates", 0.0) + outputs["modality_gates"].sum(0)
         n += rows
     modality_gates = sums.pop("_modality_gates", None)
     result: dict[str, Any] = {"loss": {k: v / max(n, 1) for k, v in sums.items()}}
-    result.update(head_metrics(split, {k: torch.cat(v) for k, v in scores.items()}))
+    result.update(head_metrics({k: torch.cat(v) for k, v in labels.items()}, {k: torch.cat(v) for k, v in scores.items()}))
     result["gates"] = {t: (gates_sum[i] / max(n, 1)).tolist() for i, t in enumerate(model.tasks)}
     if modality_gates is not None:  # gated fusion: mean weight of [id, text?, image?]
         result["modality_gates"] = (modality_gates / max(n, 1)).tolist()
+    result["recall"] = valid_recall(model, split, objective, cfg.train.selection_recall_k, cfg.train.selection_recall_rows, cfg.train.seed)
     return result
 
 
@@ -168,12 +177,11 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
     fuse_tables(model, cfg.train.embedding_lr)
     weighting = task_weighting(model.tasks, cfg)
     dense_opt = torch.optim.Adam(model.dense_parameters() + list(weighting.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    counted = None if cfg.train.retrieval_negatives == "all_rows" else data.train["click"]  # q: the candidates' distribution
-    log_q = cfg.train.logq_correction * item_log_q(data.train["item_idx"], counted, model.spec.n_items)
+    objective = RetrievalObjective(cfg, data.train, model.spec.n_items, data.content)
     log.info(
-        "train: %d rows, valid: %d rows, tasks %s, text %s, image %s, ranker %s",
+        "train: %d rows, valid: %d rows, tasks %s, text %s, image %s, ranker %s over %s, retrieval: %s",
         len(data.train["click"]), len(data.valid["click"]) if data.valid else 0, ",".join(model.tasks),
-        model.use_text, model.use_image, cfg.model.ranker,
+        model.use_text, model.use_image, cfg.model.ranker, cfg.model.ranker_input, objective.describe(),
     )
     if data.valid is None:
         log.warning("no valid split: early stopping and model selection use the training loss")
@@ -199,10 +207,10 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
         if state["stopped_early"]:
             break
         epoch_started = time.perf_counter()
-        train_losses, state["global_step"], rate = train_epoch(model, weighting, dense_opt, data, log_q, cfg, epoch, state["global_step"])
+        train_losses, state["global_step"], rate = train_epoch(model, weighting, dense_opt, data, objective, cfg, epoch, state["global_step"])
         rates.append(rate)
         if data.valid is not None:
-            last_valid = validate(model, weighting, data.valid, data.content, log_q, cfg)
+            last_valid = validate(model, weighting, data.valid, data.content, objective, cfg)
         else:
             last_valid = train_loss_as_valid(train_losses)
         epoch_lr = cfg.train.lr * state["lr_scale"]  # the dense lr this epoch ran with
@@ -211,6 +219,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
         if improved:
             save_model(model, run.model, {"best_epoch": epoch, "valid": valid_summary(last_valid)})
         log_epoch(run, epoch, train_losses, last_valid, weighting, improved, rate, epoch_started, lr=epoch_lr)
+        weighting.end_epoch(train_losses)  # DWA: the weights of the next epoch (after the log, which shows this epoch's)
         save_checkpoint(ckpt_dir, model, weighting, dense_opt, {**state, "config_digest": resume_digest(cfg), "seed": cfg.train.seed, "rng": "torch.manual_seed(epoch_seed(seed, epoch)) at each epoch start"})
         if state["stopped_early"]:
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
