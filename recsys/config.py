@@ -94,6 +94,7 @@ class ModelConfig(_Section):
     ranker_input: Literal["features", "towers"] = "features"  # features: ids, side features, content, target attention and the towers; towers: [u, v, u*v] only
     ranker_stop_gradient: bool = False  # true: the ranker's loss does not reach the tower vectors (it still trains the tables it reads)
     ranker_content_dim: int = Field(32, ge=1)  # the candidate's projected text + image, as the ranker (and the service) keeps it
+    attention_len: int = Field(20, ge=1)  # the target attention reads the last this many history items (the user tower pools all of data.history_len)
 
 
 class TrainConfig(_Section):
@@ -148,7 +149,6 @@ class ServeConfig(_Section):
     blend_ctcvr: float = 1.0
     blend_rating: float = 0.5
     threads: int = 1  # torch and FAISS threads per request (requests run concurrently); 0 = library default
-    precompute_users_max: int = 2_000_000  # user vectors of known users computed at load (4*d bytes each); 0 = always per request
     access_log: bool = True  # one JSON line per request on stderr
 
 

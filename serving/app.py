@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from recsys.errors import RecsysError
 from recsys.rundir import RunDir
-from serving.pipeline import DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
+from serving.recommender import DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
 
 log = logging.getLogger("recsys.serve")
 access_log = logging.getLogger("recsys.access")

@@ -7,7 +7,9 @@ scanned lists) or HNSW, whose search knob (nprobe / efSearch) is raised at build
 recall@100 against exact search reaches ``index.target_recall`` on a sample of queries.
 
 Catalogue items get ``faiss_id = item_idx``; items added at serving time get fresh ids above
-every existing one and ``item_idx = 0`` (unknown to the model's id table).
+every existing one and ``item_idx = 0`` (unknown to the model's id table). Beside each vector the
+index keeps the item's ``content_vec`` (the ranker's view of its text and image), so the service
+ranks catalogue items and items added live from what it stores, as the evaluation does.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import polars as pl
 
 from recsys.config import IndexConfig
 from recsys.errors import RunError
+from recsys.history import padded_history
 from recsys.rundir import RunDir, atomic_path, read_json, sha256_file, write_json, write_parquet
 
 log = logging.getLogger("recsys")
 
 INDEX_FILE = "items.faiss"
 IDS_FILE = "ids.parquet"
+CONTENT_FILE = "content_vecs.npy"  # the ranker's per-item content vector (row = row of ids.parquet)
 META_FILE = "index.json"
 RECALL_AT = 100
 
@@ -90,8 +94,9 @@ def _set_knob(index: faiss.IndexIDMap2, kind: str, value: int) -> None:
 class ItemIndex:
     """Item vectors under stable FAISS ids, with their ``item_idx`` / ``item_id``; thread-safe."""
 
-    def __init__(self, index: faiss.IndexIDMap2, kind: str, ids: pl.DataFrame, params: dict[str, Any], recall: float):
+    def __init__(self, index: faiss.IndexIDMap2, kind: str, ids: pl.DataFrame, params: dict[str, Any], recall: float, content_vecs: np.ndarray | None = None):
         self.index = index
+        self.content_vecs = content_vecs  # (count, C) float32 in the row order of ids, or None (a model without content)
         self.kind = kind
         self.params = params
         self.recall = recall  # ann recall@100 measured at build time (1.0 for exact search)
@@ -110,10 +115,12 @@ class ItemIndex:
         cfg: IndexConfig,
         queries: np.ndarray | None = None,
         seed: int = 0,
+        content_vecs: np.ndarray | None = None,
     ) -> "ItemIndex":
         """Index ``vectors`` (n, d) under ``faiss_ids`` (n,); tune the ANN knob on ``queries`` (q, d).
 
-        Without ``queries`` the calibration uses perturbed catalogue vectors.
+        Without ``queries`` the calibration uses perturbed catalogue vectors. ``content_vecs`` (n, C)
+        are kept beside the vectors.
         """
         vectors = normalise(vectors)
         count, dim = vectors.shape
@@ -135,7 +142,7 @@ class ItemIndex:
         ids = pl.DataFrame(
             {"faiss_id": faiss_ids, "item_idx": np.asarray(item_idx, dtype=np.int64), "item_id": item_ids}
         )
-        item_index = cls(index, kind, ids, params, recall=1.0)
+        item_index = cls(index, kind, ids, params, recall=1.0, content_vecs=None if content_vecs is None else np.ascontiguousarray(content_vecs, dtype=np.float32))
         if kind != "flat":
             if queries is None:
                 sample = vectors[rng.choice(count, size=min(count, cfg.recall_queries), replace=False)]
@@ -209,9 +216,13 @@ class ItemIndex:
         with self._lock:
             return self.index.reconstruct_batch(np.ascontiguousarray(faiss_ids, dtype=np.int64))
 
+    def content(self, faiss_ids: np.ndarray) -> np.ndarray | None:
+        """Stored ``content_vec`` of ``faiss_ids`` (n,) -> (n, C), or None without content."""
+        return None if self.content_vecs is None else self.content_vecs[self._row_of[faiss_ids]]
+
     # -- updates -----------------------------------------------------------------------
-    def add(self, vectors: np.ndarray, item_ids: Sequence[Any], item_idx: np.ndarray | None = None) -> np.ndarray:
-        """Add items (fresh FAISS ids above all existing ones); returns their faiss ids.
+    def add(self, vectors: np.ndarray, item_ids: Sequence[Any], item_idx: np.ndarray | None = None, content_vecs: np.ndarray | None = None) -> np.ndarray:
+        """Add items (fresh FAISS ids above all existing ones) with their ``content_vecs``; returns their faiss ids.
 
         Items whose ``item_id`` is already indexed are refused (ValueError): FAISS ids are stable.
         """
@@ -228,8 +239,12 @@ class ItemIndex:
             idx = np.zeros(len(item_ids), dtype=np.int64) if item_idx is None else np.asarray(item_idx, dtype=np.int64)
             added = pl.DataFrame({"faiss_id": new_ids, "item_idx": idx, "item_id": list(item_ids)})
             ids = pl.concat([self.ids, added.cast(self.ids.schema)])
+            if (self.content_vecs is None) != (content_vecs is None):
+                raise ValueError("content_vecs must be given exactly when the index keeps them")
             with self._lock:
                 self.index.add_with_ids(vectors, new_ids)
+                if content_vecs is not None:
+                    self.content_vecs = np.concatenate([self.content_vecs, np.asarray(content_vecs, dtype=np.float32)])
                 self._set_ids(ids)
         return new_ids
 
@@ -242,6 +257,10 @@ class ItemIndex:
             with atomic_path(directory / INDEX_FILE) as tmp:
                 faiss.write_index(self.index, str(tmp))
             write_parquet(self.ids, directory / IDS_FILE)
+            if self.content_vecs is not None:
+                with atomic_path(directory / CONTENT_FILE) as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.save(handle, self.content_vecs)
             meta = {
                 "type": self.kind,
                 "dim": self.dim,
@@ -249,6 +268,7 @@ class ItemIndex:
                 "sha256": sha256_file(directory / INDEX_FILE),
                 "params": self.params,
                 f"ann_recall@{RECALL_AT}": round(self.recall, 4),
+                "content_dim": None if self.content_vecs is None else int(self.content_vecs.shape[1]),
             }
             write_json(directory / META_FILE, meta)  # written last: it vouches for the other two
         return meta
@@ -272,10 +292,18 @@ class ItemIndex:
                 f"{directory}: {INDEX_FILE} holds {index.ntotal} vectors, {IDS_FILE} {len(ids)} rows, {META_FILE} says {meta['count']}; "
                 f"rebuild with `recsys index --run {directory.parent}`"
             )
+        content_vecs = None
+        if meta.get("content_dim"):
+            path = directory / CONTENT_FILE
+            if not path.is_file():
+                raise RunError(f"{path} is missing: rebuild with `recsys index --run {directory.parent}`")
+            content_vecs = np.load(path)
+            if content_vecs.shape != (len(ids), meta["content_dim"]):
+                raise RunError(f"{path} holds {content_vecs.shape}, expected ({len(ids)}, {meta['content_dim']}); rebuild with `recsys index --run {directory.parent}`")
         knob = _knob_name(meta["type"])
         if knob and knob in meta["params"]:
             _set_knob(index, meta["type"], int(meta["params"][knob]))
-        return cls(index, meta["type"], ids, dict(meta["params"]), recall=float(meta.get(f"ann_recall@{RECALL_AT}", 1.0)))
+        return cls(index, meta["type"], ids, dict(meta["params"]), recall=float(meta.get(f"ann_recall@{RECALL_AT}", 1.0)), content_vecs=content_vecs)
 
 
 # -- the `recsys index` step ---------------------------------------------------------------
@@ -290,12 +318,12 @@ def build_index(run: RunDir) -> dict[str, Any]:
     items = pl.read_parquet(run.require(run.data / "items.parquet", "prepare"), columns=["item_id", "item_idx"])
     content = load_content(run, model)
     item_idx = items["item_idx"].to_numpy()
-    vectors = catalogue_vectors(model, item_idx, content)
+    vectors, content_vecs = catalogue_vectors(model, item_idx, content)
     queries = sample_queries(run, model, cfg.index.recall_queries, seed=cfg.data.seed)
     embedded_s = time.perf_counter() - started
     torch_threads = torch.get_num_threads()
     log.info("index: %d item vectors in %.1f s (%d threads); building %s", len(item_idx), embedded_s, torch_threads, cfg.index.kind)
-    index = ItemIndex.build(vectors, item_idx, item_idx, items["item_id"], cfg.index, queries=queries, seed=cfg.data.seed)
+    index = ItemIndex.build(vectors, item_idx, item_idx, items["item_id"], cfg.index, queries=queries, seed=cfg.data.seed, content_vecs=content_vecs)
     meta = index.save(run.index)
     stale = run.index / "added_items.parquet"  # texts of items added to the previous index at serving time
     if stale.is_file():
@@ -327,12 +355,13 @@ def load_content(run: RunDir, model: Any) -> dict[str, np.ndarray]:
     return content
 
 
-def catalogue_vectors(model: Any, item_idx: np.ndarray, content: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
-    """Item-tower vectors of ``item_idx`` (n,) in batches -> (n, d) float32."""
+def catalogue_vectors(model: Any, item_idx: np.ndarray, content: dict[str, np.ndarray], batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray | None]:
+    """Item-tower vectors ``(n, d)`` and the ranker's content vectors ``(n, C)`` (None without content) of ``item_idx`` (n,), in batches."""
     import torch
     from tqdm.auto import tqdm
 
     out = np.empty((len(item_idx), model.spec.config.dim), dtype=np.float32)
+    content_out = np.empty((len(item_idx), model.content_dim), dtype=np.float32) if model.content_dim else None
     with torch.inference_mode():
         for start in tqdm(range(0, len(item_idx), batch_size), desc="item tower", unit="batch", leave=False):
             rows = item_idx[start : start + batch_size]
@@ -341,8 +370,11 @@ def catalogue_vectors(model: Any, item_idx: np.ndarray, content: dict[str, np.nd
                 if used:
                     inputs[modality] = torch.from_numpy(content[modality][rows])
                     inputs[f"{modality}_mask"] = torch.from_numpy(content[f"{modality}_mask"][rows].astype(np.float32))
-            out[start : start + len(rows)] = model.item_vectors(torch.tensor(rows), **inputs).numpy()
-    return out
+            state = model.item_state(torch.tensor(rows), **inputs)
+            out[start : start + len(rows)] = state["item_vec"].numpy()
+            if content_out is not None:
+                content_out[start : start + len(rows)] = state["content_vec"].numpy()
+    return out, content_out
 
 
 def sample_queries(run: RunDir, model: Any, count: int, seed: int) -> np.ndarray | None:
@@ -356,10 +388,6 @@ def sample_queries(run: RunDir, model: Any, count: int, seed: int) -> np.ndarray
     if events.height == 0:
         return None
     events = events.sample(min(count, events.height), seed=seed)
-    history_len = model.spec.history_len
-    history = np.zeros((events.height, history_len), dtype=np.int64)
-    for row, items in enumerate(events["history"].to_list()):  # at most recall_queries rows
-        tail = (items or [])[-history_len:]
-        history[row, : len(tail)] = tail
+    history = padded_history(events["history"], model.spec.history_len)  # (q, L)
     with torch.inference_mode():
         return model.user_vectors(torch.tensor(events["user_idx"].to_numpy()), torch.from_numpy(history)).numpy()

@@ -8,7 +8,7 @@ import polars as pl
 
 from recsys.errors import RunError
 from recsys.rundir import RunDir
-from serving.pipeline import Recommender
+from serving.recommender import Recommender
 
 TEXT_WIDTH = 48
 

@@ -178,7 +178,7 @@ def test_save_then_load_gives_the_same_results_and_metadata(tmp_path, kind):
     assert (loaded.search(queries, 10)[0] == index.search(queries, 10)[0]).all()
     on_disk = json.loads((tmp_path / "index.json").read_text())
     assert on_disk == meta
-    assert set(on_disk) == {"type", "dim", "count", "sha256", "params", "ann_recall@100"}
+    assert set(on_disk) == {"type", "dim", "count", "sha256", "params", "ann_recall@100", "content_dim"}
     assert (on_disk["type"], on_disk["dim"], on_disk["count"]) == (kind, DIM, 2000)
     assert pl.read_parquet(tmp_path / "ids.parquet").columns == ["faiss_id", "item_idx", "item_id"]
 
@@ -236,3 +236,17 @@ def test_build_index_without_a_model_says_to_train_first(tmp_path):
     (run.model / "model.safetensors").unlink()
     with pytest.raises(RunError, match="model.safetensors is missing: run `recsys train"):
         build_index(run)
+
+
+def test_content_vectors_travel_with_their_items_through_add_save_and_load(tmp_path):
+    rng = np.random.default_rng(3)
+    vectors, content = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    ids = np.arange(1, 7)
+    index = ItemIndex.build(vectors, ids, ids, [f"it{i}" for i in ids], IndexConfig(kind="flat"), content_vecs=content)
+    added_content = rng.normal(size=(2, 4)).astype(np.float32)
+    new = index.add(rng.normal(size=(2, 8)).astype(np.float32), ["new-a", "new-b"], content_vecs=added_content)
+    index.save(tmp_path / "index")
+    loaded = ItemIndex.load(tmp_path / "index")
+    np.testing.assert_array_equal(loaded.content(np.array([3, *new])), np.concatenate([content[2:3], added_content]))
+    with pytest.raises(ValueError, match="content_vecs"):
+        loaded.add(rng.normal(size=(1, 8)).astype(np.float32), ["no-content"])  # an index with content refuses an item without

@@ -1,4 +1,4 @@
-"""serving: the retrieve -> rank pipeline, `recsys recommend` and the HTTP service (DESIGN.md)."""
+"""serving: the retrieve -> rank recommender, `recsys recommend` and the HTTP service (DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,24 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
+import polars as pl
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from recsys.cli import run_step
+from recsys.config import load_config
+from recsys.model import MODEL_VERSION
 from recsys.rundir import RunDir
 from serving.app import create_app
 from serving.index import build_index
-from serving.pipeline import Recommender
+from serving.recommender import Recommender
 
 from test_index import N_ITEMS, make_tiny_run
 
@@ -59,12 +65,105 @@ def png(colour: tuple[int, int, int]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def striped_png(colour: tuple[int, int, int], stripe: int) -> bytes:
+    """A 32x32 PNG of ``colour`` with darker vertical stripes ``stripe`` pixels wide."""
+    pixels = np.tile(np.asarray(colour, dtype=np.float32), (32, 32, 1))
+    pixels[:, (np.arange(32) // stripe) % 2 == 1] *= 0.7
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def user_clicks(user: int) -> set[str]:
     """Items user u{user} clicked in the tiny run (all splits): it{u} .. it{u+5}."""
     return {f"it{((user + j - 1) % N_ITEMS) + 1}" for j in range(6)}
 
 
-# -- pipeline --------------------------------------------------------------------------------
+# -- a trained run with a planted preference --------------------------------------------------
+GROUP_ITEMS, GROUP_USERS, CLICKS = 12, 12, 6  # per group: warm items, users, own-group items each user clicks
+GROUP_COLOURS = {"a": (220, 30, 30), "b": (30, 30, 220)}  # the groups' images: red and blue
+PLANTED_ITEMS = 2 * (GROUP_ITEMS + 1)  # the warm items and one cold item per group
+PLANTED_CONFIG = [
+    "embed.text_model=none", "embed.image_model=builtin", "embed.threads=1",  # no text encoder: the groups differ by image
+    "model.dim=16", "model.embedding_dim=8", "model.experts=4", "model.expert_dim=32",
+    "model.tower_dim=32",  # narrower task towers often die (a constant p_click) on this little data
+    "data.history_len=5", "train.epochs=10", "train.patience=10", "train.batch_size=64", "train.lr=0.03",
+    "train.embedding_lr=0.1", "train.plateau_lr_factor=1", "serve.candidates=40", "serve.max_k=20",
+]  # every assertion below held for train.seed 0..15
+
+
+def group_of(item_id: str) -> str:
+    """``a`` or ``b``: catalogue items a01.., a-cold, and items added live (a-added) all start with their group."""
+    return item_id[0]
+
+
+def planted_dataset(root: Path) -> Path:
+    """A dataset (DESIGN.md contract) in which users of group a click red items and never blue ones, and vice versa.
+
+    Items a01..a12 have red striped images, b01..b12 blue ones; a-cold and b-cold are in the catalogue
+    but never shown, so the model knows them only by their image. User u{g}{n} is shown CLICKS items
+    of its group (n .. n+5, wrapping; ua01 and ub01 all twelve), all clicked, and CLICKS of the other
+    group, none clicked, in random order. Clicks convert every other time; ratings are 4 or 5 (5 when
+    converted). Each user's last impression is test; no valid split, so training keeps its last
+    epoch rather than one picked on a handful of valid rows.
+    """
+    (root / "images").mkdir(parents=True)
+    items = []
+    for group, colour in GROUP_COLOURS.items():
+        for n in range(1, GROUP_ITEMS + 2):
+            item_id = f"{group}{n:02d}" if n <= GROUP_ITEMS else f"{group}-cold"
+            shade = tuple(min(255, c + 2 * n) for c in colour)
+            (root / "images" / f"{item_id}.png").write_bytes(striped_png(shade, stripe=1 + n % 4))
+            items.append((item_id, f"{'red' if group == 'a' else 'blue'} thing {n}", f"images/{item_id}.png"))
+    pl.DataFrame(items, schema=["item_id", "text", "image"], orient="row").write_parquet(root / "items.parquet")
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for group, other in (("a", "b"), ("b", "a")):
+        for n in range(1, GROUP_USERS + 1):
+            clicked = [f"{group}{(n + j - 1) % GROUP_ITEMS + 1:02d}" for j in range(GROUP_ITEMS if n == 1 else CLICKS)]
+            not_clicked = [f"{other}{i:02d}" for i in rng.choice(np.arange(1, GROUP_ITEMS + 1), CLICKS, replace=False)]
+            shown = [(clicked + not_clicked)[i] for i in rng.permutation(len(clicked) + len(not_clicked))]
+            for t, item_id in enumerate(shown):
+                click = int(item_id in clicked)
+                conversion = click * (t % 2)
+                split = "test" if t == len(shown) - 1 else "train"
+                rows.append((f"u{group}{n:02d}", item_id, 100 * t, click, conversion, 4.0 + conversion if click else None, split))
+    schema = {"user_id": pl.String, "item_id": pl.String, "timestamp": pl.Int64, "click": pl.Int8, "conversion": pl.Int8, "rating": pl.Float64, "split": pl.String}
+    pl.DataFrame(rows, schema=schema, orient="row").write_parquet(root / "interactions.parquet")
+    return root
+
+
+@dataclass
+class PlantedService:
+    client: TestClient
+    added: httpx.Response  # POST /items of a-added and b-added
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> PlantedService:
+    """The service over a model trained on ``planted_dataset`` (the `recsys run` steps: 2-5 s), with two items added live.
+
+    a-added has the image of a-cold and b-added that of b-cold: neither has a trained id row, so
+    each should be its twin to the model.
+    """
+    root = tmp_path_factory.mktemp("planted")
+    data = planted_dataset(root / "data")
+    run = RunDir.create(root / "run", load_config(None, PLANTED_CONFIG), data)
+    for step in ("prepare", "embed", "train", "index"):  # `recsys run` without the evaluation report
+        run_step(step, run)
+    client = TestClient(create_app(run.root, admin_token=TOKEN))
+    twins = [{"item_id": f"{group}-added", "image_base64": base64.b64encode((data / "images" / f"{group}-cold.png").read_bytes()).decode()} for group in "ab"]
+    return PlantedService(client, client.post("/items", json={"items": twins}, headers=ADMIN))
+
+
+def recommended(client: TestClient, **request) -> list[dict]:
+    response = client.post("/recommend", json=request)
+    assert response.status_code == 200, response.text
+    return response.json()["items"]
+
+
+# -- the recommender -------------------------------------------------------------------------
 def test_known_user_history_is_their_last_clicks_over_all_splits_oldest_first(template_run):
     recommender = Recommender.load(template_run)
     user_idx = recommender.user_row["u3"]
@@ -77,13 +176,27 @@ def test_sampled_negatives_are_not_part_of_the_history_or_the_seen_set(template_
     assert sorted(seen) == [3, 4, 5, 6, 7, 8]  # the sampled negative (item 57) is absent
 
 
-def test_precomputed_user_vectors_equal_the_tower_on_the_stored_history(template_run):
+def test_served_scores_equal_the_evaluation_pass_for_the_same_user_and_items(template_run):
+    """The service ranks from stored item and content vectors; the evaluation runs the towers on the content."""
+    from serving.index import load_content
+
     recommender = Recommender.load(template_run)
-    users = torch.arange(recommender.model.spec.n_users)
+    user_idx = recommender.user_row["u3"]
+    result = recommender.recommend(user_id="u3", k=5)
+    faiss_ids = np.array([recommender.index.faiss_id(r.item_id) for r in result.items])
+    item_idx = torch.from_numpy(recommender.index.item_idx(faiss_ids))
+    content = load_content(template_run, recommender.model)
+    batch = {"user_idx": torch.full((len(item_idx),), user_idx), "item_idx": item_idx,
+             "history": torch.from_numpy(recommender.behaviour.history[user_idx]).expand(len(item_idx), -1)}
+    for modality in ("text", "image"):
+        if f"{modality}_mask" in content and getattr(recommender.model, f"use_{modality}"):
+            batch[modality] = torch.from_numpy(content[modality][item_idx.numpy()])
+            batch[f"{modality}_mask"] = torch.from_numpy(content[f"{modality}_mask"][item_idx.numpy()].astype(np.float32))
     with torch.inference_mode():
-        direct = recommender.model.user_vectors(users, torch.from_numpy(recommender.behaviour.history))
-    assert recommender.user_vecs is not None
-    torch.testing.assert_close(recommender.user_vecs, direct)
+        evaluated = recommender.model(batch)
+    np.testing.assert_allclose([r.p_click for r in result.items], evaluated["p_click"].numpy(), rtol=1e-5, atol=1e-6)
+    if "p_ctcvr" in evaluated:
+        np.testing.assert_allclose([r.p_ctcvr for r in result.items], evaluated["p_ctcvr"].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_recommend_command_prints_a_table_with_ids_text_and_predictions(template_run, capsys):
@@ -104,7 +217,7 @@ def test_healthz_reports_the_loaded_run_and_index(client, template_run):
     assert response.status_code == 200
     body = response.json()
     assert (body["status"], body["run"], body["items"], body["index_type"]) == ("ok", str(template_run.root), N_ITEMS, "flat")
-    assert body["model_version"].startswith("v1-")
+    assert body["model_version"].startswith(f"v{MODEL_VERSION}-")  # format version, then which weights
 
 
 def test_recommend_for_a_known_user_returns_k_items_with_every_prediction(client):
@@ -125,6 +238,21 @@ def test_recommend_scores_are_the_configured_blend_sorted_descending(client):
         assert item["score"] == pytest.approx(expected, rel=1e-5)
     scores = [item["score"] for item in items]
     assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("user, group", [("ua02", "a"), ("ub02", "b")])
+def test_a_trained_model_recommends_the_group_its_user_clicks(planted, user, group):
+    items = recommended(planted.client, user_id=user, k=5)  # of 22 unseen items, 8 of them the user's group
+    assert [group_of(item["item_id"]) for item in items] == [group] * 5
+
+
+@pytest.mark.parametrize("user, group", [("ua02", "a"), ("ub02", "b")])
+def test_a_trained_ranker_predicts_more_clicks_on_the_group_its_user_clicks(planted, user, group):
+    items = recommended(planted.client, user_id=user, k=20)
+    own = [item["p_click"] for item in items if group_of(item["item_id"]) == group]
+    other = [item["p_click"] for item in items if group_of(item["item_id"]) != group]
+    assert len(own) == 8 and len(other) == 12  # own: 6 unclicked warm items, the cold one and its added twin
+    assert min(own) > max(other) + 0.2
 
 
 def test_recommend_never_returns_items_the_user_has_seen(client):
@@ -215,18 +343,39 @@ def test_admin_calls_are_refused_when_no_token_is_configured(template_run):
 
 
 # -- POST /items (cold start) ----------------------------------------------------------------
-def test_added_item_is_at_once_known_to_similar_and_recommend(run):
-    client = TestClient(create_app(run.root, admin_token=TOKEN))
-    response = client.post("/items", json={"items": [{"item_id": "fresh", "image_base64": png((250, 20, 20))}]}, headers=ADMIN)
-    assert response.status_code == 201
-    assert response.json()["added"] == [{"item_id": "fresh", "faiss_id": N_ITEMS + 1}]
-    assert response.json()["count"] == N_ITEMS + 1
-    assert len(client.get("/items/fresh/similar", params={"k": 3}).json()["items"]) == 3
-    body = client.post("/recommend", json={"history": ["fresh"], "k": 3}).json()
-    assert body["warnings"] == [] and body["source"] == "history"  # a known id now
+def test_added_item_is_at_once_known_to_similar_and_recommend(planted):
+    assert planted.added.status_code == 201
+    assert planted.added.json()["added"] == [
+        {"item_id": "a-added", "faiss_id": PLANTED_ITEMS + 1}, {"item_id": "b-added", "faiss_id": PLANTED_ITEMS + 2},
+    ]
+    assert planted.added.json()["count"] == PLANTED_ITEMS + 2
+    similar = planted.client.get("/items/a-added/similar", params={"k": 3}).json()["items"]
+    assert len(similar) == 3
+    assert similar[0]["item_id"] == "a-cold" and similar[0]["score"] == pytest.approx(1.0, abs=1e-5)  # its content twin
+    assert [group_of(item["item_id"]) for item in similar] == ["a"] * 3
+    body = planted.client.post("/recommend", json={"history": ["a-added"], "k": 3}).json()
+    assert body["warnings"] == [] and body["source"] == "history" and len(body["items"]) == 3  # a known id now
 
 
-def test_added_item_is_ranked_by_recommend(tmp_path):
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="content-aware history: items without a trained id row count through their content (issue 12)")
+def test_an_added_item_in_a_request_history_counts_through_its_content(planted):
+    # Today the history drops items without a trained id row, so both requests get the unknown-user vector.
+    after_red = recommended(planted.client, history=["a-added"], k=3)
+    after_blue = recommended(planted.client, history=["b-added"], k=3)
+    assert [group_of(item["item_id"]) for item in after_red] == ["a"] * 3
+    assert [group_of(item["item_id"]) for item in after_blue] == ["b"] * 3
+
+
+def test_added_item_is_ranked_by_recommend(planted):
+    # ua01 has clicked every warm item of group a: of the 16 unseen items only a-cold and its twin are red
+    items = recommended(planted.client, user_id="ua01", k=2)
+    assert {item["item_id"] for item in items} == {"a-cold", "a-added"}
+    twin, added = sorted(items, key=lambda item: item["item_id"] != "a-cold")
+    for column in ("score", "p_click", "p_conversion", "p_ctcvr", "rating"):
+        assert added[column] == pytest.approx(twin[column], rel=1e-5)
+
+
+def test_recommend_with_k_above_the_unseen_items_returns_all_of_them_and_the_added_one(tmp_path):
     run = make_tiny_run(tmp_path / "run", ["serve.candidates=100", "serve.max_k=100"])
     build_index(run)
     client = TestClient(create_app(run.root, admin_token=TOKEN))
@@ -343,7 +492,7 @@ def test_metrics_count_requests_per_endpoint_and_report_index_and_model(template
     assert 'recsys_request_duration_seconds_count{endpoint="/recommend"} 2' in text
     assert 'recsys_stage_duration_seconds_count{stage="rank"} 2' in text
     assert f"recsys_index_items {N_ITEMS}" in text
-    assert 'recsys_model_info{version="v1-' in text
+    assert f'recsys_model_info{{version="v{MODEL_VERSION}-' in text
 
 
 def test_each_request_writes_one_json_access_log_line(client, caplog):

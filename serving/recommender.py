@@ -27,6 +27,7 @@ import torch
 
 from recsys.config import Config, ServeConfig
 from recsys.errors import RecsysError, RunError
+from recsys.history import pad_sequences, padded_history
 from recsys.model import RecsysModel, load_model
 from recsys.rundir import RunDir, read_json, sha256_file, write_parquet
 from serving.index import ItemIndex
@@ -121,11 +122,9 @@ def load_behaviour(run: RunDir, n_users: int, history_len: int) -> Behaviour:
     np.add.at(seen_ptr, user_idx + 1, 1)
     seen_ptr = np.cumsum(seen_ptr)
 
+    clicks = positives.group_by("user_idx", maintain_order=True).agg("item_idx")  # per user, oldest first
     history = np.zeros((n_users, history_len), dtype=np.int64)
-    from_end = seen_ptr[user_idx + 1] - 1 - np.arange(len(user_idx))  # 0 = the user's latest click
-    kept = np.minimum(seen_ptr[user_idx + 1] - seen_ptr[user_idx], history_len)
-    last = from_end < history_len
-    history[user_idx[last], (kept - 1 - from_end)[last]] = item_idx[last]  # oldest first
+    history[clicks["user_idx"].to_numpy()] = padded_history(clicks["item_idx"], history_len)  # the last L clicks
 
     counts = positives.group_by("item_idx").len().sort(["len", "item_idx"], descending=[True, False])
     return Behaviour(history, seen_ptr, item_idx, counts["item_idx"].to_numpy())
@@ -182,7 +181,6 @@ class Recommender:
         weights = sha256_file(run.model / "model.safetensors")[:12]
         self.model_version = f"v{meta.get('version', 0)}-{weights}"  # format version + which weights
         self._encoders: tuple[Any, Any] | None = None
-        self.user_vecs: torch.Tensor | None = None  # filled by precompute_user_vectors
         self._add_lock = threading.Lock()
 
     @classmethod
@@ -200,35 +198,19 @@ class Recommender:
         texts = pl.read_parquet(run.require(run.data / "items.parquet", "prepare"), columns=["item_id", "text"])
         if (run.index / ADDED_ITEMS).is_file():  # items added through POST /items since the index was built
             texts = pl.concat([texts, pl.read_parquet(run.index / ADDED_ITEMS).cast(texts.schema)])
+        if model.content_dim and index.content_vecs is None:
+            raise RunError(f"{run.index} keeps no content vectors for this model's ranker: rebuild it with `recsys index --run {run.root}`")
         recommender = cls(run, cfg, model, index, users, behaviour, texts)
-        recommender.precompute_user_vectors()
         recommender.warm_up()
         return recommender
-
-    def precompute_user_vectors(self, batch_size: int = 8192) -> None:
-        """User-tower vectors of every known user from their stored history, computed once.
-
-        A known user's tower input (id + stored history) only changes with a reload, so the
-        per-request tower pass is needed only when a request brings extra history.
-        """
-        n_users = self.model.spec.n_users
-        if not 0 < n_users <= self.cfg.serve.precompute_users_max:
-            self.user_vecs = None
-            return
-        chunks = []
-        with torch.inference_mode():
-            for start in range(0, n_users, batch_size):
-                stop = min(start + batch_size, n_users)
-                chunks.append(self.model.user_vectors(torch.arange(start, stop), torch.from_numpy(self.behaviour.history[start:stop])))
-        self.user_vecs = torch.cat(chunks)  # (n_users, d); row 0 = unknown user, empty history
 
     def warm_up(self) -> None:
         """One pass through every stage: the first torch/FAISS call is slow (lazy initialisation)."""
         self.recommend(k=1)
         with torch.inference_mode():
-            user_vec = self.model.user_vectors(torch.zeros(1, dtype=torch.int64), torch.zeros(1, self.history_len, dtype=torch.int64))
-        found, _ = self.index.search(user_vec.numpy(), min(self.index.count, self.cfg.serve.candidates))
-        self._rank(user_vec, torch.from_numpy(self.index.vectors(found[0][found[0] >= 0])), found[0][found[0] >= 0], 1)
+            user = self.model.user_state(torch.zeros(1, dtype=torch.int64), torch.zeros(1, self.history_len, dtype=torch.int64))
+        found, _ = self.index.search(user["user_vec"].numpy(), min(self.index.count, self.cfg.serve.candidates))
+        self._rank(user, found[0][found[0] >= 0], 1)
 
     # -- ids -----------------------------------------------------------------------------
     def item_key(self, raw: Any) -> Any:
@@ -256,19 +238,16 @@ class Recommender:
         request_ids, unknown = self._history_ids(history or [])
         if unknown:
             warnings.append(f"ignored {len(unknown)} unknown history item id(s): {', '.join(map(repr, unknown[:10]))}")
-        request_idx = self.index.item_idx(request_ids)
-        model_history = np.concatenate([stored, request_idx[request_idx > 0]])[-self.history_len :]
-        padded = np.zeros((1, self.history_len), dtype=np.int64)
-        padded[0, : len(model_history)] = model_history
+        request_idx = self.index.item_idx(request_ids)  # 0 for items added at serving time: no id row
+        model_history = np.concatenate([stored, request_idx[request_idx > 0]])  # oldest first
         seen = np.union1d(self._seen(user_idx), request_ids)  # faiss ids (== item_idx for catalogue items)
         source = "user" if user_idx else ("history" if len(request_ids) else "popular")
 
         t0 = time.perf_counter()
-        if self.user_vecs is not None and len(request_idx) == 0:
-            user_vec = self.user_vecs[user_idx : user_idx + 1]  # (1, d), computed at load
-        else:
-            with torch.inference_mode():
-                user_vec = self.model.user_vectors(torch.tensor([user_idx]), torch.from_numpy(padded))  # (1, d)
+        history_rows = torch.from_numpy(pad_sequences([model_history], self.history_len))  # (1, L): the last L
+        with torch.inference_mode():
+            user = self.model.user_state(torch.tensor([user_idx]), history_rows)  # the tower vector and the ranker's user inputs
+        user_vec = user["user_vec"]  # (1, d)
         t1 = time.perf_counter()
         n = serve.candidates
         if source == "popular":
@@ -276,9 +255,8 @@ class Recommender:
         else:
             found, _ = self.index.search(user_vec.numpy(), min(self.index.count, n + len(seen)))
             candidates = found[0][(found[0] >= 0) & ~np.isin(found[0], seen)][:n]
-        item_vec = torch.from_numpy(self.index.vectors(candidates)) if len(candidates) else torch.zeros(0, user_vec.shape[1])
         t2 = time.perf_counter()
-        items = self._rank(user_vec, item_vec, candidates, k)
+        items = self._rank(user, candidates, k)
         t3 = time.perf_counter()
         timings = {"prepare": t0 - started, "user_tower": t1 - t0, "retrieve": t2 - t1, "rank": t3 - t2, "total": t3 - started}
         return Result(items, warnings, source, {stage: round(1000 * s, 3) for stage, s in timings.items()})
@@ -300,12 +278,18 @@ class Recommender:
         popular = self.behaviour.popular
         return popular[~np.isin(popular, seen)][:n]
 
-    def _rank(self, user_vec: torch.Tensor, item_vec: torch.Tensor, candidates: np.ndarray, k: int) -> list[Recommendation]:
-        """All candidates through rank() in one batch, blended, top-k."""
+    def _rank(self, user: dict[str, torch.Tensor], candidates: np.ndarray, k: int) -> list[Recommendation]:
+        """All candidates through rank() in one batch, from their stored vectors, blended, top-k."""
         if len(candidates) == 0:
             return []
         with torch.inference_mode():
-            predictions = self.model.rank(user_vec.expand(len(candidates), -1), item_vec)
+            content_vec = self.index.content(candidates)
+            item = self.model.item_state(
+                torch.from_numpy(self.index.item_idx(candidates)),
+                item_vec=torch.from_numpy(self.index.vectors(candidates)),
+                content_vec=torch.from_numpy(content_vec) if content_vec is not None else None,
+            )
+            predictions = self.model.rank(user, item)
             scores = blend(predictions, self.cfg.serve, self.rating_range)
             top = torch.topk(scores, min(k, len(candidates))).indices
         columns = {
@@ -352,8 +336,9 @@ class Recommender:
             content, content_warnings = self._embed_content(items)
             warnings += content_warnings
             with torch.inference_mode():
-                vectors = self.model.item_vectors(torch.zeros(len(items), dtype=torch.int64), **content).numpy()
-            faiss_ids = self.index.add(vectors, keys)
+                state = self.model.item_state(torch.zeros(len(items), dtype=torch.int64), **content)  # no id row: content only
+            content_vecs = state["content_vec"].numpy() if "content_vec" in state else None
+            faiss_ids = self.index.add(state["item_vec"].numpy(), keys, content_vecs=content_vecs)
             self.index.save(self.run.index)
             self._texts.update({key: item.text for key, item in zip(keys, items)})
             self._save_added_texts(keys, [item.text for item in items])
