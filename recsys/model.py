@@ -29,7 +29,7 @@ from recsys.mmoe import MultiTaskRanker
 from recsys.rundir import atomic_path, write_json
 from recsys.towers import ItemTower, UserTower
 
-MODEL_VERSION = 3  # 2: per-id feature buffers in the towers; 3: history positions as features, a ranker over the features
+MODEL_VERSION = 3  # 2: per-id feature buffers in the towers; 3: recent history items as features, a ranker over the features
 TASK_ORDER = ("click", "conversion", "rating")
 
 
@@ -70,11 +70,20 @@ def active_tasks(data_tasks: dict[str, bool], wanted: tuple[str, ...]) -> tuple[
     return tasks
 
 
-def ids_to_kjt(keys: list[str], ids: torch.Tensor) -> KeyedJaggedTensor:
-    """``ids (B, K)`` int64, column k = feature ``keys[k]`` with one id per row (0 = none) -> KJT of the non-zero ids."""
+def ids_to_kjt(keys: list[str], ids: torch.Tensor, bag_key: str | None = None, bag: torch.Tensor | None = None) -> KeyedJaggedTensor:
+    """``ids (B, K)`` int64, column k = feature ``keys[k]`` with one id per row, and optionally one bag feature ``bag (B, L)`` -> KJT.
+
+    0 means none everywhere and is left out, so it contributes nothing to a pooled bag.
+    """
     by_key = ids.T  # (K, B): a KJT lists key by key, each key's rows in order
     present = by_key != 0
-    return KeyedJaggedTensor(keys=keys, values=by_key[present], lengths=present.reshape(-1).to(torch.int64))
+    values, lengths = [by_key[present]], [present.reshape(-1)]
+    if bag_key is not None:
+        in_bag = bag != 0
+        values.append(bag[in_bag])  # row-major: each row's ids together, in order
+        lengths.append(in_bag.sum(1))
+        keys = [*keys, bag_key]
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths).to(torch.int64))
 
 
 def fit_history(history: torch.Tensor, length: int) -> torch.Tensor:
@@ -99,9 +108,10 @@ def _feature_names(features: dict[str, int | None], prefix: str) -> tuple[list[s
 class RecsysModel(nn.Module):
     """Tables -> user and item towers (retrieval) -> the multi-task ranker over the features.
 
-    One KJT per call holds every id feature: ``user_id``, ``item_id``, each history position
-    (``history_0`` .. ``history_{L-1}``, all on the item table, so the ranker's target attention
-    sees each history item and the user tower their mean) and the categorical side features.
+    One KJT per call holds every id feature: ``user_id``, ``item_id``, the history as one bag
+    (the user tower reads its mean), its last ``model.attention_len`` items one by one
+    (``recent_0`` .. , on the item table too, for the ranker's target attention) and the
+    categorical side features.
     The ranker (``model.ranker_input = "features"``) reads the tower vectors, their product and
     dot product, the user's and the candidate's id and side-feature embeddings, the candidate's
     projected text and image (``content_vec``) and a target attention of the candidate over
@@ -116,11 +126,12 @@ class RecsysModel(nn.Module):
         emb, dim = cfg.embedding_dim, cfg.dim
         self.user_cat_keys, user_nums = _feature_names(spec.user_features, "user")
         self.item_cat_keys, item_nums = _feature_names(spec.item_features, "item")
-        self.history_keys = [f"history_{j}" for j in range(spec.history_len)]
+        # The user tower pools the whole history (one bag); the target attention reads its last items one by one.
+        self.recent_keys = [f"recent_{j}" for j in range(min(cfg.attention_len, spec.history_len))] if cfg.ranker_input == "features" else []
 
         tables = [
             EmbeddingBagConfig(name="user", num_embeddings=spec.n_users, embedding_dim=emb, feature_names=["user_id"], pooling=PoolingType.MEAN),
-            EmbeddingBagConfig(name="item", num_embeddings=spec.n_items, embedding_dim=emb, feature_names=["item_id", *self.history_keys], pooling=PoolingType.MEAN),
+            EmbeddingBagConfig(name="item", num_embeddings=spec.n_items, embedding_dim=emb, feature_names=["item_id", "history", *self.recent_keys], pooling=PoolingType.MEAN),
         ]
         cardinalities = {f"user_{k}": v for k, v in spec.user_features.items()} | {f"item_{k}": v for k, v in spec.item_features.items()}
         for key in self.user_cat_keys + self.item_cat_keys:  # one table per categorical feature
@@ -172,11 +183,14 @@ class RecsysModel(nn.Module):
         items = self.item_tower.known(item_idx) if item_idx is not None else None
         user = self.user_tower.lookup(users) if users is not None else {k: empty for k in ["user_id", *self.user_cat_keys]}
         item = self.item_tower.lookup(items) if items is not None else {k: empty for k in ["item_id", *self.item_cat_keys]}
-        length = len(self.history_keys)
-        looked_up = self.item_tower.trained_ids(fit_history(history, length)) if history is not None else torch.zeros(batch, length, dtype=torch.int64)
-        keys = [*user, *item, *self.history_keys]
-        ids = torch.cat([*user.values(), *item.values(), looked_up], dim=1)
-        return self.embedding_tables(ids_to_kjt(keys, ids)), users, items, looked_up
+        looked_up = self.item_tower.trained_ids(history) if history is not None else torch.zeros(batch, 1, dtype=torch.int64)
+        recent = fit_history(looked_up, len(self.recent_keys))  # (B, A): the last A items, oldest first
+        keys = [*user, *item, *self.recent_keys]
+        ids = torch.cat([*user.values(), *item.values(), recent], dim=1)
+        pooled = self.embedding_tables(ids_to_kjt(keys, ids, "history", looked_up))  # KeyedTensor: read by key (sharding reorders the columns)
+        # One split instead of a slice per key: each slice's backward would zero-fill the whole (B, K * E) gradient.
+        by_key = dict(zip(pooled.keys(), pooled.values().split(pooled.length_per_key(), dim=1)))
+        return by_key, users, items, recent
 
     def set_trained_items(self, item_idx: torch.Tensor) -> None:
         """Mark which items have training interactions (``ItemTower``: the rest use the unknown id row)."""
@@ -200,14 +214,12 @@ class RecsysModel(nn.Module):
         return self.item_tower.num_values
 
     # -- the two sides -----------------------------------------------------------------------
-    def _user_state(self, pooled, users: torch.Tensor, history: torch.Tensor) -> dict[str, torch.Tensor]:
-        keys = torch.stack([pooled[k] for k in self.history_keys], dim=1)  # (B, L, E); 0 rows at padding / untrained
-        mask = history != 0
-        mean = keys.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # the MEAN bag of the history's trained items
-        state = {"user_vec": self.user_tower({**{k: pooled[k] for k in ["user_id", *self.user_cat_keys]}, "history": mean}, users)}
+    def _user_state(self, pooled, users: torch.Tensor, recent: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = {"user_vec": self.user_tower(pooled, users)}
         if self.sees_features:
             state["user_part"] = torch.cat([pooled["user_id"], *(pooled[k] for k in self.user_cat_keys), self.user_num[users]], dim=-1)
-            state["history_keys"], state["history_mask"] = keys, mask
+            state["history_keys"] = torch.stack([pooled[k] for k in self.recent_keys], dim=1)  # (B, A, E); 0 rows at padding / untrained
+            state["history_mask"] = recent != 0
         return state
 
     def _item_state(self, pooled, items, text=None, text_mask=None, image=None, image_mask=None, item_vec=None, content_vec=None) -> dict[str, torch.Tensor]:
