@@ -148,6 +148,42 @@ def test_markdown_summary_has_headline_metrics_with_intervals(tmp_path):
     assert "| ANN recall@100 | 0.980 | n/a |" in summary
 
 
+BASELINES = {
+    "most_popular": {"retrieval": {"recall@10": 0.03, "recall@20": 0.05, "ndcg@10": 0.02, "ndcg@20": 0.025}, "seconds": 0.1},
+    "item_knn": {"retrieval": {"recall@10": 0.12, "recall@20": 0.22, "ndcg@10": 0.06, "ndcg@20": 0.09}, "seconds": 1.2},
+    "ease": {"skipped": "catalogue of 25000 items > eval.ease_max_items = 20000"},
+}
+
+
+def test_retrieval_table_shows_the_model_and_every_baseline_side_by_side_and_names_the_skipped(tmp_path):
+    run = _run(tmp_path / "run", metrics=copy.deepcopy(METRICS) | {"baselines": BASELINES})
+    write_report(run)
+    page, summary = run.report_html.read_text(), run.report_md.read_text()
+    header = "<th>Ranker</th><th>Recall@10</th><th>Recall@20</th><th>NDCG@10</th><th>NDCG@20</th><th>Note</th>"
+    assert header in page
+    assert "<tr><td>this model</td><td>0.100</td><td>0.200</td><td>0.0500</td><td>0.0800</td>" in page
+    assert "<tr><td>Item-kNN (cosine)</td><td>0.120</td><td>0.220</td><td>0.0600</td><td>0.0900</td><td class='note'>1.2 s</td></tr>" in page
+    assert "<td>EASE</td>" + "<td>&mdash;</td>" * 4 + "<td class='note'>skipped: catalogue of 25000 items &gt; eval.ease_max_items = 20000</td>" in page
+    assert "| Ranker | Recall@10 | Recall@20 | NDCG@10 | NDCG@20 | Note |" in summary
+    assert "| Most popular (train clicks) | 0.0300 | 0.0500 | 0.0200 | 0.0250 | 0.1 s |" in summary
+    assert "| EASE | &mdash; | &mdash; | &mdash; | &mdash; | skipped: catalogue of 25000 items > eval.ease_max_items = 20000 |" in summary
+
+
+def test_aucs_against_sampled_negatives_are_labelled_and_the_others_not(tmp_path):
+    sampled = copy.deepcopy(METRICS)
+    sampled["click"]["auc_sampled"], sampled["ctcvr"]["auc_sampled"] = 0.75, 0.71
+    run = _run(tmp_path / "run", metrics=sampled)
+    write_report(run)
+    page, summary = run.report_html.read_text(), run.report_md.read_text()
+    assert "<td>Click AUC (against sampled negatives)</td><td>0.750</td>" in page
+    assert "| Click-and-convert AUC (against sampled negatives) | 0.710 |" in summary
+    assert "| Conversion AUC (CVR) | 0.660 |" in summary and "| Click log loss | 0.520 |" in summary
+    assert "negatives sampled by <code>recsys prepare</code>" in page
+    plain = _run(tmp_path / "plain")
+    write_report(plain)
+    assert "sampled negatives" not in plain.report_html.read_text() + plain.report_md.read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="/usr/bin/chromium is not installed (apt-get install -y chromium)")
 def test_report_renders_to_png_in_headless_chromium(tmp_path):

@@ -3,7 +3,8 @@
 Reads RUN/data (test rows, train/valid positives), RUN/content (item text/image embeddings),
 RUN/model and RUN/index/index.json. Writes RUN/predictions/test.parquet, RUN/metrics.json
 (keys fixed by DESIGN.md, plus extra sections the report reads) and RUN/report.{html,md}.
-The full-catalogue retrieval protocol behind ``retrieval.*`` lives in ``training.retrieval``.
+The full-catalogue retrieval protocol behind ``retrieval.*`` lives in ``training.retrieval``; the
+baselines of ``baselines.*`` and ``baseline_mf`` (``training.baseline``) are ranked with the same one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from recsys.history import padded_history
 from recsys.model import RecsysModel, load_model
 from recsys.rundir import RunDir, read_json, write_json, write_parquet
 from training import baseline, report
-from training.retrieval import RetrievalResult, mean_over_users, rank_catalogue, retrieval_section
+from training.retrieval import RetrievalResult, _known_clicks, mean_over_users, rank_catalogue, retrieval_section
 
 log = logging.getLogger("recsys")
 
@@ -68,8 +69,14 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     item_vecs = all_item_vectors(model, content)
     retrieval = rank_catalogue(run, model, item_vecs, test, cfg)
     metrics_out["retrieval"] = retrieval_section(retrieval, cfg.ks)
+    if not data_meta.get("impressions", True):
+        label_sampled_aucs(metrics_out)
+    spec = baseline.MFSpec(model.spec.n_users, model.spec.n_items, model.spec.history_len)
+    bpr = bpr_retrieval(run, spec, test, cfg) if cfg.baseline_mf or "bpr_mf" in cfg.baselines else None  # trained once for both sections
     if cfg.baseline_mf:
-        metrics_out["baseline_mf"] = baseline_mf(run, model, test, cfg)
+        metrics_out["baseline_mf"] = baseline_mf(run, spec, test, bpr)
+    if cfg.baselines:
+        metrics_out["baselines"] = baselines(run, spec, test, cfg, retrieval.item_popularity, bpr)
     ann = _ann_recall(run)
     if ann is not None:
         metrics_out["ann"] = {"recall@100": ann}
@@ -104,14 +111,26 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     return metrics_out
 
 
-def baseline_mf(run: RunDir, model: RecsysModel, test: pl.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
-    """BPR-MF retrieval and biased-MF ratings (training.baseline), scored like the model."""
+def label_sampled_aucs(metrics_out: dict[str, Any]) -> None:
+    """Data without impressions: click and ctcvr negatives were sampled by prepare; ``auc_sampled`` says so (``auc`` kept as it was)."""
+    for task in ("click", "ctcvr"):
+        if task in metrics_out:
+            metrics_out[task]["auc_sampled"] = metrics_out[task]["auc"]
+
+
+def bpr_retrieval(run: RunDir, spec: baseline.MFSpec, test: pl.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
+    """BPR-MF trained on the train split and ranked with the model's protocol: ``{"retrieval": ..., "seconds": ...}``."""
     started = time.perf_counter()
-    train_rows = pl.read_parquet(run.data / "train.parquet")
-    spec = baseline.MFSpec(model.spec.n_users, model.spec.n_items, model.spec.history_len)
-    bpr = baseline.train_bpr(train_rows, spec)
+    bpr = baseline.train_bpr(pl.read_parquet(run.data / "train.parquet"), spec)
     ranking = rank_catalogue(run, bpr, bpr.item_vectors(), test, cfg)
-    out: dict[str, Any] = {"retrieval": retrieval_section(ranking, cfg.ks)}
+    return {"retrieval": retrieval_section(ranking, cfg.ks), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def baseline_mf(run: RunDir, spec: baseline.MFSpec, test: pl.DataFrame, bpr: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json ``baseline_mf``: BPR-MF retrieval (``bpr_retrieval``) and biased-MF ratings, scored like the model."""
+    started = time.perf_counter()
+    out: dict[str, Any] = {"retrieval": bpr["retrieval"]}
+    train_rows = pl.read_parquet(run.data / "train.parquet")
     rating_mf = baseline.train_rating_mf(train_rows, spec.n_users, spec.n_items) if "rating" in test.columns else None
     if rating_mf is not None:
         rated = test.filter(pl.col("rating").is_not_null())
@@ -119,7 +138,42 @@ def baseline_mf(run: RunDir, model: RecsysModel, test: pl.DataFrame, cfg: EvalCo
             predicted = rating_mf(torch.from_numpy(rated["user_idx"].to_numpy().copy()), torch.from_numpy(rated["item_idx"].to_numpy().copy())).numpy()
         true = rated["rating"].cast(pl.Float64).to_numpy()
         out["rating"] = {"rmse": m.rmse(true, predicted), "mae": m.mae(true, predicted)}
-    out["seconds"] = round(time.perf_counter() - started, 2)
+    out["seconds"] = round(bpr["seconds"] + time.perf_counter() - started, 2)
+    return out
+
+
+def baselines(
+    run: RunDir, spec: baseline.MFSpec, test: pl.DataFrame, cfg: EvalConfig, popularity: np.ndarray, bpr: dict[str, Any] | None
+) -> dict[str, Any]:
+    """metrics.json ``baselines``: each of ``eval.baselines`` ranked by ``rank_catalogue`` (same users, exclusions, relevance).
+
+    ``popularity`` is the protocol's clicked-train-rows count per item_idx (``RetrievalResult.item_popularity``);
+    ``bpr`` the BPR-MF result already computed for ``baseline_mf`` (trained here when None). item_knn and
+    EASE are fitted on, and score users from, the protocol's known clicks (train + valid).
+    """
+    n_catalogue = spec.n_items - 1
+    max_items = {"item_knn": ("eval.knn_max_items", cfg.knn_max_items), "ease": ("eval.ease_max_items", cfg.ease_max_items)}  # dense item x item
+    known: torch.Tensor | None = None
+    out: dict[str, Any] = {}
+    for name in cfg.baselines:
+        started = time.perf_counter()
+        if name in max_items and n_catalogue > max_items[name][1]:
+            key, limit = max_items[name]
+            out[name] = {"skipped": f"catalogue of {n_catalogue} items > {key} = {limit}"}
+            continue
+        if name == "bpr_mf":
+            out[name] = bpr if bpr is not None else bpr_retrieval(run, spec, test, cfg)
+            continue
+        if name == "most_popular":
+            scorer: baseline.MostPopular | baseline.ItemItem = baseline.MostPopular(spec, popularity)
+        else:
+            if known is None:
+                known = baseline.known_matrix(_known_clicks(run), spec.n_users, spec.n_items)  # the protocol's own known clicks
+            weights = baseline.item_knn_weights(known, cfg.knn_neighbours) if name == "item_knn" else baseline.ease_weights(known, cfg.ease_lambda)
+            scorer = baseline.ItemItem(spec, known, weights)
+        ranking = rank_catalogue(run, scorer, scorer.item_vectors(), test, cfg)
+        out[name] = {"retrieval": retrieval_section(ranking, cfg.ks), "seconds": round(time.perf_counter() - started, 2)}
+        log.info("evaluate: baseline %s recall@%d %.4f (%.1f s)", name, slice_k(cfg.ks), out[name]["retrieval"][f"recall@{slice_k(cfg.ks)}"], out[name]["seconds"])
     return out
 
 

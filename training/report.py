@@ -35,6 +35,13 @@ TASK_METRICS: tuple[tuple[str, str, str, str, bool], ...] = (
     ("rating", "mae", "Rating MAE", "mean absolute error in stars over rated rows", False),
 )
 HEAD_LABELS = {"click": "p_click", "conversion": "p_conversion (given click)", "ctcvr": "p_ctcvr"}
+SAMPLED = " (against sampled negatives)"  # click and ctcvr AUCs of data without impressions (metrics.json ``auc_sampled``)
+BASELINE_LABELS = {
+    "most_popular": "Most popular (train clicks)",
+    "item_knn": "Item-kNN (cosine)",
+    "ease": "EASE",
+    "bpr_mf": "BPR-MF",
+}
 
 CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
@@ -107,7 +114,11 @@ def read_train_log(path: Path) -> list[dict[str, Any]]:
 # -- sections ----------------------------------------------------------------------------
 def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     """(dotted key, label, explanation, higher is better) of every headline metric present in ``metrics``."""
-    rows = [(f"{t}.{n}", label, note, up) for t, n, label, note, up in TASK_METRICS if _get(metrics, f"{t}.{n}", absent=True) is not _ABSENT]
+    rows = [
+        (f"{t}.{n}", label + (SAMPLED if n == "auc" and "auc_sampled" in metrics.get(t, {}) else ""), note, up)
+        for t, n, label, note, up in TASK_METRICS
+        if _get(metrics, f"{t}.{n}", absent=True) is not _ABSENT
+    ]
     retrieval = metrics.get("retrieval", {})
     for name in ("recall", "ndcg"):
         for key in sorted((k for k in retrieval if k.startswith(f"{name}@")), key=lambda k: int(k.split("@")[1])):
@@ -134,9 +145,15 @@ def section_headline(metrics: dict[str, Any]) -> str:
         f"<li>{_esc(task)} group AUC (per-user AUC weighted by impressions, {value.get('users', 0)} users with both outcomes): {_fmt(value.get('gauc'))}</li>"
         for task, value in gauc.items()
     )
+    sampled = (
+        " The data has no impressions: the click and click-and-convert AUCs are against negatives sampled by "
+        "<code>recsys prepare</code>, not against items users saw and passed over, and are not comparable with AUCs on logged impressions."
+        if _sampled_negatives(metrics)
+        else ""
+    )
     return (
         "<h2>Headline metrics</h2><p class='muted'>Test split, every metric per task. AUCs near 0.5 mean the head "
-        "has not learned to rank; a narrow interval means the estimate is stable across users.</p>"
+        f"has not learned to rank; a narrow interval means the estimate is stable across users.{sampled}</p>"
         f"{table}{'<ul>' + extra + '</ul>' if extra else ''}"
     )
 
@@ -227,6 +244,7 @@ def section_retrieval(metrics: dict[str, Any]) -> str:
         if ann is not None
         else "ANN recall was not measured (no <code>ann_recall@100</code> in RUN/index/index.json)."
     )
+    against = _baselines_table(metrics, ks)
     return (
         "<h2>Retrieval</h2><p class='muted'>Each test user's vector (history before their first test event) is "
         f"scored against all {counts.get('catalogue_items', '?')} catalogue items; items the user clicked in train "
@@ -235,7 +253,36 @@ def section_retrieval(metrics: dict[str, Any]) -> str:
         "only re-clicks of training items). Coverage is the share of the catalogue recommended to anyone; the exposure "
         "Gini (0 = even, 1 = one item gets everything) and the mean log(1 + train clicks) of recommended items "
         f"(catalogue average {_fmt(extra.get('catalogue_mean_log_popularity'))}) show popularity bias.</p>"
-        f"{table}<p>{ann_line}</p>{_img(fig, 'recall and ndcg by K')}"
+        f"{table}<p>{ann_line}</p>{_img(fig, 'recall and ndcg by K')}{against}"
+    )
+
+
+def baseline_rows(metrics: dict[str, Any], ks: list[int]) -> list[tuple[str, list[Any], str]]:
+    """(label, recall@K then ndcg@K values, note) for the model and each baseline in metrics.json ``baselines``.
+
+    A skipped baseline has no values (None) and its reason as the note.
+    """
+    rows = [("this model", [metrics.get("retrieval", {}).get(f"{name}@{k}") for name in ("recall", "ndcg") for k in ks], "")]
+    for name, entry in metrics.get("baselines", {}).items():
+        retrieval = entry.get("retrieval", {})
+        values = [retrieval.get(f"{metric}@{k}") for metric in ("recall", "ndcg") for k in ks]
+        seconds = entry.get("seconds")
+        note = f"skipped: {entry['skipped']}" if "skipped" in entry else (f"{seconds:.1f} s" if isinstance(seconds, (int, float)) else "")
+        rows.append((BASELINE_LABELS.get(name, name), values, note))
+    return rows
+
+
+def _baselines_table(metrics: dict[str, Any], ks: list[int]) -> str:
+    if not metrics.get("baselines"):
+        return ""
+    header = ["Ranker"] + [f"Recall@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["Note"]
+    rows = [[label] + [_fmt(v) for v in values] + [_td_note(note)] for label, values, note in baseline_rows(metrics, ks)]
+    return (
+        "<h3>Against baselines</h3><p class='muted'>The same protocol for every row: the same test users, their train "
+        "and valid clicks excluded, their new test clicks relevant. Most popular ranks by clicked train rows; item-kNN "
+        "(cosine, each item's nearest neighbours) and EASE (closed-form item-item regression) score a user by the items "
+        "they clicked in train and valid; BPR-MF is a matrix factorisation of the train clicks. A model below item-kNN or "
+        "EASE is not yet using the interactions as well as these simple methods.</p>" + _table(header, rows)
     )
 
 
@@ -251,7 +298,9 @@ def section_slices(metrics: dict[str, Any]) -> str:
     parts = [
         "<h2>Slices</h2><p class='muted'>Every metric per slice with its row count. Small slices are noisy: treat "
         f"differences on a few hundred rows with care. Recall@{k} on item slices is the share of relevant "
-        "(user, item) pairs of that slice retrieved; on user slices it is the mean per user.</p>"
+        "(user, item) pairs of that slice retrieved; on user slices it is the mean per user."
+        + (" Click and click-and-convert AUCs are against sampled negatives here too." if _sampled_negatives(metrics) else "")
+        + "</p>"
     ]
     for family, groups in slices.items():
         if not isinstance(groups, dict) or not groups:
@@ -402,6 +451,12 @@ def summary_markdown(name: str, metrics: dict[str, Any], compared: list[tuple[st
     calibration = metrics.get("calibration", {})
     if calibration:
         lines += ["", "Calibration (ECE): " + ", ".join(f"{HEAD_LABELS.get(t, t)} {_fmt(e.get('ece'))}" for t, e in calibration.items()) + "."]
+    if ks and metrics.get("baselines"):
+        lines += ["", "## Retrieval against baselines (same protocol)", ""]
+        lines += ["| Ranker | " + " | ".join([f"Recall@{k}" for k in ks] + [f"NDCG@{k}" for k in ks]) + " | Note |"]
+        lines += ["| --- | " + " | ".join(["---:"] * (2 * len(ks))) + " | --- |"]
+        for label, values, note in baseline_rows(metrics, ks):
+            lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + f" | {note} |")
     for other_name, other in compared:
         lines += ["", f"## Against {other_name}", "", "| Metric | this run | other | delta | outside intervals |", "| --- | ---: | ---: | ---: | --- |"]
         for key, label, _, _ in headline_rows(metrics):
@@ -499,6 +554,11 @@ def _counts_line(metrics: dict[str, Any]) -> str:
         f"{counts.get('test_rows', 0):,} test rows, {counts.get('retrieval_users', 0):,} users in the retrieval metrics, "
         f"{counts.get('catalogue_items', 0):,} catalogue items."
     )
+
+
+def _sampled_negatives(metrics: dict[str, Any]) -> bool:
+    """True when the click AUC is against sampled negatives (metrics.json ``click.auc_sampled``, data without impressions)."""
+    return "auc_sampled" in metrics.get("click", {})
 
 
 def _column_label(dotted: str) -> str:
