@@ -25,10 +25,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.config import Config, ServeConfig
+from recsys.config import Config
 from recsys.errors import RecsysError, RunError
 from recsys.history import pad_sequences, padded_history
 from recsys.model import RecsysModel, load_model
+from recsys.ranking import score_candidates
 from recsys.rundir import RunDir, read_json, sha256_file, write_parquet
 from serving.index import ItemIndex
 
@@ -146,20 +147,6 @@ def parse_id(raw: Any, integer: bool) -> Any:
             return int(raw)
         return None
     return str(raw)
-
-
-def blend(predictions: dict[str, torch.Tensor], serve: ServeConfig, rating_range: tuple[float, float]) -> torch.Tensor:
-    """Weighted mean of p_click, p_ctcvr and the rating mapped to [0, 1] (heads that are on). (B,)"""
-    lo, hi = rating_range
-    terms = [(serve.blend_click, predictions["p_click"])]
-    if "p_ctcvr" in predictions:
-        terms.append((serve.blend_ctcvr, predictions["p_ctcvr"]))
-    if "rating" in predictions:
-        terms.append((serve.blend_rating, (predictions["rating"] - lo) / max(hi - lo, 1e-9)))
-    total = sum(w for w, _ in terms)
-    if total <= 0:
-        return predictions["p_click"]
-    return sum(w * p for w, p in terms) / total
 
 
 # -- the recommender -----------------------------------------------------------------------
@@ -284,13 +271,15 @@ class Recommender:
             return []
         with torch.inference_mode():
             content_vec = self.index.content(candidates)
-            item = self.model.item_state(
-                torch.from_numpy(self.index.item_idx(candidates)),
-                item_vec=torch.from_numpy(self.index.vectors(candidates)),
-                content_vec=torch.from_numpy(content_vec) if content_vec is not None else None,
+            scores, predictions = score_candidates(
+                self.model,
+                user,
+                torch.from_numpy(self.index.item_idx(candidates)).unsqueeze(0),
+                torch.from_numpy(self.index.vectors(candidates)).unsqueeze(0),
+                torch.from_numpy(content_vec).unsqueeze(0) if content_vec is not None else None,
+                self.cfg.serve,
             )
-            predictions = self.model.rank(user, item)
-            scores = blend(predictions, self.cfg.serve, self.rating_range)
+            scores, predictions = scores[0], {name: values[0] for name, values in predictions.items()}
             top = torch.topk(scores, min(k, len(candidates))).indices
         columns = {
             "score": scores[top],

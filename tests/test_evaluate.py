@@ -323,6 +323,34 @@ def test_full_ranking_on_a_hand_set_catalogue_gives_the_hand_computed_recall_and
     assert expected["ndcg@2"] == pytest.approx(0.69343, abs=1e-5) and expected["ndcg@3"] == pytest.approx(0.84671, abs=1e-5)
 
 
+def test_served_metrics_read_the_reranked_order_of_the_towers_top_candidates(tmp_path):
+    """The two-stage protocol: the towers' top N eligible candidates, reordered by the second stage."""
+    run = _hand_set_run(tmp_path / "run", train=[(1, 1, 10, 1, False)], valid=[(1, 4, 20, 1, False)])
+    test = _rows([(1, 2, 30, 1, False), (1, 6, 31, 1, False)])
+    model = HandSetUserVectors(USER_VECTORS, n_items=7, history_len=3)
+    seen: list[list[int]] = []
+
+    def lowest_index_first(users, history, candidates):  # a stand-in second stage: orders by item_idx
+        seen.append(candidates.tolist())
+        return torch.sort(candidates, dim=1).values
+
+    result = rank_catalogue(run, model, ITEM_VECTORS, test, EvalConfig(ks=(1, 2)), rerank=lowest_index_first, candidates=3)
+    # towers, items 1 and 4 excluded: 3 (.8), 5 (.6), 2 (.3), 6 (.1); the top 3 reach the second stage, which puts 2 first
+    assert seen == [[[3, 5, 2]]]
+    assert result.top_items.tolist() == [[2, 3]]
+    assert retrieval_section(result, (1, 2)) == pytest.approx({"recall@1": 0.5, "recall@2": 0.5, "ndcg@1": 1.0, "ndcg@2": 1 / (1 + 1 / math.log2(3))})
+    # item 6 (relevant) never reaches the second stage: beyond N = 3 it is a miss, whatever the reranker would do
+    plain = rank_catalogue(run, model, ITEM_VECTORS, test, EvalConfig(ks=(1, 2)))
+    assert retrieval_section(plain, (1, 2))["recall@2"] == 0.0
+
+
+def test_metrics_json_holds_the_served_two_stage_metrics_beside_the_towers(full_run):
+    _, metrics = full_run
+    assert set(metrics["served"]) == set(metrics["retrieval"]) == {f"{n}@{k}" for n in ("recall", "ndcg") for k in (10, 20, 50, 100)}
+    # K = 100 reaches the whole candidate list of this small catalogue: the reranker only reorders it, so recall@100 agrees
+    assert metrics["served"]["recall@100"] == pytest.approx(metrics["retrieval"]["recall@100"])
+
+
 def test_without_the_exclusion_the_training_positive_would_have_ranked_first(tmp_path):
     # The same user 1 with no known clicks: item 1 (.9) and item 4 (.7) take ranks 0 and 2, pushing 5 and 2 to 3 and 4.
     run = _hand_set_run(tmp_path / "run", train=[(2, 3, 11, 1, False)], valid=[])

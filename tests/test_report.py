@@ -156,12 +156,14 @@ BASELINES = {
 
 
 def test_retrieval_table_shows_the_model_and_every_baseline_side_by_side_and_names_the_skipped(tmp_path):
-    run = _run(tmp_path / "run", metrics=copy.deepcopy(METRICS) | {"baselines": BASELINES})
+    served = {"recall@10": 0.15, "recall@20": 0.25, "ndcg@10": 0.07, "ndcg@20": 0.1}
+    run = _run(tmp_path / "run", metrics=copy.deepcopy(METRICS) | {"baselines": BASELINES, "served": served})
     write_report(run)
     page, summary = run.report_html.read_text(), run.report_md.read_text()
     header = "<th>Ranker</th><th>Recall@10</th><th>Recall@20</th><th>NDCG@10</th><th>NDCG@20</th><th>Note</th>"
     assert header in page
-    assert "<tr><td>this model</td><td>0.100</td><td>0.200</td><td>0.0500</td><td>0.0800</td>" in page
+    assert "<tr><td>this model (towers, full ranking)</td><td>0.100</td><td>0.200</td><td>0.0500</td><td>0.0800</td>" in page
+    assert "<td>this model, served (top candidates, ranker blend)</td><td>0.150</td><td>0.250</td><td>0.0700</td><td>0.100</td>" in page
     assert "<tr><td>Item-kNN (cosine)</td><td>0.120</td><td>0.220</td><td>0.0600</td><td>0.0900</td><td class='note'>1.2 s</td></tr>" in page
     assert "<td>EASE</td>" + "<td>&mdash;</td>" * 4 + "<td class='note'>skipped: catalogue of 25000 items &gt; eval.ease_max_items = 20000</td>" in page
     assert "| Ranker | Recall@10 | Recall@20 | NDCG@10 | NDCG@20 | Note |" in summary

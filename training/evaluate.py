@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from recsys import metrics as m
-from recsys.config import EvalConfig
+from recsys.config import EvalConfig, ServeConfig
 from recsys.errors import RunError
 from recsys.history import padded_history
 from recsys.model import RecsysModel, load_model
+from recsys.ranking import score_candidates
 from recsys.rundir import RunDir, read_json, write_json, write_parquet
 from training import baseline, report
 from training.retrieval import RetrievalResult, _known_clicks, mean_over_users, rank_catalogue, retrieval_section
@@ -66,9 +67,12 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
 
     labels = task_labels(test, tasks)
     metrics_out: dict[str, Any] = row_metrics(labels, scores)  # the task sections, over all test rows
-    item_vecs = all_item_vectors(model, content)
+    item_vecs, content_vecs = all_item_states(model, content)
     retrieval = rank_catalogue(run, model, item_vecs, test, cfg)
     metrics_out["retrieval"] = retrieval_section(retrieval, cfg.ks)
+    serve = run.config().serve
+    served = rank_catalogue(run, model, item_vecs, test, cfg, rerank=served_reranker(model, item_vecs, content_vecs, serve), candidates=serve.candidates)
+    metrics_out["served"] = retrieval_section(served, cfg.ks)
     if not data_meta.get("impressions", True):
         label_sampled_aucs(metrics_out)
     spec = baseline.MFSpec(model.spec.n_users, model.spec.n_items, model.spec.history_len)
@@ -238,14 +242,37 @@ def score_rows(model: RecsysModel, test: pl.DataFrame, content: Content) -> tupl
 
 
 @torch.inference_mode()
+def all_item_states(model: RecsysModel, content: Content) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Item-tower vectors ``(n_items, d)`` and the ranker's content vectors ``(n_items, C)`` (None without content); row 0 is padding."""
+    item_vecs, content_vecs = [], []
+    for start in range(0, model.spec.n_items, BATCH_ROWS):
+        idx = torch.arange(start, min(start + BATCH_ROWS, model.spec.n_items))
+        state = model.item_state(idx, **_item_content(content, idx))
+        item_vecs.append(state["item_vec"])
+        if "content_vec" in state:
+            content_vecs.append(state["content_vec"])
+    return torch.cat(item_vecs), torch.cat(content_vecs) if content_vecs else None
+
+
 def all_item_vectors(model: RecsysModel, content: Content) -> torch.Tensor:
     """Item-tower vectors for item_idx 0..n_items-1 (row 0 is padding and never ranked) -> (n_items, d)."""
-    n_items = model.spec.n_items
-    parts = []
-    for start in range(0, n_items, BATCH_ROWS):
-        idx = torch.arange(start, min(start + BATCH_ROWS, n_items))
-        parts.append(model.item_vectors(idx, **_item_content(content, idx)))
-    return torch.cat(parts)
+    return all_item_states(model, content)[0]
+
+
+def served_reranker(model: RecsysModel, item_vecs: torch.Tensor, content_vecs: torch.Tensor | None, serve: ServeConfig, users_per_step: int = 64):
+    """The service's second stage for ``rank_catalogue``: each user's candidates ordered by the blended ranker score."""
+
+    def rerank(user_idx: torch.Tensor, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        ordered = torch.empty_like(candidates)
+        for start in range(0, len(user_idx), users_per_step):
+            rows = slice(start, start + users_per_step)
+            user = model.user_state(user_idx[rows], history[rows])
+            cand = candidates[rows]
+            scores, _ = score_candidates(model, user, cand, item_vecs[cand], None if content_vecs is None else content_vecs[cand], serve)
+            ordered[rows] = cand.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
+        return ordered
+
+    return rerank
 
 
 def predictions_frame(test: pl.DataFrame, scores: dict[str, np.ndarray]) -> pl.DataFrame:

@@ -246,9 +246,11 @@ def section_retrieval(metrics: dict[str, Any]) -> str:
     )
     against = _baselines_table(metrics, ks)
     return (
-        "<h2>Retrieval</h2><p class='muted'>Each test user's vector (history before their first test event) is "
+        "<h2>Retrieval</h2><p class='muted'>Each test user's vector (from their last train and valid clicks: "
+        "with a temporal split, their history at their first test event) is "
         f"scored against all {counts.get('catalogue_items', '?')} catalogue items; items the user clicked in train "
-        "or valid are excluded, and the user's clicked test items are relevant. "
+        "or valid are excluded, and the user's clicked test items that are not re-clicks are relevant. The served row "
+        "re-orders the towers' top <code>serve.candidates</code> by the ranker's blended score, as the service does. "
         f"{counts.get('retrieval_users', '?')} users evaluated ({counts.get('retrieval_users_without_relevant', 0)} more had "
         "only re-clicks of training items). Coverage is the share of the catalogue recommended to anyone; the exposure "
         "Gini (0 = even, 1 = one item gets everything) and the mean log(1 + train clicks) of recommended items "
@@ -262,7 +264,10 @@ def baseline_rows(metrics: dict[str, Any], ks: list[int]) -> list[tuple[str, lis
 
     A skipped baseline has no values (None) and its reason as the note.
     """
-    rows = [("this model", [metrics.get("retrieval", {}).get(f"{name}@{k}") for name in ("recall", "ndcg") for k in ks], "")]
+    rows = [("this model (towers, full ranking)", [metrics.get("retrieval", {}).get(f"{name}@{k}") for name in ("recall", "ndcg") for k in ks], "")]
+    if metrics.get("served"):
+        served = metrics["served"]
+        rows.append(("this model, served (top candidates, ranker blend)", [served.get(f"{name}@{k}") for name in ("recall", "ndcg") for k in ks], "what /recommend returns"))
     for name, entry in metrics.get("baselines", {}).items():
         retrieval = entry.get("retrieval", {})
         values = [retrieval.get(f"{metric}@{k}") for metric in ("recall", "ndcg") for k in ks]

@@ -33,12 +33,16 @@ The protocol, as ``rank_catalogue`` implements it (RUN/data splits, item_idx 0 =
   kept list is a miss at every K.
 - Headline value: the mean over evaluated users, each user weighing the same
   (``retrieval_section``).
+- ``served.*`` (what ``/recommend`` returns): the same users, history, exclusions and
+  relevance, but the towers retrieve their top ``serve.candidates`` eligible items, the
+  ranker scores them and the blended score (``recsys.ranking``, the service's code) orders
+  them; the metrics read that order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import polars as pl
@@ -89,9 +93,19 @@ class RetrievalResult:
     users_without_relevant: int  # test users whose clicked items were all train/valid positives
 
 
+# (user_idx (b,), history (b, L), candidate item_idx (b, N) in retrieval order) -> the same candidates in served order
+Reranker = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.inference_mode()
-def rank_catalogue(run: RunDir, model: UserTower, item_vecs: torch.Tensor, test: pl.DataFrame, cfg: EvalConfig) -> RetrievalResult:
-    """Rank the whole catalogue for each evaluated test user (module docstring); ``item_vecs`` is ``(n_items, d)``."""
+def rank_catalogue(
+    run: RunDir, model: UserTower, item_vecs: torch.Tensor, test: pl.DataFrame, cfg: EvalConfig, rerank: Reranker | None = None, candidates: int = 0
+) -> RetrievalResult:
+    """Rank the whole catalogue for each evaluated test user (module docstring); ``item_vecs`` is ``(n_items, d)``.
+
+    With ``rerank``, the two-stage protocol of ``served.*``: the towers' top ``candidates``
+    eligible items (same exclusions) are reordered by ``rerank`` and the metrics read that order.
+    """
     n_items, history_len = model.spec.n_items, model.spec.history_len
     known = _known_clicks(run)
     excluded = known.select("user_idx", "item_idx").unique()
@@ -115,6 +129,7 @@ def rank_catalogue(run: RunDir, model: UserTower, item_vecs: torch.Tensor, test:
     excluded_rows, excluded_cols = excluded["row"].to_numpy(), excluded["item_idx"].to_numpy().astype(np.int64) - 1
 
     k_max = min(max(cfg.ks), n_items - 1)
+    retrieved = max(k_max, min(candidates, n_items - 1)) if rerank is not None else k_max
     catalogue = item_vecs[1:]  # column j is item_idx j + 1
     top = np.full((user_idx.size, k_max), -1, dtype=np.int64)
     batch_users = max(1, min(1024, SCORES_PER_BATCH // max(catalogue.shape[0], 1)))
@@ -124,7 +139,10 @@ def rank_catalogue(run: RunDir, model: UserTower, item_vecs: torch.Tensor, test:
         in_batch = (excluded_rows >= start) & (excluded_rows < stop)
         exclude = torch.zeros(stop - start, catalogue.shape[0], dtype=torch.bool)
         exclude[torch.from_numpy(excluded_rows[in_batch] - start), torch.from_numpy(excluded_cols[in_batch])] = True
-        top[start:stop] = m.top_k(user_vec @ catalogue.T, k_max, exclude).numpy()
+        found = m.top_k(user_vec @ catalogue.T, retrieved, exclude)  # (B, retrieved) columns, -1 where nothing is eligible
+        if rerank is not None:
+            found = _reranked(rerank, torch.from_numpy(user_idx[start:stop]), history[start:stop], found)
+        top[start:stop] = found[:, :k_max].numpy()
 
     pairs = relevant.join(row_of_user, on="user_idx")  # relevant pairs of the evaluated users
     pair_user, pair_item = pairs["row"].to_numpy(), pairs["item_idx"].to_numpy().astype(np.int64)
@@ -139,6 +157,19 @@ def rank_catalogue(run: RunDir, model: UserTower, item_vecs: torch.Tensor, test:
         item_popularity=_train_popularity(known, n_items),
         users_without_relevant=int(users_without_relevant),
     )
+
+
+def _reranked(rerank: Reranker, users: torch.Tensor, history: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """Reorder each row's eligible candidates (columns) by ``rerank``; ineligible slots (-1) stay at the end."""
+    out = torch.full_like(found, -1)
+    counts = (found >= 0).sum(1)
+    for n in torch.unique(counts).tolist():  # rows with the same number of eligible candidates go together
+        if n == 0:
+            continue
+        rows = torch.nonzero(counts == n).squeeze(1)
+        ordered = rerank(users[rows], history[rows], found[rows, :n] + 1) - 1  # item_idx in, columns back
+        out[rows, :n] = ordered
+    return out
 
 
 def retrieval_section(result: RetrievalResult, ks: tuple[int, ...]) -> dict[str, float]:

@@ -1,0 +1,50 @@
+"""The second stage, shared by the service and the evaluation: candidates -> ranker -> blended score.
+
+``/recommend`` and ``served.*`` in metrics.json order candidates the same way: the ranker's
+heads for each (user, candidate) from the stored item vector and content vector, blended into
+one score by the ``[serve]`` weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recsys.config import ServeConfig
+
+
+def blend(predictions: dict[str, torch.Tensor], serve: ServeConfig, rating_range: tuple[float, float]) -> torch.Tensor:
+    """Weighted mean of p_click, p_ctcvr and the rating mapped to [0, 1] (heads that are on). (B,)"""
+    lo, hi = rating_range
+    terms = [(serve.blend_click, predictions["p_click"])]
+    if "p_ctcvr" in predictions:
+        terms.append((serve.blend_ctcvr, predictions["p_ctcvr"]))
+    if "rating" in predictions:
+        terms.append((serve.blend_rating, (predictions["rating"] - lo) / max(hi - lo, 1e-9)))
+    total = sum(w for w, _ in terms)
+    if total <= 0:
+        return predictions["p_click"]
+    return sum(w * p for w, p in terms) / total
+
+
+def score_candidates(
+    model,
+    user: dict[str, torch.Tensor],
+    item_idx: torch.Tensor,
+    item_vec: torch.Tensor,
+    content_vec: torch.Tensor | None,
+    serve: ServeConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Blended scores ``(U, N)`` and head predictions of ``U`` users (``model.user_state`` rows) x their ``N`` candidates each.
+
+    ``item_idx (U, N)``, ``item_vec (U, N, d)``, ``content_vec (U, N, C)`` or None; one user row
+    (U = 1) is the service's case.
+    """
+    users, n = item_idx.shape
+    rows = torch.arange(users).repeat_interleave(n)  # each user's state once per candidate
+    user_rows = {k: v[rows] if v.shape[0] == users else v for k, v in user.items()}
+    item = model.item_state(
+        item_idx.reshape(-1), item_vec=item_vec.reshape(users * n, -1), content_vec=None if content_vec is None else content_vec.reshape(users * n, -1)
+    )
+    predictions = model.rank(user_rows if users > 1 else user, item)
+    scores = blend(predictions, serve, model.spec.rating_range)
+    return scores.reshape(users, n), {k: v.reshape(users, n) for k, v in predictions.items()}
