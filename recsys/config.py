@@ -94,6 +94,7 @@ class ModelConfig(_Section):
     ranker_input: Literal["features", "towers"] = "features"  # features: ids, side features, content, target attention and the towers; towers: [u, v, u*v] only
     ranker_stop_gradient: bool = False  # true: the ranker's loss does not reach the tower vectors (it still trains the tables it reads)
     ranker_content_dim: int = Field(32, ge=1)  # the candidate's projected text + image, as the ranker (and the service) keeps it
+    ranker_id_dropout: float = Field(0.3, ge=0, lt=1)  # share of training rows whose candidate id embedding the ranker does not see (on top of id_dropout)
     attention_len: int = Field(20, ge=1)  # the target attention reads the last this many history items (the user tower pools all of data.history_len)
 
 

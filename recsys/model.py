@@ -298,7 +298,13 @@ class RecsysModel(nn.Module):
         parts = [user_vec * scale, item_vec * scale, user_vec * item_vec * scale]
         if self.sees_features:
             attended, _ = self.attention(self.attention_query(item_vec), user["history_keys"], user["history_mask"])
-            parts += [(user_vec * item_vec).sum(-1, keepdim=True), user["user_part"].expand(batch, -1), item["item_part"].expand(batch, -1), attended]
+            item_part = item["item_part"].expand(batch, -1)
+            dropout = self.spec.config.ranker_id_dropout
+            if self.training and dropout > 0:  # rows whose candidate id the ranker does not see: it must rank by content, as for cold items
+                emb = self.spec.config.embedding_dim
+                hidden = (torch.rand(batch, 1) < dropout).to(item_part.dtype)
+                item_part = torch.cat([item_part[:, :emb] * (1 - hidden), item_part[:, emb:]], dim=1)
+            parts += [(user_vec * item_vec).sum(-1, keepdim=True), user["user_part"].expand(batch, -1), item_part, attended]
             x = self.ranker_norm(torch.cat(parts, dim=-1))
         else:
             x = torch.cat(parts, dim=-1)

@@ -252,7 +252,8 @@ def test_a_trained_ranker_predicts_more_clicks_on_the_group_its_user_clicks(plan
     own = [item["p_click"] for item in items if group_of(item["item_id"]) == group]
     other = [item["p_click"] for item in items if group_of(item["item_id"]) != group]
     assert len(own) == 8 and len(other) == 12  # own: 6 unclicked warm items, the cold one and its added twin
-    assert min(own) > max(other) + 0.2
+    assert min(own) > max(other)  # every own-group item above every other-group one
+    assert np.mean(own) > np.mean(other) + 0.3
 
 
 def test_recommend_never_returns_items_the_user_has_seen(client):
