@@ -12,7 +12,12 @@ Generative story (every knob is in ``SynthParams`` and written to ``truth.json``
   dots, checker) that the image shows (PNG, ``image_size`` px; lightness, stripe angle and
   pixel noise are nuisance); (c) an id-only residual that only interactions reveal. Items
   also get a popularity (log impression weight, also a click bias), a ``price`` that
-  lowers conversion, a coarse ``category`` (topic group) and a creation time.
+  lowers conversion, a coarse ``category`` (topic group), a creation time and a
+  ``quality`` grade (5 levels, standardised to unit variance) that only the text shows:
+  ``quality_words`` words of the grade's lexicon are inserted into the description (``QUALITY_WORDS``:
+  "flimsy, shoddy" ... "superb, flawless"); the image and the ids do not show it.
+- Users also have a taste for each texture (centred over the 4 textures, unit variance):
+  a preference that reads an attribute only the image shows.
 - Impressions: timestamps uniform over ``span_days``; the user by activity weight; the item
   by popularity among the items created by then, so items created late are cold (never
   seen in the temporally earlier data) - the content-based cold start case.
@@ -20,7 +25,8 @@ Generative story (every knob is in ``SynthParams`` and written to ``truth.json``
   ``cos(w_click, w_conversion) = task_correlation``, read the user x item affinity
   ``w . (u * v)`` (unit variance):
   ``p_click = sigmoid(b_c + s_c aff_click + popularity + user propensity)``,
-  ``p_conversion (given click) = sigmoid(b_v + s_v aff_conversion + price and age terms)``,
+  ``p_conversion (given click) = sigmoid(b_v + s_v aff_conversion + price and age terms
+  + texture_conversion taste[user, texture] + quality_conversion quality)``,
   ``rating_mean = 1 + 4 sigmoid(b_r + s_r aff_rating + user leniency)``.
   ``click ~ Bernoulli(p_click)``; ``conversion ~ Bernoulli(p_conversion)`` only when
   clicked; on clicked rows ``rating = 1 + Binomial(4, (rating_mean - 1) / 4)`` (integer
@@ -31,8 +37,12 @@ contract, rows in time order), ``images/i<k>.png``, and the oracle: ``truth.parq
 row per interaction, same order: the true ``p_click``, ``p_conversion``, ``p_ctcvr``,
 ``rating_mean``, and ``p_click_content``: the click probability as far as the item's text and
 image tell it - no residual, average popularity - the ceiling for cold items),
-``truth_items.parquet`` (each item's topic, hue, texture, popularity, latent and its
-content-visible part) and ``truth.json`` (parameters, weight vectors, oracle AUCs).
+``truth_items.parquet`` (each item's topic, hue, texture, quality, price, popularity, latent and
+its content-visible part), ``truth_users.parquet`` (each user's latent, biases and texture
+taste) and ``truth.json`` (parameters, weight vectors, oracle AUCs).
+
+Random streams: ``[seed, k]`` per part of the story; the texture taste (k = 8) and the quality
+(k = 9) have streams of their own, so the other draws are those of a dataset without them.
 """
 
 from __future__ import annotations
@@ -84,6 +94,14 @@ NOISE_WORDS: tuple[str, ...] = (
     "gift", "size", "brand", "classic", "perfect", "simple", "reliable", "choice", "home",
 )  # fmt: skip
 TEXTURES: tuple[str, ...] = ("plain", "stripes", "dots", "checker")
+# Words of each quality grade, worst to best: the text is the only place an item's quality shows.
+QUALITY_WORDS: tuple[tuple[str, ...], ...] = (
+    ("flimsy", "shoddy", "fragile"),
+    ("cheap", "wobbly", "basic"),
+    ("standard", "ordinary", "average"),
+    ("sturdy", "solid", "robust"),
+    ("superb", "flawless", "exquisite"),
+)
 REGIONS: tuple[str, ...] = ("north", "south", "east", "west", "central", "islands")
 
 DESCRIPTION_WORDS = 12  # words after the title
@@ -105,10 +123,12 @@ class SynthParams:
     click_scale: float = 1.6
     popularity_click: float = 0.4  # click logit per popularity sd
     user_click_sd: float = 0.3
-    conversion_bias: float = -1.7
+    conversion_bias: float = -1.8  # -1.7 before the texture and quality terms: keeps the conversion rate
     conversion_scale: float = 1.4
     price_conversion: float = -0.35  # conversion logit per sd of log price
     age_conversion: float = 0.2  # conversion logit per sd of age
+    texture_conversion: float = 0.8  # conversion logit per sd of the user's taste for the item's texture (image only)
+    quality_conversion: float = 0.6  # conversion logit per sd of the item's quality (text only)
     rating_bias: float = 0.5
     rating_scale: float = 1.4
     user_rating_sd: float = 0.4
@@ -121,6 +141,7 @@ class SynthParams:
     log_price_sd: float = 0.8
     topic_word_rate: float = 0.5  # share of description words drawn from the item's topic
     distractor_rate: float = 0.3  # chance of one word of another topic in the description
+    quality_words: int = 2  # words of the item's quality grade inserted into the description (0: quality invisible)
     image_size: int = 64
     chunk_rows: int = 1_000_000  # impressions generated per chunk (bounds memory)
 
@@ -146,6 +167,7 @@ class _Users:
     age: np.ndarray  # (U,) int64 years
     click_bias: np.ndarray  # (U,)
     rating_bias: np.ndarray  # (U,)
+    texture_taste: np.ndarray  # (U, n_textures): centred per user, unit variance
     activity_cdf: np.ndarray  # (U,) cumulative impression weight
 
 
@@ -160,6 +182,8 @@ class _Items:
     angle: np.ndarray  # (I,) stripe angle in radians (nuisance)
     popularity: np.ndarray  # (I,) standard normal; log impression weight = popularity_sd * popularity
     price: np.ndarray  # (I,) rounded to cents
+    quality_grade: np.ndarray  # (I,) int in [0, len(QUALITY_WORDS))
+    quality: np.ndarray  # (I,) the grade standardised: mean 0, unit variance
     created_at: np.ndarray  # (I,) int64 unix s
 
 
@@ -183,8 +207,8 @@ def synthesize(
     timings: dict[str, float] = {}
 
     tables = _tables(np.random.default_rng([seed, 1]), params, task_correlation)
-    user_draw = _draw_users(np.random.default_rng([seed, 2]), users, tables, params)
-    item_draw = _draw_items(np.random.default_rng([seed, 3]), items, tables, params)
+    user_draw = _draw_users(np.random.default_rng([seed, 2]), np.random.default_rng([seed, 8]), users, tables, params)
+    item_draw = _draw_items(np.random.default_rng([seed, 3]), np.random.default_rng([seed, 9]), items, tables, params)
     user_ids = _ids("u", users, "user_id")
     item_ids = _ids("i", items, "item_id")
     timings["latents_s"] = time.perf_counter() - started
@@ -193,7 +217,7 @@ def synthesize(
     item_frame = pl.DataFrame(
         {
             "item_id": item_ids,
-            "text": item_text(np.random.default_rng([seed, 4]), item_draw.topic, params),
+            "text": item_text(np.random.default_rng([seed, 4]), item_draw.topic, params, item_draw.quality_grade),
             "category": pl.Series(np.array([TOPIC_CATEGORY[t] for t in TOPICS]))[item_draw.topic],
             "price": item_draw.price,
             "created_at": item_draw.created_at,
@@ -208,6 +232,7 @@ def synthesize(
         {"user_id": user_ids, "region": pl.Series(np.array(REGIONS))[user_draw.region], "age": user_draw.age}
     )
     write_parquet(user_frame, out / "users.parquet")
+    write_parquet(_truth_users(user_ids, user_draw), out / "truth_users.parquet")
     timings["catalogue_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -248,6 +273,7 @@ def synthesize(
         "tables": {k: np.asarray(v).tolist() for k, v in asdict(tables).items()},
         "topics": {t: {"category": TOPIC_CATEGORY[t], "words": list(TOPIC_WORDS[t])} for t in TOPICS},
         "textures": list(TEXTURES),
+        "quality_words": [list(words) for words in QUALITY_WORDS],
         "regions": list(REGIONS),
         "stats": stats,
     }
@@ -291,6 +317,8 @@ def _check_args(
         raise DataError(f"synth: topic/visual/residual shares must be >= 0 and sum to 1, got sum {shares}")
     if not 0 <= params.new_item_fraction < 1 or params.span_days < 1 or params.chunk_rows < 1 or params.image_size < 8:
         raise DataError("synth: need 0 <= new_item_fraction < 1, span_days >= 1, chunk_rows >= 1, image_size >= 8")
+    if not 0 <= params.quality_words <= DESCRIPTION_WORDS:
+        raise DataError(f"synth: quality_words must lie in [0, {DESCRIPTION_WORDS}] (description words), got {params.quality_words}")
 
 
 def _tables(rng: np.random.Generator, params: SynthParams, task_correlation: float) -> _Tables:
@@ -313,24 +341,28 @@ def _tables(rng: np.random.Generator, params: SynthParams, task_correlation: flo
     )
 
 
-def _draw_users(rng: np.random.Generator, n: int, tables: _Tables, params: SynthParams) -> _Users:
-    """User latents (personal + regional taste), demographics, biases and activity."""
+def _draw_users(rng: np.random.Generator, taste_rng: np.random.Generator, n: int, tables: _Tables, params: SynthParams) -> _Users:
+    """User latents (personal + regional taste), demographics, biases, texture taste and activity."""
     region = rng.integers(0, len(REGIONS), n)
     personal = rng.standard_normal((n, params.latent_dim))
     latent = math.sqrt(1 - params.region_share) * personal + math.sqrt(params.region_share) * tables.region[region]
     activity = np.exp(params.activity_sd * rng.standard_normal(n))
+    taste = taste_rng.standard_normal((n, len(TEXTURES)))
+    # centred: a preference between textures, not a conversion bias; rescaled to unit variance
+    taste = (taste - taste.mean(1, keepdims=True)) * math.sqrt(len(TEXTURES) / (len(TEXTURES) - 1))
     return _Users(
         latent=latent.astype(np.float32),
         region=region,
         age=rng.integers(18, 76, n).astype(np.int64),
         click_bias=params.user_click_sd * rng.standard_normal(n),
         rating_bias=params.user_rating_sd * rng.standard_normal(n),
+        texture_taste=taste,
         activity_cdf=np.cumsum(activity),
     )
 
 
-def _draw_items(rng: np.random.Generator, n: int, tables: _Tables, params: SynthParams) -> _Items:
-    """Item latents from topic, visual attributes and residual; popularity, price, creation time."""
+def _draw_items(rng: np.random.Generator, quality_rng: np.random.Generator, n: int, tables: _Tables, params: SynthParams) -> _Items:
+    """Item latents from topic, visual attributes and residual; popularity, price, creation time, quality."""
     topic = rng.integers(0, len(TOPICS), n)
     hue = rng.random(n)
     texture = rng.integers(0, len(TEXTURES), n)
@@ -344,6 +376,9 @@ def _draw_items(rng: np.random.Generator, n: int, tables: _Tables, params: Synth
     start, span_s = params.start_s, params.span_days * DAY_S
     created_at = np.where(is_new, start + rng.integers(0, span_s, n), start - rng.integers(1, 365 * DAY_S, n))
     price = np.round(np.exp(params.log_price_mean + params.log_price_sd * rng.standard_normal(n)), 2)
+    grades = len(QUALITY_WORDS)
+    quality_grade = quality_rng.integers(0, grades, n)
+    grade_sd = math.sqrt((grades**2 - 1) / 12)  # sd of a uniform grade
     return _Items(
         latent=latent.astype(np.float32),
         content_latent=content.astype(np.float32),
@@ -355,14 +390,27 @@ def _draw_items(rng: np.random.Generator, n: int, tables: _Tables, params: Synth
         popularity=rng.standard_normal(n),
         price=np.maximum(price, 0.01),
         created_at=created_at.astype(np.int64),
+        quality_grade=quality_grade,
+        quality=(quality_grade - (grades - 1) / 2) / grade_sd,
     )
 
 
-def item_text(rng: np.random.Generator, topic: np.ndarray, params: SynthParams = SynthParams()) -> pl.Series:
-    """Title + description per item: topic nouns mixed with noise words (one string per topic id)."""
+def item_text(
+    rng: np.random.Generator, topic: np.ndarray, params: SynthParams = SynthParams(), quality_grade: np.ndarray | None = None
+) -> pl.Series:
+    """Title + description per item: topic nouns mixed with noise words, and words of the item's quality grade.
+
+    ``quality_grade`` (ints into ``QUALITY_WORDS``): ``params.quality_words`` words of the grade
+    are inserted at random places in the description, drawn last, so the other words are those
+    of a text without them; None: no quality words.
+    """
     n = len(topic)
-    vocab = pl.Series([*ADJECTIVES, *NOISE_WORDS, *(w for t in TOPICS for w in TOPIC_WORDS[t])])
+    per_grade = len(QUALITY_WORDS[0])
+    vocab = pl.Series(
+        [*ADJECTIVES, *NOISE_WORDS, *(w for t in TOPICS for w in TOPIC_WORDS[t]), *(w for g in QUALITY_WORDS for w in g)]
+    )
     noise0, topic0 = len(ADJECTIVES), len(ADJECTIVES) + len(NOISE_WORDS)
+    quality0 = topic0 + len(TOPICS) * WORDS_PER_TOPIC
 
     def topic_word(of_topic: np.ndarray) -> np.ndarray:
         return topic0 + of_topic * WORDS_PER_TOPIC + rng.integers(0, WORDS_PER_TOPIC, len(of_topic))
@@ -380,6 +428,16 @@ def item_text(rng: np.random.Generator, topic: np.ndarray, params: SynthParams =
     distract = rng.random(n) < params.distractor_rate
     for j, column in enumerate(description):  # one distractor word of another topic, at a random slot
         description[j] = np.where(distract & (slot == j), topic_word(other_topic), column)
+    if quality_grade is not None and params.quality_words > 0:
+        k = params.quality_words
+        quality = quality0 + quality_grade[:, None] * per_grade + rng.integers(0, per_grade, (n, k))  # (n, k)
+        length = DESCRIPTION_WORDS + k
+        is_quality = np.zeros((n, length), dtype=bool)
+        np.put_along_axis(is_quality, np.argsort(rng.random((n, length)), axis=1)[:, :k], True, axis=1)  # k distinct places
+        rank = np.where(is_quality, np.cumsum(is_quality, axis=1) - 1, np.cumsum(~is_quality, axis=1) - 1)  # position among its kind
+        ordered = np.where(is_quality, np.take_along_axis(quality, np.minimum(rank, k - 1), axis=1),
+                           np.take_along_axis(np.stack(description, axis=1), np.minimum(rank, DESCRIPTION_WORDS - 1), axis=1))  # fmt: skip
+        description = list(ordered.T)
     words = pl.DataFrame({f"w{j}": vocab[idx] for j, idx in enumerate(title + description)})
     title_expr = pl.concat_str([pl.col(f"w{j}") for j in range(len(title))], separator=" ")
     description_expr = pl.concat_str([pl.col(f"w{j}") for j in range(len(title), words.width)], separator=" ")
@@ -436,7 +494,7 @@ def _write_images(out: Path, draw: _Items, seed: int, params: SynthParams, batch
 
 
 def _truth_items(item_ids: pl.Series, draw: _Items) -> pl.DataFrame:
-    """Each item's hidden attributes: topic, visual attributes, popularity, latent vector."""
+    """Each item's attributes as the generator drew them: topic, visual attributes, quality, price, popularity, latents."""
     return pl.DataFrame(
         {
             "item_id": item_ids,
@@ -444,10 +502,26 @@ def _truth_items(item_ids: pl.Series, draw: _Items) -> pl.DataFrame:
             "hue": draw.hue,
             "texture": pl.Series(np.array(TEXTURES))[draw.texture],
             "lightness": draw.lightness,
+            "quality_grade": draw.quality_grade,  # 0 worst .. 4 best: which row of QUALITY_WORDS the text draws from
+            "quality": draw.quality,
+            "price": draw.price,
             "popularity": draw.popularity,
             "created_at": draw.created_at,
             "latent": draw.latent,
             "content_latent": draw.content_latent,
+        }
+    )
+
+
+def _truth_users(user_ids: pl.Series, draw: _Users) -> pl.DataFrame:
+    """Each user's hidden attributes: latent vector, click and rating biases, taste per texture (``TEXTURES`` order)."""
+    return pl.DataFrame(
+        {
+            "user_id": user_ids,
+            "latent": draw.latent,
+            "click_bias": draw.click_bias,
+            "rating_bias": draw.rating_bias,
+            "texture_taste": draw.texture_taste,
         }
     )
 
@@ -523,6 +597,8 @@ def _oracle(user: np.ndarray, item: np.ndarray, users: _Users, items: _Items, ta
         + params.conversion_scale * affinity(tables.w_conversion)
         + params.price_conversion * price_z
         + params.age_conversion * age_z
+        + params.texture_conversion * users.texture_taste[user, items.texture[item]]
+        + params.quality_conversion * items.quality[item]
     )
     rating_logit = params.rating_bias + params.rating_scale * affinity(tables.w_rating) + users.rating_bias[user]
     return {

@@ -5,6 +5,10 @@ scores each row with the generator's true probabilities; rating RMSE is compared
 RMSE of the true rating means. How close a learner can get depends on how many impressions
 each user has (a user's latent is only seen through them): the fast test uses a small, dense
 dataset and the thresholds it reaches; the slow one the full targets at a larger size.
+
+Beside the oracle, the data-limited ceiling (training/ceiling.py, keys ``ceiling_*``): given
+the true item attributes, it learns only the users, from the same train rows, so it tells
+what these rows allow; the model's figures are read against it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from recsys import metrics as m
 from recsys.config import load_config
 from recsys.model import load_model
 from recsys.rundir import RunDir, read_json
+from training.ceiling import ceiling_scores, fit_ceiling
 from training.evaluate import evaluate, load_content, score_rows
 from training.train import train
 
@@ -38,7 +43,7 @@ def trained_run(root: Path, users: int, items: int, interactions: int, overrides
 
 
 def quality(run: RunDir, dataset: Path) -> dict[str, float]:
-    """Test-split AUCs and rating RMSE of the model and of the generator's truth, cold and warm items apart."""
+    """Test-split AUC efficiencies and rating RMSE ratios of the model and of the data-limited ceiling, cold and warm items apart."""
     model = load_model(run.model)
     test = pl.read_parquet(run.data / "test.parquet")
     scores, _ = score_rows(model, test, load_content(run, model))
@@ -57,6 +62,8 @@ def quality(run: RunDir, dataset: Path) -> dict[str, float]:
         return (m.auc(labels[rows], model_scores[rows]) - 0.5) / (m.auc(labels[rows], oracle_scores[rows]) - 0.5)
 
     p_click = truth["p_click"].to_numpy()
+    train = pl.read_parquet(run.data / "train.parquet", columns=["user_id", "item_id", "click", "conversion", "rating", "sampled"])
+    ceiling = ceiling_scores(fit_ceiling(train, pl.read_parquet(dataset / "truth_items.parquet")), test)
     return {
         "click": efficiency(click, scores["p_click"], p_click),
         "conversion": efficiency(conversion, scores["p_cvr"], truth["p_conversion"].to_numpy(), clicked),
@@ -67,6 +74,10 @@ def quality(run: RunDir, dataset: Path) -> dict[str, float]:
         # against what the content can tell at best (no id residual, average popularity)
         "click_cold_content": efficiency(click, scores["p_click"], truth["p_click_content"].to_numpy(), cold),
         "cold_rows": int(cold.sum()),
+        "ceiling_click": efficiency(click, ceiling["p_click"], p_click),
+        "ceiling_conversion": efficiency(conversion, ceiling["p_cvr"], truth["p_conversion"].to_numpy(), clicked),
+        "ceiling_ctcvr": efficiency(click * conversion, ceiling["p_ctcvr"], truth["p_ctcvr"].to_numpy()),
+        "ceiling_rating_rmse_ratio": m.rmse(rating[rated], ceiling["rating"][rated]) / m.rmse(rating[rated], truth["rating_mean"].to_numpy()[rated]),
     }
 
 
@@ -76,20 +87,34 @@ def small(tmp_path_factory) -> tuple[RunDir, Path]:
     return trained_run(tmp_path_factory.mktemp("quality"), users=300, items=300, interactions=60_000, overrides=["train.epochs=12"])
 
 
+# Thresholds lowered when conversion began to read the users' texture taste and the text quality
+# (features/synth.py); measured with train.seed 0 / 1, before -> after that data change, same model:
+# click 0.757 / 0.768 -> 0.745 / 0.771, conversion 0.765 / 0.771 -> 0.681 / 0.697, ctcvr 0.834 / 0.840
+# -> 0.796 / 0.810, click_cold 0.477 / 0.460 -> 0.382 / 0.560, click_cold_content 0.555 / 0.535 ->
+# 0.444 / 0.651 (216 cold rows: about 0.1 of seed noise). The ceiling: click 0.94, conversion 0.81.
 def test_default_model_gets_most_of_the_oracle_auc_on_every_task(small):
     q = quality(*small)
-    assert q["click"] >= 0.75, q
+    assert q["click"] >= 0.72, q
     assert q["ctcvr"] >= 0.75, q
-    assert q["conversion"] >= 0.7, q  # measured 0.78
+    assert q["conversion"] >= 0.65, q  # measured 0.68
+    assert q["conversion"] >= 0.75 * q["ceiling_conversion"], q  # measured 0.84 of what these rows allow
     assert q["rating_rmse_ratio"] <= 1.3, q
 
 
 def test_cold_items_are_ranked_through_their_content(small):
     q = quality(*small)
     assert q["cold_rows"] >= 100, q
-    assert q["click_cold"] >= 0.45, q  # never seen in training: ranked by text, image and side features alone
-    assert q["click_cold"] >= 0.6 * q["click_warm"], q
-    assert q["click_cold_content"] >= 0.5, q  # of what the text and image can tell (measured 0.62 on 216 cold rows)
+    assert q["click_cold"] >= 0.35, q  # never seen in training: ranked by text, image and side features alone
+    assert q["click_cold"] >= 0.45 * q["click_warm"], q
+    assert q["click_cold_content"] >= 0.4, q  # of what the text and image can tell (measured 0.44 on 216 cold rows)
+
+
+def test_the_ceiling_is_far_above_chance_not_above_the_oracle_and_not_below_the_model(small):
+    q = quality(*small)
+    for head in ("click", "conversion", "ctcvr"):
+        assert 0.6 < q[f"ceiling_{head}"] <= 1.03, q  # measured click 0.94, conversion 0.81, ctcvr 0.91
+        assert q[head] <= q[f"ceiling_{head}"] + 0.05, q  # the model learns users from the same rows and knows items less well
+    assert q["ceiling_rating_rmse_ratio"] <= q["rating_rmse_ratio"] + 0.05, q  # measured 1.10 vs the model's 1.19
 
 
 def test_mf_baseline_beats_the_train_mean_and_a_random_ranking_on_the_models_protocol(small):
@@ -124,7 +149,8 @@ def test_issue_targets_at_1000_impressions_per_user(tmp_path):
     Measured (2026-11-26): efficiency click 0.948, conversion 0.911, ctcvr 0.956, rating RMSE
     1.06x the oracle's; cold items 0.84 of what their content allows. At 500 impressions per
     user the same config reaches click 0.925, conversion 0.892, ctcvr 0.939: the conversion
-    head learns from clicked rows only, and needs the larger sample for 0.9.
+    head learns from clicked rows only, and needs the larger sample for 0.9. These figures
+    predate conversion's texture-taste and text-quality terms; not measured since.
     """
     q = quality(*trained_run(tmp_path, users=1000, items=1000, interactions=1_000_000, overrides=[]))
     assert q["click"] >= 0.9, q

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from features.synth import TEXTURES, TOPIC_WORDS, SynthParams, synthesize
+from features.synth import QUALITY_WORDS, TEXTURES, TOPIC_WORDS, SynthParams, synthesize
 from recsys import metrics as m
 from recsys.cli import main as cli_main
 from recsys.errors import DataError
@@ -52,7 +52,7 @@ def test_same_arguments_write_byte_identical_files(tmp_path: Path) -> None:
     synthesize(tmp_path / "a", users=20, items=30, seed=5, images=True)
     synthesize(tmp_path / "b", users=20, items=30, seed=5, images=True)
     digests = _digests(tmp_path / "a")
-    assert len(digests) == 6 + 30  # 5 parquet + truth.json, one PNG per item
+    assert len(digests) == 7 + 30  # 6 parquet + truth.json, one PNG per item
     assert digests == _digests(tmp_path / "b")
 
 
@@ -218,6 +218,97 @@ def test_higher_task_correlation_gives_more_correlated_click_and_conversion_logi
         truth = pl.read_parquet(tmp_path / str(rho) / "truth.parquet")
         correlations.append(np.corrcoef(_logit(truth["p_click"].to_numpy()), _logit(truth["p_conversion"].to_numpy()))[0, 1])
     assert correlations[1] > correlations[0] + 0.2
+
+
+# -- conversion reads an image-only taste and a text-only quality ---------------------------
+def _truth_with(tmp_path: Path, name: str, **params: float) -> tuple[pl.DataFrame, dict]:
+    """truth.parquet and the summary of 300 users x 300 items x 60k rows, seed 0, with ``params`` changed."""
+    summary = synthesize(tmp_path / name, users=300, items=300, interactions=60_000, seed=0, images=False, params=SynthParams(**params))
+    return pl.read_parquet(tmp_path / name / "truth.parquet"), summary
+
+
+def _attributes_of_rows(out: Path, truth: pl.DataFrame) -> pl.DataFrame:
+    """Each truth row with its item's texture and quality and its user's taste for that texture."""
+    items = pl.read_parquet(out / "truth_items.parquet").select("item_id", "texture", "quality", "quality_grade")
+    users = pl.read_parquet(out / "truth_users.parquet").select("user_id", "texture_taste")
+    rows = truth.join(items, on="item_id", how="left", maintain_order="left").join(users, on="user_id", how="left", maintain_order="left")
+    texture = rows["texture"].replace_strict({t: k for k, t in enumerate(TEXTURES)}, return_dtype=pl.Int64).to_numpy()
+    return rows.with_columns(taste=pl.Series(np.stack(rows["texture_taste"].to_numpy())[np.arange(rows.height), texture]))
+
+
+def test_conversion_logit_moves_by_the_users_taste_for_the_items_texture(tmp_path: Path) -> None:
+    with_taste, _ = _truth_with(tmp_path, "default")
+    without, _ = _truth_with(tmp_path, "no_taste", texture_conversion=0.0)
+    rows = _attributes_of_rows(tmp_path / "default", with_taste)
+    shift = _logit(with_taste["p_conversion"].to_numpy()) - _logit(without["p_conversion"].to_numpy())
+    assert np.allclose(shift, SynthParams().texture_conversion * rows["taste"].to_numpy(), atol=1e-6)
+    assert rows["taste"].std() > 0.5  # the taste varies over rows: the check above has something to see
+    assert with_taste["p_click"].equals(without["p_click"]) and with_taste["rating_mean"].equals(without["rating_mean"])
+
+
+def test_conversion_logit_rises_with_the_items_text_quality(tmp_path: Path) -> None:
+    with_quality, _ = _truth_with(tmp_path, "default")
+    without, _ = _truth_with(tmp_path, "no_quality", quality_conversion=0.0)
+    rows = _attributes_of_rows(tmp_path / "default", with_quality)
+    shift = _logit(with_quality["p_conversion"].to_numpy()) - _logit(without["p_conversion"].to_numpy())
+    assert np.allclose(shift, SynthParams().quality_conversion * rows["quality"].to_numpy(), atol=1e-6)
+    by_grade = rows.group_by("quality_grade").agg(pl.col("p_conversion").mean()).sort("quality_grade")
+    assert by_grade["quality_grade"].to_list() == list(range(len(QUALITY_WORDS)))
+    assert by_grade["p_conversion"].diff().drop_nulls().min() > 0  # every grade converts more than the one below
+
+
+def test_the_taste_and_quality_terms_make_conversion_more_predictable_for_the_oracle(tmp_path: Path) -> None:
+    _, default = _truth_with(tmp_path, "default")
+    _, no_taste = _truth_with(tmp_path, "no_taste", texture_conversion=0.0)
+    _, no_quality = _truth_with(tmp_path, "no_quality", quality_conversion=0.0)
+    assert default["oracle_conversion_auc"] > no_taste["oracle_conversion_auc"] + 0.01, (default, no_taste)  # measured +0.017
+    assert default["oracle_conversion_auc"] > no_quality["oracle_conversion_auc"] + 0.01, (default, no_quality)  # measured +0.017
+    assert default["oracle_click_auc"] == no_taste["oracle_click_auc"] == no_quality["oracle_click_auc"]
+
+
+def test_item_text_carries_words_of_its_quality_grade_and_of_no_other(small: tuple[Path, dict]) -> None:
+    out = small[0]
+    lexicon = pl.DataFrame({"word": [w for ws in QUALITY_WORDS for w in ws], "word_grade": [g for g, ws in enumerate(QUALITY_WORDS) for _ in ws]})
+    words = (
+        pl.read_parquet(out / "items.parquet")
+        .select("item_id", pl.col("text").str.to_lowercase().str.replace_all(r"[^a-z ]", "").str.split(" ").alias("word"))
+        .explode("word")
+        .join(lexicon, on="word")
+        .join(pl.read_parquet(out / "truth_items.parquet").select("item_id", "quality_grade"), on="item_id")
+    )
+    per_item = words.group_by("item_id").agg(pl.len(), (pl.col("word_grade") == pl.col("quality_grade")).all().alias("own_grade"))
+    assert per_item.height == 120
+    assert (per_item["len"] == SynthParams().quality_words).all() and per_item["own_grade"].all()
+
+
+def test_quality_words_are_inserted_into_the_text_that_would_be_without_them(tmp_path: Path) -> None:
+    synthesize(tmp_path / "words", users=10, items=50, seed=4, images=False)
+    synthesize(tmp_path / "none", users=10, items=50, seed=4, images=False, params=SynthParams(quality_words=0))
+    quality_words = {w for ws in QUALITY_WORDS for w in ws}
+    with_words = pl.read_parquet(tmp_path / "words" / "items.parquet")["text"].to_list()
+    without = pl.read_parquet(tmp_path / "none" / "items.parquet")["text"].to_list()
+    assert not quality_words & {w.strip(".") for text in without for w in text.split()}
+    stripped = [" ".join(w for w in text.split() if w.strip(".") not in quality_words) for text in with_words]
+    assert [t.replace(".", "") for t in stripped] == [t.replace(".", "") for t in without]  # the other words, in their order
+
+
+def test_texture_taste_is_centred_per_user_with_unit_variance(large: tuple[Path, dict]) -> None:
+    taste = np.stack(pl.read_parquet(large[0] / "truth_users.parquet")["texture_taste"].to_numpy())
+    assert taste.shape == (1500, len(TEXTURES))
+    assert np.allclose(taste.sum(1), 0.0, atol=1e-9)
+    assert 0.9 < taste.var() < 1.1
+
+
+def test_quality_is_a_standardised_grade(large: tuple[Path, dict]) -> None:
+    items = pl.read_parquet(large[0] / "truth_items.parquet")
+    assert set(items["quality_grade"]) == set(range(len(QUALITY_WORDS)))
+    assert items.group_by("quality_grade").agg(pl.col("quality").n_unique())["quality"].max() == 1  # one value per grade
+    assert abs(items["quality"].mean()) < 0.15 and 0.85 < items["quality"].std() < 1.15
+
+
+def test_quality_words_beyond_the_description_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="quality_words"):
+        synthesize(tmp_path / "out", users=5, items=5, images=False, params=SynthParams(quality_words=13))
 
 
 # -- cold start and content ----------------------------------------------------------------
