@@ -149,6 +149,7 @@ class ServeConfig(_Section):
     blend_click: float = 1.0  # final score = w_click*p_click + w_ctcvr*p_ctcvr + w_rating*rating_01
     blend_ctcvr: float = 1.0
     blend_rating: float = 0.5
+    blend_retrieval: float = 1.0  # weight of the towers' cosine, mapped to [0, 1]: the first stage's own order stays part of the served one
     threads: int = 1  # torch and FAISS threads per request (requests run concurrently); 0 = library default
     access_log: bool = True  # one JSON line per request on stderr
 

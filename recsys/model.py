@@ -280,7 +280,7 @@ class RecsysModel(nn.Module):
         return self.item_tower(pooled, items, text, text_mask, image, image_mask)[0]
 
     def rank(self, user: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Scores ``(B,)`` for the heads that are on: ``p_click``, ``p_cvr``, ``p_ctcvr``, ``rating``.
+        """Scores ``(B,)`` for the heads that are on: ``p_click``, ``p_cvr``, ``p_ctcvr``, ``rating``; and ``retrieval_score``, the towers' cosine.
 
         ``user`` from ``user_state``, ``item`` from ``item_state``; a single user row broadcasts
         against B candidates.
@@ -309,7 +309,7 @@ class RecsysModel(nn.Module):
         else:
             x = torch.cat(parts, dim=-1)
         logits, gates = self.ranker(x)
-        out: dict[str, torch.Tensor] = {"p_click": torch.sigmoid(logits["click"])}
+        out: dict[str, torch.Tensor] = {"p_click": torch.sigmoid(logits["click"]), "retrieval_score": (user_vec * item_vec).sum(-1)}  # the towers' cosine
         if "conversion" in logits:
             out["p_cvr"] = torch.sigmoid(logits["conversion"])
             out["p_ctcvr"] = out["p_click"] * out["p_cvr"]  # ESMM: p(click & convert) = p(click) p(convert | click)

@@ -13,9 +13,11 @@ from recsys.config import ServeConfig
 
 
 def blend(predictions: dict[str, torch.Tensor], serve: ServeConfig, rating_range: tuple[float, float]) -> torch.Tensor:
-    """Weighted mean of p_click, p_ctcvr and the rating mapped to [0, 1] (heads that are on). (B,)"""
+    """Weighted mean of p_click, p_ctcvr, the rating mapped to [0, 1] (heads that are on) and the towers' cosine mapped to [0, 1]. (B,)"""
     lo, hi = rating_range
     terms = [(serve.blend_click, predictions["p_click"])]
+    if "retrieval_score" in predictions:
+        terms.append((serve.blend_retrieval, (predictions["retrieval_score"] + 1) / 2))
     if "p_ctcvr" in predictions:
         terms.append((serve.blend_ctcvr, predictions["p_ctcvr"]))
     if "rating" in predictions:

@@ -134,7 +134,7 @@ def test_best_model_loads_without_training_and_scores_the_heads_that_are_on(tmp_
     train(run)
     model = load_model(run.model)
     scores = model.rank(model.user_state(torch.tensor([1, 2]), torch.zeros(2, HISTORY_LEN, dtype=torch.int64)), model.item_state(torch.tensor([3, 4])))
-    assert set(scores) == {"p_click", "p_cvr", "p_ctcvr"}
+    assert set(scores) == {"p_click", "p_cvr", "p_ctcvr", "retrieval_score"}
     assert json.loads((run.model / "model.json").read_text())["best_epoch"] == 1
 
 

@@ -90,7 +90,7 @@ def test_rank0_writes_one_log_the_plan_and_a_plain_model(two_processes) -> None:
     assert "[0, 1]" in plan and "item" in plan and "user" in plan, plan  # tables placed on both ranks
     model = load_model(run.model)  # an ordinary unsharded RecsysModel: evaluate/index/serve are unchanged
     scores = model.rank(model.user_state(torch.tensor([1, 2]), torch.zeros(2, HISTORY_LEN, dtype=torch.int64)), model.item_state(torch.tensor([3, 4])))
-    assert set(scores) == {"p_click", "p_cvr", "p_ctcvr", "rating"}
+    assert set(scores) == {"p_click", "p_cvr", "p_ctcvr", "rating", "retrieval_score"}
     meta = json.loads((run.model / "model.json").read_text())
     assert meta["best_epoch"] == summary["best_epoch"] and meta["trained_with"]["processes"] == 2
     assert json.loads(run.summary_path.read_text())["train"]["processes"] == 2
