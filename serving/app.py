@@ -57,6 +57,7 @@ class RecommendedItem(BaseModel):
     p_conversion: float | None
     p_ctcvr: float | None
     rating: float | None
+    retrieval_score: float | None = None  # the towers' cosine (first stage)
 
 
 class RecommendResponse(BaseModel):

@@ -35,7 +35,7 @@ from serving.index import ItemIndex
 
 SPLITS = ("train", "valid", "test")
 ADDED_ITEMS = "added_items.parquet"  # in RUN/index/: ids and texts of items added at serving time
-TASK_COLUMNS = ("p_click", "p_conversion", "p_ctcvr", "rating")
+TASK_COLUMNS = ("p_click", "p_conversion", "p_ctcvr", "rating", "retrieval_score")
 
 
 class RequestError(RecsysError):
@@ -58,6 +58,7 @@ class Recommendation:
     p_conversion: float | None  # p(convert | click); None when the head is off
     p_ctcvr: float | None
     rating: float | None  # on the data's rating scale
+    retrieval_score: float | None = None  # the towers' cosine (the first stage), part of the blend
 
 
 @dataclass
@@ -287,6 +288,7 @@ class Recommender:
             "p_conversion": predictions["p_cvr"][top] if "p_cvr" in predictions else None,
             "p_ctcvr": predictions["p_ctcvr"][top] if "p_ctcvr" in predictions else None,
             "rating": predictions["rating"][top] if "rating" in predictions else None,
+            "retrieval_score": predictions["retrieval_score"][top],
         }
         values = {name: (col.tolist() if col is not None else [None] * len(top)) for name, col in columns.items()}
         item_ids = self.index.item_ids(candidates[top.numpy()])

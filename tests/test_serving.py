@@ -225,7 +225,7 @@ def test_recommend_for_a_known_user_returns_k_items_with_every_prediction(client
     assert body["source"] == "user" and body["warnings"] == []
     assert len(body["items"]) == 5
     for item in body["items"]:
-        assert set(item) == {"item_id", "score", "p_click", "p_conversion", "p_ctcvr", "rating"}
+        assert set(item) == {"item_id", "score", "p_click", "p_conversion", "p_ctcvr", "rating", "retrieval_score"}
         assert 0 <= item["p_click"] <= 1 and 0 <= item["p_conversion"] <= 1
         assert item["p_ctcvr"] == pytest.approx(item["p_click"] * item["p_conversion"], rel=1e-5)
         assert 1.0 <= item["rating"] <= 5.0
@@ -233,8 +233,8 @@ def test_recommend_for_a_known_user_returns_k_items_with_every_prediction(client
 
 def test_recommend_scores_are_the_configured_blend_sorted_descending(client):
     items = client.post("/recommend", json={"user_id": "u5", "k": 10}).json()["items"]
-    for item in items:  # defaults: w_click 1, w_ctcvr 1, w_rating 0.5; rating mapped from [1, 5] to [0, 1]
-        expected = (item["p_click"] + item["p_ctcvr"] + 0.5 * (item["rating"] - 1) / 4) / 2.5
+    for item in items:  # defaults: w_click 1, w_ctcvr 1, w_rating 0.5, w_retrieval 1; rating from [1, 5] and cosine from [-1, 1] to [0, 1]
+        expected = (item["p_click"] + item["p_ctcvr"] + 0.5 * (item["rating"] - 1) / 4 + (item["retrieval_score"] + 1) / 2) / 3.5
         assert item["score"] == pytest.approx(expected, rel=1e-5)
     scores = [item["score"] for item in items]
     assert scores == sorted(scores, reverse=True)
