@@ -196,22 +196,11 @@ class RecsysModel(nn.Module):
         """Mark which items have training interactions (``ItemTower``: the rest use the unknown id row)."""
         self.item_tower.set_trained(item_idx)
 
-    # Per-id feature values live in the towers; these names are the model's public view of them.
-    @property
-    def user_cat(self) -> torch.Tensor:
-        return self.user_tower.cat_values
-
-    @property
-    def user_num(self) -> torch.Tensor:
-        return self.user_tower.num_values
-
-    @property
-    def item_cat(self) -> torch.Tensor:
-        return self.item_tower.cat_values
-
-    @property
-    def item_num(self) -> torch.Tensor:
-        return self.item_tower.num_values
+    # Per-id feature values live in the towers; these names are the model's public view of them (rows = user_idx / item_idx).
+    user_cat = property(lambda self: self.user_tower.cat_values)
+    user_num = property(lambda self: self.user_tower.num_values)
+    item_cat = property(lambda self: self.item_tower.cat_values)
+    item_num = property(lambda self: self.item_tower.num_values)
 
     # -- the two sides -----------------------------------------------------------------------
     def _user_state(self, pooled, users: torch.Tensor, recent: torch.Tensor) -> dict[str, torch.Tensor]:
