@@ -160,6 +160,7 @@ class EvalConfig(_Section):
     ks: tuple[PositiveInt, ...] = (10, 20, 50, 100)
     bootstrap: int = 200
     max_eval_users: int = 0  # 0 = all test users in the retrieval metrics
+    exclude: Literal["train_valid", "train"] = "train_valid"  # items never ranked for a user: their train and valid clicks, or (as MMRec and most papers) train only
     baseline_mf: bool = True  # also train BPR-MF / biased MF (seconds) and report them under "baseline_mf"
     baselines: tuple[Literal["most_popular", "item_knn", "ease", "bpr_mf"], ...] = ("most_popular", "item_knn", "ease", "bpr_mf")  # ranked with the model's retrieval protocol under "baselines" ("" = none)
     knn_neighbours: int = Field(50, ge=1)  # item_knn: most similar items each item keeps

@@ -367,3 +367,17 @@ def test_retrieval_user_vector_sees_the_last_known_clicks_of_train_and_valid_not
     model = HandSetUserVectors(torch.randn(3, 4), n_items=10, history_len=3)
     rank_catalogue(run, model, torch.randn(10, 4), test, EvalConfig(ks=(5,)))
     assert model.histories == {1: [4, 5, 3], 2: [9]}  # by time: 6@10, 4@20, 5@30, 3@60 -> last 3; unclicked and sampled rows left out
+
+
+def test_excluding_train_items_only_keeps_valid_items_rankable_and_relevant(tmp_path):
+    # user 1: train click on 1, valid click on 4, test clicks on 4 and 5
+    run = _hand_set_run(tmp_path / "run", train=[(1, 1, 10, 1, False)], valid=[(1, 4, 20, 1, False)])
+    test = _rows([(1, 4, 30, 1, False), (1, 5, 31, 1, False)])
+    model = HandSetUserVectors(USER_VECTORS, n_items=7, history_len=3)
+    both = rank_catalogue(run, model, ITEM_VECTORS, test, EvalConfig(ks=(2,)))
+    train_only = rank_catalogue(run, model, ITEM_VECTORS, test, EvalConfig(ks=(2,), exclude="train"))
+    # train + valid excluded: 3 (.8), 5 (.6), ...; item 4 is a re-click, only 5 is relevant (rank 1)
+    assert both.top_items.tolist()[0][:2] == [3, 5] and retrieval_section(both, (2,))["recall@2"] == 1.0
+    # train only: 3 (.8), 4 (.7), 5 (.6); items 4 and 5 both relevant, 4 found in the top 2
+    assert train_only.top_items.tolist()[0][:2] == [3, 4] and retrieval_section(train_only, (2,))["recall@2"] == 0.5
+    assert model.histories[1] == [1, 4]  # the user vector still sees train and valid

@@ -6,7 +6,7 @@ The protocol, as ``rank_catalogue`` implements it (RUN/data splits, item_idx 0 =
   RUN/data/valid.parquet exists, of the valid split. Nothing of the test split enters a
   user's vector or their exclusions.
 - Relevant: a user's distinct clicked test items; a (user, item) pair counts once however
-  often it was clicked. A clicked test item that the user also clicked in train or valid (a
+  often it was clicked. A clicked test item that is also one of the user's excluded items (a
   re-click) is not relevant: it is excluded from the ranking, so it could never be found.
 - Evaluated users: every test user with at least one relevant item left, in ascending
   user_idx. Users whose clicked test items were all train/valid positives are not
@@ -22,7 +22,8 @@ The protocol, as ``rank_catalogue`` implements it (RUN/data splits, item_idx 0 =
   GroupLens files) it is what a matrix factorisation of the same rows also sees.
 - Ranked items: item_idx 1 .. n_items - 1 (padding row 0 never), scored by the dot
   product of the user vector and ``item_vecs[item_idx]``. Every item the user clicked in
-  train or valid is excluded. The top ``min(max(ks), n_items - 1)`` eligible items are
+  train or valid is excluded (``eval.exclude = "train"``: only train items, the protocol of
+  MMRec and most papers; a valid item then stays rankable, and a test click of it relevant). The top ``min(max(ks), n_items - 1)`` eligible items are
   kept, by ``torch.topk``: equal scores are ordered as it returns them (no defined
   tie-break). A user with fewer eligible items than that gets a shorter list.
 - Per user, with R relevant items at 0-based ranks r (``metrics.retrieval_per_user``):
@@ -108,7 +109,7 @@ def rank_catalogue(
     """
     n_items, history_len = model.spec.n_items, model.spec.history_len
     known = _known_clicks(run)
-    excluded = known.select("user_idx", "item_idx").unique()
+    excluded = (known if cfg.exclude == "train_valid" else known.filter(pl.col("split") == "train")).select("user_idx", "item_idx").unique()
     relevant = test.filter(pl.col("click") == 1).select(pl.col("user_idx", "item_idx").cast(pl.Int64)).unique()
     users_with_clicks = relevant["user_idx"].n_unique()
     relevant = relevant.join(excluded, on=["user_idx", "item_idx"], how="anti")  # re-clicks can never be retrieved
