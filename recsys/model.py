@@ -333,6 +333,27 @@ class RecsysModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in tables]
 
 
+@torch.no_grad()
+def catalogue_states(
+    model: RecsysModel, item_idx: torch.Tensor, content: dict[str, torch.Tensor], batch_size: int = 8192, progress: Any = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Item-tower vectors ``(n, d)`` and the ranker's content vectors ``(n, C)`` (None without content) of ``item_idx (n,)``, in batches.
+
+    ``content``: ``{"text", "text_mask", "image", "image_mask"}`` matrices with row = item_idx (the
+    modalities present). The one catalogue pass of the index build, the evaluation and the
+    validation recall. ``progress``: a callable wrapping the batch range (e.g. tqdm).
+    """
+    item_vecs, content_vecs = [], []
+    starts = range(0, len(item_idx), batch_size)
+    for start in progress(starts) if progress else starts:
+        rows = item_idx[start : start + batch_size]
+        state = model.item_state(rows, **{name: matrix[rows] for name, matrix in content.items()})
+        item_vecs.append(state["item_vec"])
+        if "content_vec" in state:
+            content_vecs.append(state["content_vec"])
+    return torch.cat(item_vecs), torch.cat(content_vecs) if content_vecs else None
+
+
 # -- RUN/model/ -------------------------------------------------------------------------
 def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Plain, contiguous tensors (also when the tables are the fused training kernels)."""

@@ -340,9 +340,9 @@ def build_index(run: RunDir) -> dict[str, Any]:
     return summary
 
 
-def load_content(run: RunDir, model: Any) -> dict[str, np.ndarray]:
-    """RUN/content/embeddings.safetensors (row = item_idx), checked against the model's dims."""
-    from safetensors.numpy import load_file
+def load_content(run: RunDir, model: Any) -> dict[str, Any]:
+    """RUN/content/embeddings.safetensors as torch tensors (row = item_idx; masks as float), checked against the model's dims."""
+    from safetensors.torch import load_file
 
     path = run.content / "embeddings.safetensors"
     if not (model.use_text or model.use_image):
@@ -355,26 +355,21 @@ def load_content(run: RunDir, model: Any) -> dict[str, np.ndarray]:
     return content
 
 
-def catalogue_vectors(model: Any, item_idx: np.ndarray, content: dict[str, np.ndarray], batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray | None]:
-    """Item-tower vectors ``(n, d)`` and the ranker's content vectors ``(n, C)`` (None without content) of ``item_idx`` (n,), in batches."""
+def catalogue_vectors(model: Any, item_idx: np.ndarray, content: dict[str, Any], batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray | None]:
+    """Item-tower vectors ``(n, d)`` and the ranker's content vectors ``(n, C)`` (None without content) of ``item_idx`` (n,), float32."""
     import torch
     from tqdm.auto import tqdm
 
-    out = np.empty((len(item_idx), model.spec.config.dim), dtype=np.float32)
-    content_out = np.empty((len(item_idx), model.content_dim), dtype=np.float32) if model.content_dim else None
+    from recsys.model import catalogue_states
+
+    used = [m for m, on in (("text", model.use_text), ("image", model.use_image)) if on]
+    matrices = {name: content[name].float() for m in used for name in (m, f"{m}_mask")}
     with torch.inference_mode():
-        for start in tqdm(range(0, len(item_idx), batch_size), desc="item tower", unit="batch", leave=False):
-            rows = item_idx[start : start + batch_size]
-            inputs: dict[str, torch.Tensor] = {}
-            for modality, used in (("text", model.use_text), ("image", model.use_image)):
-                if used:
-                    inputs[modality] = torch.from_numpy(content[modality][rows])
-                    inputs[f"{modality}_mask"] = torch.from_numpy(content[f"{modality}_mask"][rows].astype(np.float32))
-            state = model.item_state(torch.tensor(rows), **inputs)
-            out[start : start + len(rows)] = state["item_vec"].numpy()
-            if content_out is not None:
-                content_out[start : start + len(rows)] = state["content_vec"].numpy()
-    return out, content_out
+        vectors, content_vecs = catalogue_states(
+            model, torch.tensor(np.asarray(item_idx), dtype=torch.int64), matrices, batch_size,
+            progress=lambda batches: tqdm(batches, desc="item tower", unit="batch", leave=False),
+        )  # fmt: skip
+    return vectors.numpy(), content_vecs.numpy() if content_vecs is not None else None
 
 
 def sample_queries(run: RunDir, model: Any, count: int, seed: int) -> np.ndarray | None:

@@ -226,7 +226,7 @@ def test_build_index_stores_the_model_item_tower_vectors(tmp_path):
     content = load_content(run, model)
     with torch.inference_mode():
         expected = model.item_vectors(
-            torch.tensor([5]), image=torch.from_numpy(content["image"][[5]]), image_mask=torch.ones(1)
+            torch.tensor([5]), image=content["image"][[5]], image_mask=torch.ones(1)
         ).numpy()
     assert np.allclose(ItemIndex.load(run.index).vectors(np.array([5])), expected, atol=1e-5)
 

@@ -190,8 +190,8 @@ def test_served_scores_equal_the_evaluation_pass_for_the_same_user_and_items(tem
              "history": torch.from_numpy(recommender.behaviour.history[user_idx]).expand(len(item_idx), -1)}
     for modality in ("text", "image"):
         if f"{modality}_mask" in content and getattr(recommender.model, f"use_{modality}"):
-            batch[modality] = torch.from_numpy(content[modality][item_idx.numpy()])
-            batch[f"{modality}_mask"] = torch.from_numpy(content[f"{modality}_mask"][item_idx.numpy()].astype(np.float32))
+            batch[modality] = content[modality][item_idx]
+            batch[f"{modality}_mask"] = content[f"{modality}_mask"][item_idx].float()
     with torch.inference_mode():
         evaluated = recommender.model(batch)
     np.testing.assert_allclose([r.p_click for r in result.items], evaluated["p_click"].numpy(), rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ from recsys import metrics
 from recsys.config import Config, section_dict
 from recsys.errors import ConfigError, RecsysError
 from recsys.losses import LOSS_OF_TASK, TaskWeighting, full_softmax_loss, mixed_log_q, retrieval_loss, task_losses
-from recsys.model import ModelSpec, RecsysModel, active_tasks
+from recsys.model import ModelSpec, RecsysModel, active_tasks, catalogue_states
 from recsys.rundir import RunDir
 from training.data import TrainingData
 
@@ -202,7 +202,7 @@ def valid_recall(model, split: dict[str, torch.Tensor], objective: RetrievalObje
         return None
     rows = clicked[torch.randperm(len(clicked), generator=torch.Generator().manual_seed(seed))[:max_rows]]
     model.eval()
-    catalogue = torch.cat([objective.catalogue_vectors(model, torch.arange(s, min(s + 8192, objective.n_items))) for s in range(0, objective.n_items, 8192)])
+    catalogue = catalogue_states(model, torch.arange(objective.n_items), objective.content)[0]
     hits, block = 0, max(1, 20_000_000 // objective.n_items)  # scores held at once: block x catalogue
     for start in range(0, len(rows), block):
         part = rows[start : start + block]

@@ -26,11 +26,11 @@ from recsys import metrics as m
 from recsys.config import EvalConfig, ServeConfig
 from recsys.errors import RunError
 from recsys.history import padded_history
-from recsys.model import RecsysModel, load_model
+from recsys.model import RecsysModel, catalogue_states, load_model
 from recsys.ranking import score_candidates
 from recsys.rundir import RunDir, read_json, write_json, write_parquet
 from training import baseline, report
-from training.retrieval import RetrievalResult, _known_clicks, mean_over_users, rank_catalogue, retrieval_section
+from training.retrieval import RetrievalResult, known_clicks, mean_over_users, rank_catalogue, retrieval_section
 
 log = logging.getLogger("recsys")
 
@@ -53,7 +53,8 @@ class Content:
 def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     """Score RUN/data/test.parquet, write predictions, metrics.json and the report; returns the metrics."""
     started = time.perf_counter()
-    cfg = run.config().eval
+    run_cfg = run.config()  # read once: eval and serve sections
+    cfg = run_cfg.eval
     data_meta = read_json(run.require(run.data / "meta.json", "prepare"))
     test = pl.read_parquet(run.require(run.data / "test.parquet", "prepare"))
     report.load_compare(compare)  # fail before the work when a comparison run has no metrics.json
@@ -70,7 +71,7 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     item_vecs, content_vecs = all_item_states(model, content)
     retrieval = rank_catalogue(run, model, item_vecs, test, cfg)
     metrics_out["retrieval"] = retrieval_section(retrieval, cfg.ks)
-    serve = run.config().serve
+    serve = run_cfg.serve
     served = rank_catalogue(run, model, item_vecs, test, cfg, rerank=served_reranker(model, item_vecs, content_vecs, serve), candidates=serve.candidates)
     metrics_out["served"] = retrieval_section(served, cfg.ks)
     if not data_meta.get("impressions", True):
@@ -172,7 +173,7 @@ def baselines(
             scorer: baseline.MostPopular | baseline.ItemItem = baseline.MostPopular(spec, popularity)
         else:
             if known is None:
-                known = baseline.known_matrix(_known_clicks(run), spec.n_users, spec.n_items)  # the protocol's own known clicks
+                known = baseline.known_matrix(known_clicks(run), spec.n_users, spec.n_items)  # the protocol's own known clicks
             weights = baseline.item_knn_weights(known, cfg.knn_neighbours) if name == "item_knn" else baseline.ease_weights(known, cfg.ease_lambda)
             scorer = baseline.ItemItem(spec, known, weights)
         ranking = rank_catalogue(run, scorer, scorer.item_vectors(), test, cfg)
@@ -244,14 +245,8 @@ def score_rows(model: RecsysModel, test: pl.DataFrame, content: Content) -> tupl
 @torch.inference_mode()
 def all_item_states(model: RecsysModel, content: Content) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Item-tower vectors ``(n_items, d)`` and the ranker's content vectors ``(n_items, C)`` (None without content); row 0 is padding."""
-    item_vecs, content_vecs = [], []
-    for start in range(0, model.spec.n_items, BATCH_ROWS):
-        idx = torch.arange(start, min(start + BATCH_ROWS, model.spec.n_items))
-        state = model.item_state(idx, **_item_content(content, idx))
-        item_vecs.append(state["item_vec"])
-        if "content_vec" in state:
-            content_vecs.append(state["content_vec"])
-    return torch.cat(item_vecs), torch.cat(content_vecs) if content_vecs else None
+    present = {name: getattr(content, name) for name in ("text", "text_mask", "image", "image_mask") if getattr(content, name) is not None}
+    return catalogue_states(model, torch.arange(model.spec.n_items), present, BATCH_ROWS)
 
 
 def all_item_vectors(model: RecsysModel, content: Content) -> torch.Tensor:

@@ -108,7 +108,7 @@ def rank_catalogue(
     eligible items (same exclusions) are reordered by ``rerank`` and the metrics read that order.
     """
     n_items, history_len = model.spec.n_items, model.spec.history_len
-    known = _known_clicks(run)
+    known = known_clicks(run)
     excluded = (known if cfg.exclude == "train_valid" else known.filter(pl.col("split") == "train")).select("user_idx", "item_idx").unique()
     relevant = test.filter(pl.col("click") == 1).select(pl.col("user_idx", "item_idx").cast(pl.Int64)).unique()
     users_with_clicks = relevant["user_idx"].n_unique()
@@ -184,7 +184,7 @@ def mean_over_users(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
-def _known_clicks(run: RunDir) -> pl.DataFrame:
+def known_clicks(run: RunDir) -> pl.DataFrame:
     """Clicked rows of train and valid (user_idx, item_idx, timestamp, split), in file order: all the protocol may use."""
     paths = {"train": run.require(run.data / "train.parquet", "prepare"), "valid": run.data / "valid.parquet"}
     frames = []
