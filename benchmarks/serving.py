@@ -109,7 +109,7 @@ class Connection:
         return status
 
 
-async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, connections: int = 16) -> dict:
+async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, user_format: str = "u{}", connections: int = 16) -> dict:
     """Send at ``rate`` req/s for ``seconds``; latency counted from each scheduled send time."""
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(connections):
@@ -118,7 +118,7 @@ async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, 
     latencies: list[float] = []
     errors = 0
     rng = random.Random(0)
-    bodies = [json.dumps({"user_id": f"u{rng.randint(1, users)}", "k": k}).encode() if i % 10 else
+    bodies = [json.dumps({"user_id": user_format.format(rng.randint(1, users)), "k": k}).encode() if i % 10 else
               json.dumps({"history": [f"it{rng.randint(1, 1000)}" for _ in range(5)], "k": k}).encode() for i in range(total)]
     started = time.perf_counter()
 
@@ -146,14 +146,14 @@ async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, 
     }
 
 
-def client_process(port: int, phases: list[tuple[float, float]], users: int, k: int, out: multiprocessing.Queue) -> None:
-    out.put([asyncio.run(open_loop(port, rate, seconds, users, k)) for rate, seconds in phases])
+def client_process(port: int, phases: list[tuple[float, float]], users: int, k: int, user_format: str, out: multiprocessing.Queue) -> None:
+    out.put([asyncio.run(open_loop(port, rate, seconds, users, k, user_format)) for rate, seconds in phases])
 
 
-def run_client(port: int, phases: list[tuple[float, float]], users: int, k: int) -> list[dict]:
+def run_client(port: int, phases: list[tuple[float, float]], users: int, k: int, user_format: str = "u{}") -> list[dict]:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no copied state
     queue = context.Queue()
-    process = context.Process(target=client_process, args=(port, phases, users, k, queue))
+    process = context.Process(target=client_process, args=(port, phases, users, k, user_format, queue))
     process.start()
     try:
         return queue.get(timeout=sum(s for _, s in phases) + 60 * len(phases))
@@ -199,9 +199,13 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=8)
     parser.add_argument("--max-p99-ms", type=float, default=100)
     parser.add_argument("--content", choices=["clustered", "isotropic"], default="clustered", help="item content vectors (see build_run)")
+    parser.add_argument("--run", help="serve this finished run instead (e.g. MovieLens); --users and --user-format then name its users")
+    parser.add_argument("--user-format", default="u{}", help="user ids sent: the format of 1..--users ('{}' for integer ids)")
     args = parser.parse_args()
 
-    root = Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}"
+    root = Path(args.run) if args.run else Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}"
+    if args.run and not (root / "index" / "index.json").is_file():
+        raise SystemExit(f"{root} has no index: run `recsys index --run {root}` first")
     if not (root / "index" / "index.json").is_file():
         t0 = time.perf_counter()
         build_run(root, args.items, args.users, args.events, args.candidates, args.content)
@@ -227,13 +231,13 @@ def main() -> None:
                 time.sleep(0.5)
         load_s = time.perf_counter() - t0
         print(f"server up in {load_s:.1f} s: {health}", file=sys.stderr)
-        run_client(port, [(50, 3)], args.users, args.k)  # warm-up
-        steady = run_client(port, [(args.rate, args.seconds)], args.users, args.k)[0]
+        run_client(port, [(50, 3)], args.users, args.k, args.user_format)  # warm-up
+        steady = run_client(port, [(args.rate, args.seconds)], args.users, args.k, args.user_format)[0]
         steady_breakdown = breakdown(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
         print(f"at {args.rate} req/s: {steady}", file=sys.stderr)
         steps = []
         for rate in (float(r) for r in args.steps.split(",")):
-            result = run_client(port, [(rate, args.step_seconds)], args.users, args.k)[0]
+            result = run_client(port, [(rate, args.step_seconds)], args.users, args.k, args.user_format)[0]
             print(f"step {rate}: {result}", file=sys.stderr)
             steps.append(result)
             if not (result["errors"] == 0 and result["achieved_rps"] >= 0.95 * rate and result["p99_ms"] <= args.max_p99_ms):

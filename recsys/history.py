@@ -6,12 +6,15 @@ service): oldest first, left-aligned, padded with 0 (index 0 is padding / unknow
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import polars as pl
 
 from recsys.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def padded_history(column: pl.Series, length: int, longer: Literal["keep_last", "error"] = "keep_last") -> np.ndarray:
@@ -45,3 +48,14 @@ def pad_sequences(sequences: list[list[int]] | list[np.ndarray], length: int) ->
         tail = np.asarray(items, dtype=np.int64)[-length:] if length else np.zeros(0, np.int64)
         padded[row, : len(tail)] = tail
     return padded
+
+
+def mean_content(content_vecs: torch.Tensor | None, history: torch.Tensor) -> torch.Tensor | None:
+    """``content_vecs (n, C)`` (row = item_idx, from ``catalogue_states``), ``history (B, L)`` 0-padded -> ``(B, C)`` mean over each row's items; 0 for an empty history.
+
+    What ``user_state`` reads as ``history_content``; None without content vectors.
+    """
+    if content_vecs is None:
+        return None
+    present = (history != 0).unsqueeze(-1).to(content_vecs.dtype)  # (B, L, 1)
+    return (content_vecs[history] * present).sum(1) / present.sum(1).clamp(min=1)

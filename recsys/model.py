@@ -24,12 +24,13 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from recsys.config import ModelConfig, section_dict
 from recsys.errors import ConfigError, RunError
+from recsys.history import mean_content  # noqa: F401  (the model's callers build history_content with it)
 from recsys.attention import TargetAttention
 from recsys.mmoe import MultiTaskRanker
 from recsys.rundir import atomic_path, write_json
 from recsys.towers import ItemTower, UserTower
 
-MODEL_VERSION = 3  # 2: per-id feature buffers in the towers; 3: recent history items as features, a ranker over the features
+MODEL_VERSION = 4  # 2: per-id feature buffers in the towers; 3: recent history items as features, a ranker over the features; 4: the history's content in the user tower
 TASK_ORDER = ("click", "conversion", "rating")
 
 
@@ -140,7 +141,12 @@ class RecsysModel(nn.Module):
 
         self.use_text = cfg.use_text and spec.text_dim > 0
         self.use_image = cfg.use_image and spec.image_dim > 0
-        self.user_tower = UserTower(spec.n_users, self.user_cat_keys, len(user_nums), emb, dim)
+        self.sees_features = cfg.ranker_input == "features"
+        n_modalities = int(self.use_text) + int(self.use_image)
+        self.content_dim = cfg.ranker_content_dim if self.sees_features and n_modalities else 0
+        # The user tower reads the history's mean content vector: needs the content vector (a features ranker with a modality).
+        self.content_history = bool(cfg.content_history and self.content_dim)
+        self.user_tower = UserTower(spec.n_users, self.user_cat_keys, len(user_nums), emb, dim, self.content_dim if self.content_history else 0)
         self.item_tower = ItemTower(
             spec.n_items,
             self.item_cat_keys,
@@ -154,9 +160,6 @@ class RecsysModel(nn.Module):
             id_dropout=cfg.id_dropout,
         )
         self.user_num_names, self.item_num_names = user_nums, item_nums
-        self.sees_features = cfg.ranker_input == "features"
-        n_modalities = int(self.use_text) + int(self.use_image)
-        self.content_dim = cfg.ranker_content_dim if self.sees_features and n_modalities else 0
         ranker_in = 3 * dim
         if self.sees_features:
             self.content_proj = nn.Linear(n_modalities * dim, self.content_dim) if self.content_dim else None
@@ -185,9 +188,13 @@ class RecsysModel(nn.Module):
         item = self.item_tower.lookup(items) if items is not None else {k: empty for k in ["item_id", *self.item_cat_keys]}
         looked_up = self.item_tower.trained_ids(history) if history is not None else torch.zeros(batch, 1, dtype=torch.int64)
         recent = fit_history(looked_up, len(self.recent_keys))  # (B, A): the last A items, oldest first
+        bag = looked_up
+        dropout = self.spec.config.history_id_dropout
+        if self.training and dropout > 0:  # the bag does not see some history ids: their content must carry them
+            bag = torch.where(torch.rand(bag.shape) < dropout, torch.zeros_like(bag), bag)
         keys = [*user, *item, *self.recent_keys]
         ids = torch.cat([*user.values(), *item.values(), recent], dim=1)
-        pooled = self.embedding_tables(ids_to_kjt(keys, ids, "history", looked_up))  # KeyedTensor: read by key (sharding reorders the columns)
+        pooled = self.embedding_tables(ids_to_kjt(keys, ids, "history", bag))  # KeyedTensor: read by key (sharding reorders the columns)
         # One split instead of a slice per key: each slice's backward would zero-fill the whole (B, K * E) gradient.
         by_key = dict(zip(pooled.keys(), pooled.values().split(pooled.length_per_key(), dim=1)))
         return by_key, users, items, recent
@@ -203,8 +210,8 @@ class RecsysModel(nn.Module):
     item_num = property(lambda self: self.item_tower.num_values)
 
     # -- the two sides -----------------------------------------------------------------------
-    def _user_state(self, pooled, users: torch.Tensor, recent: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = {"user_vec": self.user_tower(pooled, users)}
+    def _user_state(self, pooled, users: torch.Tensor, recent: torch.Tensor, history_content: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        state = {"user_vec": self.user_tower(pooled, users, history_content)}
         if self.sees_features:
             state["user_part"] = torch.cat([pooled["user_id"], *(pooled[k] for k in self.user_cat_keys), self.user_num[users]], dim=-1)
             state["history_keys"] = torch.stack([pooled[k] for k in self.recent_keys], dim=1)  # (B, A, E); 0 rows at padding / untrained
@@ -228,11 +235,42 @@ class RecsysModel(nn.Module):
             state["item_part"] = torch.cat(parts, dim=-1)
         return state
 
+    def _history_content_from_sums(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training path of ``mean_content``: the mean content vector of each row's history, from summed raw content.
+
+        An item's content vector is affine in its raw content (each modality: its projection, or
+        the stand-in where the mask is 0; then ``content_proj``), so the mean over the history is
+        the same map applied to the mean raw content: ``(B, dim)`` sums from ``training.data``
+        (``history_{m}_sum`` and ``history_{m}_present``) instead of ``(B, L, dim)`` gathers.
+        Equal to ``mean_content`` of ``catalogue_states`` in eval mode (tested).
+        """
+        history = batch["history"]
+        n = (history != 0).sum(1, keepdim=True).to(torch.float32)  # (B, 1)
+        parts = []
+        for modality, proj, standin in (("text", self.item_tower.text_proj, self.item_tower.text_standin), ("image", self.item_tower.image_proj, self.item_tower.image_standin)):
+            if proj is None:
+                continue
+            total = batch.get(f"history_{modality}_sum")
+            if total is None:  # no content given: every history item takes the stand-in (as a candidate does in ``item_state``)
+                total, present = torch.zeros(history.shape[0], proj.in_features), torch.zeros(history.shape[0], 1)
+            else:
+                present = batch[f"history_{modality}_present"].unsqueeze(1)
+            parts.append((total @ proj.weight.T + present * proj.bias + (n - present) * standin) / n.clamp(min=1))
+        return torch.where(n > 0, self.content_proj(torch.cat(parts, dim=-1)), torch.zeros(()))
+
     # -- public surface ----------------------------------------------------------------
-    def user_state(self, user_idx: torch.Tensor, history: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 -> what ``rank`` needs of the user (``user_vec`` (B, d) among it)."""
+    def user_state(self, user_idx: torch.Tensor, history: torch.Tensor, history_content: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 -> what ``rank`` needs of the user (``user_vec`` (B, d) among it).
+
+        ``history_content (B, C)``: the mean content vector of the history items, ``mean_content``
+        of the catalogue's content vectors (the service adds those of items added live), for a
+        model that reads it (``content_history``). Without it every history item counts as an
+        item without content (the stand-ins), as ``item_state`` treats candidates given no content.
+        """
+        if self.content_history and history_content is None:
+            history_content = self._history_content_from_sums({"history": history})
         pooled, users, _, looked_up = self._pooled(user_idx, history, None)
-        return self._user_state(pooled, users, looked_up)
+        return self._user_state(pooled, users, looked_up, history_content if self.content_history else None)
 
     def item_state(
         self,
@@ -252,9 +290,9 @@ class RecsysModel(nn.Module):
         pooled, _, items, _ = self._pooled(None, None, item_idx)
         return self._item_state(pooled, items, text, text_mask, image, image_mask, item_vec, content_vec)
 
-    def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 -> ``(B, d)``, L2-normalised."""
-        return self.user_state(user_idx, history)["user_vec"]
+    def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor, history_content: torch.Tensor | None = None) -> torch.Tensor:
+        """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 (``history_content`` as in ``user_state``) -> ``(B, d)``, L2-normalised."""
+        return self.user_state(user_idx, history, history_content)["user_vec"]
 
     def item_vectors(
         self,
@@ -309,7 +347,7 @@ class RecsysModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training/eval pass over a batch (keys as ``training.data``) -> vectors, logits, scores, gates."""
         pooled, users, items, looked_up = self._pooled(batch["user_idx"], batch["history"], batch["item_idx"])
-        user = self._user_state(pooled, users, looked_up)
+        user = self._user_state(pooled, users, looked_up, self._history_content_from_sums(batch) if self.content_history else None)
         item = self._item_state(pooled, items, batch.get("text"), batch.get("text_mask"), batch.get("image"), batch.get("image_mask"))
         scores, gates, logits = self._rank(user, item)
         out = {"user_vec": user["user_vec"], "item_vec": item["item_vec"], "gates": gates, **scores}

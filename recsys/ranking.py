@@ -22,6 +22,8 @@ def blend(predictions: dict[str, torch.Tensor], serve: ServeConfig, rating_range
         terms.append((serve.blend_ctcvr, predictions["p_ctcvr"]))
     if "rating" in predictions:
         terms.append((serve.blend_rating, (predictions["rating"] - lo) / max(hi - lo, 1e-9)))
+    if "cooccurrence" in predictions:
+        terms.append((serve.blend_cooccurrence, predictions["cooccurrence"]))
     total = sum(w for w, _ in terms)
     if total <= 0:
         return predictions["p_click"]
@@ -35,11 +37,13 @@ def score_candidates(
     item_vec: torch.Tensor,
     content_vec: torch.Tensor | None,
     serve: ServeConfig,
+    cooccurrence: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Blended scores ``(U, N)`` and head predictions of ``U`` users (``model.user_state`` rows) x their ``N`` candidates each.
 
     ``item_idx (U, N)``, ``item_vec (U, N, d)``, ``content_vec (U, N, C)`` or None; one user row
-    (U = 1) is the service's case.
+    (U = 1) is the service's case. ``cooccurrence (U, N)`` in [0, 1]
+    (``recsys.candidates.cooccurrence_feature``) joins the blend with ``serve.blend_cooccurrence``.
     """
     users, n = item_idx.shape
     rows = torch.arange(users).repeat_interleave(n)  # each user's state once per candidate
@@ -48,5 +52,7 @@ def score_candidates(
         item_idx.reshape(-1), item_vec=item_vec.reshape(users * n, -1), content_vec=None if content_vec is None else content_vec.reshape(users * n, -1)
     )
     predictions = model.rank(user_rows if users > 1 else user, item)
+    if cooccurrence is not None:
+        predictions["cooccurrence"] = cooccurrence.reshape(-1)
     scores = blend(predictions, serve, model.spec.rating_range)
     return scores.reshape(users, n), {k: v.reshape(users, n) for k, v in predictions.items()}

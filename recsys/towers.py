@@ -15,18 +15,21 @@ from recsys.mmoe import mlp
 
 
 class UserTower(nn.Module):
-    """``[user id emb | pooled history emb | user feature embs | numeric features] -> MLP -> d``.
+    """``[user id emb | pooled history emb | history content | user feature embs | numeric features] -> MLP -> d``.
 
     Users outside the vocabulary (newer than the model) read row 0 (unknown). The history bag
-    holds only items with a trained id row (``ItemTower.trained_ids``).
+    holds only items with a trained id row (``ItemTower.trained_ids``); the history content
+    (``content_dim > 0``: the mean of the history items' content vectors, see
+    ``RecsysModel.history_content``) holds every item, so a history of cold or newly added
+    items still says something about the user.
     """
 
-    def __init__(self, n_users: int, cat_keys: list[str], n_numeric: int, embedding_dim: int, dim: int):
+    def __init__(self, n_users: int, cat_keys: list[str], n_numeric: int, embedding_dim: int, dim: int, content_dim: int = 0):
         super().__init__()
-        self.n_users, self.cat_keys = n_users, list(cat_keys)
+        self.n_users, self.cat_keys, self.content_dim = n_users, list(cat_keys), content_dim
         self.register_buffer("cat_values", torch.zeros(n_users, len(self.cat_keys), dtype=torch.int64))  # row = user_idx
         self.register_buffer("num_values", torch.zeros(n_users, n_numeric))
-        self.mlp = mlp([embedding_dim * (2 + len(self.cat_keys)) + n_numeric, 2 * dim, dim])
+        self.mlp = mlp([embedding_dim * (2 + len(self.cat_keys)) + content_dim + n_numeric, 2 * dim, dim])
 
     def known(self, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(torch.int64)
@@ -36,9 +39,11 @@ class UserTower(nn.Module):
         """``{feature: (B, 1)}`` for the model's KJT: the user id and each categorical feature."""
         return {"user_id": users.unsqueeze(1), **{key: self.cat_values[users, j : j + 1] for j, key in enumerate(self.cat_keys)}}
 
-    def forward(self, pooled: dict[str, torch.Tensor], users: torch.Tensor) -> torch.Tensor:
-        """``pooled {feature: (B, embedding_dim)}``, ``users (B,)`` known -> ``(B, d)``, L2-normalised."""
+    def forward(self, pooled: dict[str, torch.Tensor], users: torch.Tensor, history_content: torch.Tensor | None = None) -> torch.Tensor:
+        """``pooled {feature: (B, embedding_dim)}``, ``users (B,)`` known, ``history_content (B, content_dim)`` -> ``(B, d)``, L2-normalised."""
         parts = [pooled["user_id"], pooled["history"], *(pooled[k] for k in self.cat_keys), self.num_values[users]]
+        if self.content_dim:
+            parts.insert(2, history_content)
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
 
 

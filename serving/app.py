@@ -58,6 +58,7 @@ class RecommendedItem(BaseModel):
     p_ctcvr: float | None
     rating: float | None
     retrieval_score: float | None = None  # the towers' cosine (first stage)
+    candidate_source: Literal["towers", "cooccurrence", "popular"] = "towers"  # the candidate source that proposed it
 
 
 class RecommendResponse(BaseModel):

@@ -319,7 +319,7 @@ def build_index(run: RunDir) -> dict[str, Any]:
     content = load_content(run, model)
     item_idx = items["item_idx"].to_numpy()
     vectors, content_vecs = catalogue_vectors(model, item_idx, content)
-    queries = sample_queries(run, model, cfg.index.recall_queries, seed=cfg.data.seed)
+    queries = sample_queries(run, model, cfg.index.recall_queries, seed=cfg.data.seed, content_vecs=content_vecs, item_idx=item_idx)
     embedded_s = time.perf_counter() - started
     torch_threads = torch.get_num_threads()
     log.info("index: %d item vectors in %.1f s (%d threads); building %s", len(item_idx), embedded_s, torch_threads, cfg.index.kind)
@@ -372,9 +372,14 @@ def catalogue_vectors(model: Any, item_idx: np.ndarray, content: dict[str, Any],
     return vectors.numpy(), content_vecs.numpy() if content_vecs is not None else None
 
 
-def sample_queries(run: RunDir, model: Any, count: int, seed: int) -> np.ndarray | None:
-    """User-tower vectors of sampled training events: the queries the service will see. (q, d)"""
+def sample_queries(run: RunDir, model: Any, count: int, seed: int, content_vecs: np.ndarray | None = None, item_idx: np.ndarray | None = None) -> np.ndarray | None:
+    """User-tower vectors of sampled training events: the queries the service will see. (q, d)
+
+    ``content_vecs`` (rows of ``item_idx``): the catalogue's content vectors, for the history content.
+    """
     import torch
+
+    from recsys.history import mean_content
 
     path = run.data / "train.parquet"
     if not path.is_file():
@@ -384,5 +389,10 @@ def sample_queries(run: RunDir, model: Any, count: int, seed: int) -> np.ndarray
         return None
     events = events.sample(min(count, events.height), seed=seed)
     history = padded_history(events["history"], model.spec.history_len)  # (q, L)
+    history = torch.from_numpy(history)
+    table = None
+    if content_vecs is not None:  # row = item_idx
+        table = torch.zeros(model.spec.n_items, content_vecs.shape[1])
+        table[torch.from_numpy(np.asarray(item_idx, dtype=np.int64))] = torch.from_numpy(np.array(content_vecs, dtype=np.float32))
     with torch.inference_mode():
-        return model.user_vectors(torch.tensor(events["user_idx"].to_numpy()), torch.from_numpy(history)).numpy()
+        return model.user_vectors(torch.tensor(events["user_idx"].to_numpy()), history, mean_content(table, history)).numpy()

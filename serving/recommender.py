@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from recsys.candidates import SOURCES, ItemNeighbours, one_user_scores, top_new
 from recsys.config import Config
 from recsys.errors import RecsysError, RunError
 from recsys.history import pad_sequences, padded_history
@@ -32,6 +34,8 @@ from recsys.model import RecsysModel, load_model
 from recsys.ranking import score_candidates
 from recsys.rundir import RunDir, read_json, sha256_file, write_parquet
 from serving.index import ItemIndex
+
+log = logging.getLogger("recsys.serving")
 
 SPLITS = ("train", "valid", "test")
 ADDED_ITEMS = "added_items.parquet"  # in RUN/index/: ids and texts of items added at serving time
@@ -59,6 +63,7 @@ class Recommendation:
     p_ctcvr: float | None
     rating: float | None  # on the data's rating scale
     retrieval_score: float | None = None  # the towers' cosine (the first stage), part of the blend
+    candidate_source: str = "towers"  # which source proposed it (recsys.candidates.SOURCES)
 
 
 @dataclass
@@ -170,6 +175,13 @@ class Recommender:
         self.model_version = f"v{meta.get('version', 0)}-{weights}"  # format version + which weights
         self._encoders: tuple[Any, Any] | None = None
         self._add_lock = threading.Lock()
+        self.neighbours: ItemNeighbours | None = None  # the co-occurrence source, from every click the run knows
+        serve = cfg.serve
+        if serve.cooccurrence_candidates > 0 or serve.blend_cooccurrence > 0:
+            started = time.perf_counter()
+            users = np.repeat(np.arange(len(behaviour.seen_ptr) - 1), np.diff(behaviour.seen_ptr))  # seen_items: by user, oldest first
+            self.neighbours = ItemNeighbours.from_clicks(users, behaviour.seen_items, model.spec.n_items, serve.cooccurrence_neighbours)
+            log.info("co-occurrence source: %d items x %d neighbours in %.2f s", model.spec.n_items, serve.cooccurrence_neighbours, time.perf_counter() - started)
 
     @classmethod
     def load(cls, run: RunDir | str | Path) -> "Recommender":
@@ -196,7 +208,7 @@ class Recommender:
         """One pass through every stage: the first torch/FAISS call is slow (lazy initialisation)."""
         self.recommend(k=1)
         with torch.inference_mode():
-            user = self.model.user_state(torch.zeros(1, dtype=torch.int64), torch.zeros(1, self.history_len, dtype=torch.int64))
+            user = self.model.user_state(torch.zeros(1, dtype=torch.int64), torch.zeros(1, self.history_len, dtype=torch.int64), self._history_content(np.zeros(0, dtype=np.int64)))
         found, _ = self.index.search(user["user_vec"].numpy(), min(self.index.count, self.cfg.serve.candidates))
         self._rank(user, found[0][found[0] >= 0], 1)
 
@@ -228,13 +240,14 @@ class Recommender:
             warnings.append(f"ignored {len(unknown)} unknown history item id(s): {', '.join(map(repr, unknown[:10]))}")
         request_idx = self.index.item_idx(request_ids)  # 0 for items added at serving time: no id row
         model_history = np.concatenate([stored, request_idx[request_idx > 0]])  # oldest first
+        content_history = np.concatenate([stored, request_ids])[-self.history_len :]  # faiss ids: added items count through their content
         seen = np.union1d(self._seen(user_idx), request_ids)  # faiss ids (== item_idx for catalogue items)
         source = "user" if user_idx else ("history" if len(request_ids) else "popular")
 
         t0 = time.perf_counter()
         history_rows = torch.from_numpy(pad_sequences([model_history], self.history_len))  # (1, L): the last L
         with torch.inference_mode():
-            user = self.model.user_state(torch.tensor([user_idx]), history_rows)  # the tower vector and the ranker's user inputs
+            user = self.model.user_state(torch.tensor([user_idx]), history_rows, self._history_content(content_history))  # the tower vector and the ranker's user inputs
         user_vec = user["user_vec"]  # (1, d)
         t1 = time.perf_counter()
         n = serve.candidates
@@ -243,8 +256,11 @@ class Recommender:
         else:
             found, _ = self.index.search(user_vec.numpy(), min(self.index.count, n + len(seen)))
             candidates = found[0][(found[0] >= 0) & ~np.isin(found[0], seen)][:n]
+        cooccurrence = one_user_scores(self.neighbours, model_history[-serve.cooccurrence_recent :]) if self.neighbours is not None else None
+        candidates, origins = self._other_sources(candidates, seen, cooccurrence)
         t2 = time.perf_counter()
-        items = self._rank(user, candidates, k)
+        recent_count = min(len(model_history), serve.cooccurrence_recent)
+        items = self._rank(user, candidates, k, origins, cooccurrence, recent_count)
         t3 = time.perf_counter()
         timings = {"prepare": t0 - started, "user_tower": t1 - t0, "retrieve": t2 - t1, "rank": t3 - t2, "total": t3 - started}
         return Result(items, warnings, source, {stage: round(1000 * s, 3) for stage, s in timings.items()})
@@ -258,19 +274,60 @@ class Recommender:
             (found.append(faiss_id) if faiss_id is not None else unknown.append(raw))
         return np.asarray(found, dtype=np.int64), unknown
 
+    def _history_content(self, faiss_ids: np.ndarray) -> torch.Tensor | None:
+        """The mean stored content vector of the history's items ``(1, C)`` (``recsys.history.mean_content``; 0 when empty), None without content."""
+        if self.index.content_vecs is None:
+            return None
+        if len(faiss_ids) == 0:
+            return torch.zeros(1, self.index.content_vecs.shape[1])
+        return torch.from_numpy(self.index.content(faiss_ids).mean(0, keepdims=True))
+
+    def _other_sources(self, candidates: np.ndarray, seen: np.ndarray, cooccurrence: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        """The towers' candidates plus the co-occurrence and popular quotas (``recsys.candidates``) -> faiss ids and source codes.
+
+        The same union as ``merge_sources`` (each source adds unseen items no earlier source
+        proposed), computed for one user in O(recent x neighbours) instead of O(n_items).
+        """
+        serve = self.cfg.serve
+        parts, codes = [candidates], [np.zeros(len(candidates), dtype=np.int64)]
+        if cooccurrence is not None and serve.cooccurrence_candidates:
+            extra = top_new(*cooccurrence, np.concatenate([seen, candidates]), serve.cooccurrence_candidates)
+            parts.append(extra)
+            codes.append(np.full(len(extra), SOURCES.index("cooccurrence")))
+        if serve.popular_candidates:
+            extra = self._popular(serve.popular_candidates, np.concatenate([seen, *parts]))
+            parts.append(extra)
+            codes.append(np.full(len(extra), SOURCES.index("popular")))
+        return np.concatenate(parts), np.concatenate(codes)
+
     def _seen(self, user_idx: int) -> np.ndarray:
         ptr = self.behaviour.seen_ptr
         return self.behaviour.seen_items[ptr[user_idx] : ptr[user_idx + 1]] if user_idx else np.zeros(0, dtype=np.int64)
 
     def _popular(self, n: int, seen: np.ndarray) -> np.ndarray:
-        popular = self.behaviour.popular
+        popular = self.behaviour.popular[: n + len(seen)]  # at most len(seen) of them are dropped: no O(n_items) pass
         return popular[~np.isin(popular, seen)][:n]
 
-    def _rank(self, user: dict[str, torch.Tensor], candidates: np.ndarray, k: int) -> list[Recommendation]:
+    def _rank(
+        self,
+        user: dict[str, torch.Tensor],
+        candidates: np.ndarray,
+        k: int,
+        origins: np.ndarray | None = None,
+        cooccurrence: tuple[np.ndarray, np.ndarray] | None = None,
+        recent_count: int = 0,
+    ) -> list[Recommendation]:
         """All candidates through rank() in one batch, from their stored vectors, blended, top-k."""
         if len(candidates) == 0:
             return []
+        origins = np.zeros(len(candidates), dtype=np.int64) if origins is None else origins
         with torch.inference_mode():
+            feature = None
+            if cooccurrence is not None and self.cfg.serve.blend_cooccurrence > 0:  # cooccurrence_feature; items added live (and never co-clicked) have 0
+                items, scores = cooccurrence
+                at = np.searchsorted(items, candidates).clip(max=max(len(items) - 1, 0))
+                found = (items[at] == candidates) if len(items) else np.zeros(len(candidates), dtype=bool)
+                feature = torch.from_numpy(np.where(found, scores[at] if len(items) else 0.0, 0.0) / max(recent_count, 1)).float().unsqueeze(0)
             content_vec = self.index.content(candidates)
             scores, predictions = score_candidates(
                 self.model,
@@ -279,6 +336,7 @@ class Recommender:
                 torch.from_numpy(self.index.vectors(candidates)).unsqueeze(0),
                 torch.from_numpy(content_vec).unsqueeze(0) if content_vec is not None else None,
                 self.cfg.serve,
+                feature,
             )
             scores, predictions = scores[0], {name: values[0] for name, values in predictions.items()}
             top = torch.topk(scores, min(k, len(candidates))).indices
@@ -292,7 +350,8 @@ class Recommender:
         }
         values = {name: (col.tolist() if col is not None else [None] * len(top)) for name, col in columns.items()}
         item_ids = self.index.item_ids(candidates[top.numpy()])
-        return [Recommendation(item_id, *(values[c][i] for c in ("score", *TASK_COLUMNS))) for i, item_id in enumerate(item_ids)]
+        sources = [SOURCES[code] for code in origins[top.numpy()]]
+        return [Recommendation(item_id, *(values[c][i] for c in ("score", *TASK_COLUMNS)), candidate_source=sources[i]) for i, item_id in enumerate(item_ids)]
 
     # -- similar items -------------------------------------------------------------------
     def similar(self, item_id: Any, k: int) -> list[tuple[Any, float]]:

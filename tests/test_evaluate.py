@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from recsys.config import EvalConfig, ModelConfig, load_config
+from recsys.config import EvalConfig, ModelConfig, ServeConfig, load_config
 from recsys.errors import RunError
 from recsys.history import padded_history
 from recsys.model import ModelSpec, RecsysModel, load_model, save_model
 from recsys.rundir import RunDir, read_json, write_json
 from training.baseline import MFSpec
-from training.evaluate import all_item_vectors, evaluate, load_content
-from training.retrieval import rank_catalogue, retrieval_section
+from training.evaluate import all_item_states, all_item_vectors, evaluate, load_content, served_sources
+from training.retrieval import known_clicks, rank_catalogue, retrieval_section
 
 N_USERS, N_ITEMS, HISTORY_LEN, TEXT_DIM, IMAGE_DIM = 12, 30, 4, 6, 5  # real ids 1..N, index 0 reserved
 ALL_TASKS = ("click", "conversion", "rating")
@@ -162,7 +162,8 @@ def ranked_with_known_clicks(run):
     """The test split, the model's full ranking of the catalogue, and the train + valid clicks it excludes."""
     model = load_model(run.model)
     test = pl.read_parquet(run.data / "test.parquet")
-    result = rank_catalogue(run, model, all_item_vectors(model, load_content(run, model)), test, run.config().eval)
+    item_vecs, content_vecs = all_item_states(model, load_content(run, model))
+    result = rank_catalogue(run, model, item_vecs, test, run.config().eval, content_vecs=content_vecs)
     known = pl.concat([pl.read_parquet(run.data / f"{s}.parquet") for s in ("train", "valid")]).filter(pl.col("click") == 1)
     return test, result, known
 
@@ -381,3 +382,27 @@ def test_excluding_train_items_only_keeps_valid_items_rankable_and_relevant(tmp_
     # train only: 3 (.8), 4 (.7), 5 (.6); items 4 and 5 both relevant, 4 found in the top 2
     assert train_only.top_items.tolist()[0][:2] == [3, 4] and retrieval_section(train_only, (2,))["recall@2"] == 0.5
     assert model.histories[1] == [1, 4]  # the user vector still sees train and valid
+
+
+def test_other_candidate_sources_bring_a_co_clicked_item_to_the_second_stage(tmp_path):
+    """served_sources: item 6 is co-clicked with user 1's train item 1 (by user 2), far down the towers' order."""
+    train = [(1, 1, 10, 1, False), (2, 1, 11, 1, False), (2, 6, 12, 1, False)]
+    run = _hand_set_run(tmp_path / "run", train=train, valid=[(1, 4, 20, 1, False)])
+    test = _rows([(1, 2, 30, 1, False), (1, 6, 31, 1, False)])
+    model = HandSetUserVectors(USER_VECTORS, n_items=7, history_len=3)
+    serve = ServeConfig(candidates=3, cooccurrence_candidates=2, popular_candidates=1)
+    neighbours, propose = served_sources(known_clicks(run), 7, serve)
+    # item 1: users {1, 2}; item 4: {1}; item 6: {2} -> cosine(1, 6) = cosine(1, 4) = 1 / sqrt(2); 4 and 6 share nobody
+    assert neighbours.ids[1, :2].tolist() in ([4, 6], [6, 4]) and neighbours.weights[1, :2].tolist() == pytest.approx([2**-0.5] * 2)
+    seen: list[list[int]] = []
+
+    def highest_index_first(users, history, candidates):
+        seen.append(candidates.tolist())
+        return torch.sort(candidates, dim=1, descending=True).values
+
+    result = rank_catalogue(run, model, ITEM_VECTORS, test, EvalConfig(ks=(1, 2)), rerank=highest_index_first, candidates=3, propose=propose)
+    # towers: 3, 5, 2 (items 1, 4 excluded); co-occurrence of the recent items 1 and 4: only 6 is new (quota 2, one found);
+    # popular (train + valid clicks: item 1 twice, then 4 and 6 once): nothing unseen and new is left but never-clicked items, which score 0
+    assert seen == [[[3, 5, 2, 6]]]
+    assert result.top_items.tolist() == [[6, 5]]
+    assert retrieval_section(result, (1, 2))["recall@1"] == 0.5

@@ -11,7 +11,9 @@ from recsys.config import ModelConfig
 from recsys.errors import ConfigError
 from recsys.losses import TaskWeighting, item_log_q, retrieval_logits, retrieval_loss, task_losses
 from recsys.mmoe import MultiTaskRanker
-from recsys.model import ModelSpec, RecsysModel, active_tasks, ids_to_kjt, load_model, save_model
+from recsys.history import mean_content
+from recsys.model import ModelSpec, RecsysModel, active_tasks, catalogue_states, ids_to_kjt, load_model, save_model
+from training.data import history_content_sums
 
 torch.set_num_threads(1)
 
@@ -453,13 +455,62 @@ def test_items_without_training_interactions_ignore_their_untrained_id_row():
     assert not torch.allclose(cold, warm)
 
 
-def test_untrained_items_in_a_history_are_left_out_of_the_pooled_mean():
+def test_untrained_items_in_a_history_are_left_out_of_the_id_bag():
     model = make_model()
     model.set_trained_items(torch.tensor([1, 2, 3]))
-    user = torch.tensor([4])
-    with_cold = model.user_vectors(user, torch.tensor([[1, 2, 15, 16]]))
-    without = model.user_vectors(user, torch.tensor([[1, 2, 0, 0]]))
-    assert torch.allclose(with_cold, without)
+    user, content = torch.tensor([4]), torch.randn(1, model.content_dim)  # the same history content for both
+    with_cold = model.user_vectors(user, torch.tensor([[1, 2, 15, 16]]), content)
+    without = model.user_vectors(user, torch.tensor([[1, 2, 0, 0]]), content)
+    torch.testing.assert_close(with_cold, without)
+
+
+def catalogue_content(model, seed: int = 3) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Random content for every item (item 5 has no image) and the catalogue's content vectors."""
+    g = torch.Generator().manual_seed(seed)
+    n = model.spec.n_items
+    content = {"text": torch.randn(n, TEXT_DIM, generator=g), "text_mask": torch.ones(n), "image": torch.randn(n, IMAGE_DIM, generator=g), "image_mask": torch.ones(n)}
+    content["image_mask"][5] = 0
+    return content, catalogue_states(model, torch.arange(n), content)[1]
+
+
+def test_a_history_of_cold_items_changes_the_user_vector_through_their_content():
+    model = make_model()
+    model.set_trained_items(torch.tensor([1, 2, 3]))  # 15, 16 and 17 have no trained id row
+    _, content_vecs = catalogue_content(model)
+    user = torch.tensor([0])  # an unknown user: the history is all it has
+    def vector(history):
+        history = torch.tensor([history])
+        return model.user_vectors(user, history, mean_content(content_vecs, history))
+    nothing = vector([0, 0, 0, 0])
+    cold, other_cold = vector([15, 16, 0, 0]), vector([17, 0, 0, 0])
+    assert not torch.allclose(cold, nothing, atol=1e-4) and not torch.allclose(cold, other_cold, atol=1e-4)
+    blind = make_model(content_history=False)
+    blind.set_trained_items(torch.tensor([1, 2, 3]))
+    torch.testing.assert_close(blind.user_vectors(user, torch.tensor([[15, 16, 0, 0]])), blind.user_vectors(user, torch.zeros(1, 4, dtype=torch.int64)))
+
+
+def test_the_training_path_of_the_history_content_equals_the_mean_of_the_catalogues_content_vectors():
+    model = make_model()
+    content, content_vecs = catalogue_content(model)
+    history = torch.tensor([[1, 5, 9, 0], [5, 0, 0, 0], [0, 0, 0, 0], [20, 19, 18, 17]])  # item 5 without an image: the stand-in
+    from_sums = model._history_content_from_sums({"history": history, **history_content_sums(history, content)})
+    torch.testing.assert_close(from_sums, mean_content(content_vecs, history), rtol=1e-5, atol=1e-6)
+    assert torch.equal(from_sums[2], torch.zeros(model.content_dim))  # an empty history has no content
+    batch = {**make_batch(n=4), "history": history, **history_content_sums(history, content)}
+    user_vec = model(batch)["user_vec"]  # forward reads the sums, user_state the catalogue's vectors: the same user
+    torch.testing.assert_close(user_vec, model.user_vectors(batch["user_idx"], history, mean_content(content_vecs, history)), rtol=1e-5, atol=1e-6)
+
+
+def test_history_id_dropout_hides_history_ids_from_the_bag_only_in_training():
+    model = make_model(history_id_dropout=0.5)
+    history = torch.arange(1, 21).unsqueeze(0)
+    model.train()
+    torch.manual_seed(0)
+    pooled_train = [model._pooled(torch.tensor([1]), history, None)[0]["history"] for _ in range(2)]
+    model.eval()
+    pooled_eval = [model._pooled(torch.tensor([1]), history, None)[0]["history"] for _ in range(2)]
+    assert not torch.allclose(pooled_train[0], pooled_train[1])  # a different random share hidden each time
+    torch.testing.assert_close(pooled_eval[0], pooled_eval[1])
 
 
 def test_id_dropout_hides_item_ids_only_in_training():
@@ -476,7 +527,7 @@ def test_id_dropout_hides_item_ids_only_in_training():
 def test_item_feature_values_no_trained_item_has_are_looked_up_as_unknown():
     model = make_model()
     model.set_trained_items(torch.tensor([1, 2]))
-    model.item_cat[1:3, 0] = 1
+    model.item_cat[0, 0], model.item_cat[1:3, 0] = 0, 1  # row 0 (padding) counts as trained: give it no value
     model.item_cat[7, 0], model.item_cat[8, 0] = 1, 2  # item 7 shares a trained item's value; item 8's value is unseen
     assert model.item_tower.categorical_lookup(torch.tensor([7, 8])).tolist() == [[1], [0]]
     model.item_cat[8, 0] = 0

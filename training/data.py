@@ -15,6 +15,7 @@ from typing import Iterator, Literal
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from recsys.errors import DataError, RunError
@@ -223,7 +224,12 @@ def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = Tru
 
 
 def batches(split: Split, batch_size: int, content: dict[str, torch.Tensor], seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Row batches of ``split`` (shuffled by ``seed`` when given), each with its items' content rows."""
+    """Row batches of ``split`` (shuffled by ``seed`` when given), each with its items' content rows.
+
+    With content, also each row's history content summed per modality (``history_{m}_sum``
+    (B, dim) and ``history_{m}_present`` (B,), the count of history items with that modality):
+    what the user tower's history content is computed from (``RecsysModel._history_content_from_sums``).
+    """
     n = len(split["click"])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(n)
     for start in range(0, n, batch_size):
@@ -231,4 +237,16 @@ def batches(split: Split, batch_size: int, content: dict[str, torch.Tensor], see
         batch = {name: column[rows] for name, column in split.items()}
         for name, matrix in content.items():
             batch[name] = matrix[batch["item_idx"]]
+        batch.update(history_content_sums(batch["history"], content))
         yield batch
+
+
+def history_content_sums(history: torch.Tensor, content: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``history (B, L)`` 0-padded -> per modality the summed raw content ``(B, dim)`` and the count of items that have it ``(B,)``."""
+    sums: dict[str, torch.Tensor] = {}
+    for modality in ("text", "image"):
+        if modality in content:
+            present = content[f"{modality}_mask"][history].masked_fill(history == 0, 0)  # (B, L)
+            sums[f"history_{modality}_sum"] = F.embedding_bag(history, content[modality], mode="sum", per_sample_weights=present)
+            sums[f"history_{modality}_present"] = present.sum(1)
+    return sums

@@ -22,6 +22,7 @@ from recsys import metrics
 from recsys.config import Config, section_dict
 from recsys.errors import ConfigError, RecsysError
 from recsys.losses import LOSS_OF_TASK, TaskWeighting, full_softmax_loss, mixed_log_q, retrieval_loss, task_losses
+from recsys.history import mean_content
 from recsys.model import ModelSpec, RecsysModel, active_tasks, catalogue_states
 from recsys.rundir import RunDir
 from training.data import TrainingData
@@ -202,11 +203,12 @@ def valid_recall(model, split: dict[str, torch.Tensor], objective: RetrievalObje
         return None
     rows = clicked[torch.randperm(len(clicked), generator=torch.Generator().manual_seed(seed))[:max_rows]]
     model.eval()
-    catalogue = catalogue_states(model, torch.arange(objective.n_items), objective.content)[0]
+    catalogue, content_vecs = catalogue_states(model, torch.arange(objective.n_items), objective.content)
     hits, block = 0, max(1, 20_000_000 // objective.n_items)  # scores held at once: block x catalogue
     for start in range(0, len(rows), block):
         part = rows[start : start + block]
-        scores = model.user_vectors(split["user_idx"][part], split["history"][part]) @ catalogue.T  # (b, N)
+        history = split["history"][part]
+        scores = model.user_vectors(split["user_idx"][part], history, mean_content(content_vecs, history)) @ catalogue.T  # (b, N)
         scores[:, 0] = float("-inf")
         known_rows, known_items = objective.known_positives(split["user_idx"][part])
         keep = known_items != split["item_idx"][part][known_rows]  # a re-clicked training item stays rankable

@@ -25,11 +25,13 @@ from tqdm import tqdm
 from recsys import metrics as m
 from recsys.config import EvalConfig, ServeConfig
 from recsys.errors import RunError
-from recsys.history import padded_history
+from recsys.history import mean_content, padded_history
 from recsys.model import RecsysModel, catalogue_states, load_model
+from recsys.candidates import ItemNeighbours, cooccurrence_feature, merge_sources, recent_items
 from recsys.ranking import score_candidates
 from recsys.rundir import RunDir, read_json, write_json, write_parquet
 from training import baseline, report
+from training.data import history_content_sums
 from training.retrieval import RetrievalResult, known_clicks, mean_over_users, rank_catalogue, retrieval_section
 
 log = logging.getLogger("recsys")
@@ -69,10 +71,12 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     labels = task_labels(test, tasks)
     metrics_out: dict[str, Any] = row_metrics(labels, scores)  # the task sections, over all test rows
     item_vecs, content_vecs = all_item_states(model, content)
-    retrieval = rank_catalogue(run, model, item_vecs, test, cfg)
+    retrieval = rank_catalogue(run, model, item_vecs, test, cfg, content_vecs=content_vecs)
     metrics_out["retrieval"] = retrieval_section(retrieval, cfg.ks)
     serve = run_cfg.serve
-    served = rank_catalogue(run, model, item_vecs, test, cfg, rerank=served_reranker(model, item_vecs, content_vecs, serve), candidates=serve.candidates)
+    neighbours, propose = served_sources(known_clicks(run), model.spec.n_items, serve)
+    rerank = served_reranker(model, item_vecs, content_vecs, serve, neighbours)
+    served = rank_catalogue(run, model, item_vecs, test, cfg, rerank=rerank, candidates=serve.candidates, content_vecs=content_vecs, propose=propose)
     metrics_out["served"] = retrieval_section(served, cfg.ks)
     if not data_meta.get("impressions", True):
         label_sampled_aucs(metrics_out)
@@ -232,6 +236,7 @@ def score_rows(model: RecsysModel, test: pl.DataFrame, content: Content) -> tupl
     for start in tqdm(range(0, test.height, BATCH_ROWS), desc="evaluate: scoring test rows", leave=False):
         rows = slice(start, start + BATCH_ROWS)
         batch = {"user_idx": user_idx[rows], "item_idx": item_idx[rows], "history": history[rows], **_item_content(content, item_idx[rows])}
+        batch.update(history_content_sums(history[rows], _item_content(content, slice(None))))
         out = model(batch)
         for head in heads:
             chunks[head].append(out[head].float())
@@ -254,20 +259,49 @@ def all_item_vectors(model: RecsysModel, content: Content) -> torch.Tensor:
     return all_item_states(model, content)[0]
 
 
-def served_reranker(model: RecsysModel, item_vecs: torch.Tensor, content_vecs: torch.Tensor | None, serve: ServeConfig, users_per_step: int = 64):
+def served_reranker(
+    model: RecsysModel, item_vecs: torch.Tensor, content_vecs: torch.Tensor | None, serve: ServeConfig, neighbours: ItemNeighbours | None = None, users_per_step: int = 64
+):
     """The service's second stage for ``rank_catalogue``: each user's candidates ordered by the blended ranker score."""
 
     def rerank(user_idx: torch.Tensor, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         ordered = torch.empty_like(candidates)
         for start in range(0, len(user_idx), users_per_step):
             rows = slice(start, start + users_per_step)
-            user = model.user_state(user_idx[rows], history[rows])
+            user = model.user_state(user_idx[rows], history[rows], mean_content(content_vecs, history[rows]))
             cand = candidates[rows]
-            scores, _ = score_candidates(model, user, cand, item_vecs[cand], None if content_vecs is None else content_vecs[cand], serve)
+            cooccurrence = None
+            if neighbours is not None and serve.blend_cooccurrence > 0:
+                cooccurrence = cooccurrence_feature(neighbours, recent_items(history[rows], serve.cooccurrence_recent), cand)
+            scores, _ = score_candidates(model, user, cand, item_vecs[cand], None if content_vecs is None else content_vecs[cand], serve, cooccurrence)
             ordered[rows] = cand.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
         return ordered
 
     return rerank
+
+
+def served_sources(known: pl.DataFrame, n_items: int, serve: ServeConfig) -> tuple[ItemNeighbours | None, Any]:
+    """The service's other candidate sources for ``rank_catalogue``, from train + valid clicks only (``known``).
+
+    Returns the co-occurrence table (None when neither its quota nor its blend weight is on) and
+    the proposer that adds the co-occurrence and popular quotas to the towers' candidates (None when both are 0).
+    """
+    wanted = serve.cooccurrence_candidates > 0 or serve.blend_cooccurrence > 0
+    ordered = known.sort(["user_idx", "timestamp"], maintain_order=True)
+    neighbours = ItemNeighbours.from_clicks(ordered["user_idx"].to_numpy(), ordered["item_idx"].to_numpy(), n_items, serve.cooccurrence_neighbours) if wanted else None
+    if serve.cooccurrence_candidates == 0 and serve.popular_candidates == 0:
+        return neighbours, None
+    popularity = torch.from_numpy(np.bincount(known["item_idx"].to_numpy(), minlength=n_items)[:n_items])
+    popularity[0] = 0
+
+    def propose(user_idx: torch.Tensor, history: torch.Tensor, found: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+        excluded = torch.nn.functional.pad(exclude, (1, 0), value=True)  # column j + 1 = item_idx j + 1; item 0 never
+        towers = torch.where(found >= 0, found + 1, found)
+        scores = neighbours.scores(recent_items(history, serve.cooccurrence_recent)) if serve.cooccurrence_candidates else None
+        merged, _ = merge_sources(towers, excluded, scores, serve.cooccurrence_candidates, popularity, serve.popular_candidates)
+        return torch.where(merged >= 0, merged - 1, merged)
+
+    return neighbours, propose
 
 
 def predictions_frame(test: pl.DataFrame, scores: dict[str, np.ndarray]) -> pl.DataFrame:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from recsys import metrics as m
 from recsys.config import EvalConfig
-from recsys.history import padded_history
+from recsys.history import mean_content, padded_history
 from recsys.rundir import RunDir
 
 SCORES_PER_BATCH = 20_000_000  # users x catalogue items scored per step (~80 MB of float32)
@@ -75,8 +75,8 @@ class UserTower(Protocol):
     @property
     def spec(self) -> IdSpace: ...
 
-    def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` user_idx, ``(B, history_len)`` item_idx -> ``(B, d)``."""
+    def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor, history_content: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B,)`` user_idx, ``(B, history_len)`` item_idx -> ``(B, d)``; ``history_content (B, C)``, the history's mean content vector (``recsys.history.mean_content``), is passed only with ``content_vecs``."""
         ...
 
 
@@ -96,18 +96,34 @@ class RetrievalResult:
 
 # (user_idx (b,), history (b, L), candidate item_idx (b, N) in retrieval order) -> the same candidates in served order
 Reranker = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (user_idx (b,), history (b, L), the towers' columns (b, N) (-1 = none), excluded columns (b, n_items - 1)) -> more columns (b, N'), -1 at the end
+Proposer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.inference_mode()
 def rank_catalogue(
-    run: RunDir, model: UserTower, item_vecs: torch.Tensor, test: pl.DataFrame, cfg: EvalConfig, rerank: Reranker | None = None, candidates: int = 0
+    run: RunDir,
+    model: UserTower,
+    item_vecs: torch.Tensor,
+    test: pl.DataFrame,
+    cfg: EvalConfig,
+    rerank: Reranker | None = None,
+    candidates: int = 0,
+    content_vecs: torch.Tensor | None = None,
+    propose: Proposer | None = None,
 ) -> RetrievalResult:
     """Rank the whole catalogue for each evaluated test user (module docstring); ``item_vecs`` is ``(n_items, d)``.
+
+    ``content_vecs (n_items, C)``: the catalogue's content vectors, for a model whose user tower
+    reads the history's content (``RecsysModel.content_history``); None for the baselines.
+    ``propose`` (with ``rerank``): adds other sources' candidates to the towers' (``recsys.candidates``).
 
     With ``rerank``, the two-stage protocol of ``served.*``: the towers' top ``candidates``
     eligible items (same exclusions) are reordered by ``rerank`` and the metrics read that order.
     """
     n_items, history_len = model.spec.n_items, model.spec.history_len
+    if content_vecs is None and getattr(model, "content_history", False):
+        raise ValueError("this model's user tower reads the history's content: pass the catalogue's content_vecs (recsys.model.catalogue_states)")
     known = known_clicks(run)
     excluded = (known if cfg.exclude == "train_valid" else known.filter(pl.col("split") == "train")).select("user_idx", "item_idx").unique()
     relevant = test.filter(pl.col("click") == 1).select(pl.col("user_idx", "item_idx").cast(pl.Int64)).unique()
@@ -136,11 +152,17 @@ def rank_catalogue(
     batch_users = max(1, min(1024, SCORES_PER_BATCH // max(catalogue.shape[0], 1)))
     for start in tqdm(range(0, user_idx.size, batch_users), desc="evaluate: ranking the catalogue", leave=False):
         stop = min(start + batch_users, user_idx.size)
-        user_vec = model.user_vectors(torch.from_numpy(user_idx[start:stop]), history[start:stop])  # (B, d)
+        batch_user, batch_history = torch.from_numpy(user_idx[start:stop]), history[start:stop]
+        user_vec = (
+            model.user_vectors(batch_user, batch_history) if content_vecs is None
+            else model.user_vectors(batch_user, batch_history, mean_content(content_vecs, batch_history))
+        )  # (B, d)  # fmt: skip
         in_batch = (excluded_rows >= start) & (excluded_rows < stop)
         exclude = torch.zeros(stop - start, catalogue.shape[0], dtype=torch.bool)
         exclude[torch.from_numpy(excluded_rows[in_batch] - start), torch.from_numpy(excluded_cols[in_batch])] = True
         found = m.top_k(user_vec @ catalogue.T, retrieved, exclude)  # (B, retrieved) columns, -1 where nothing is eligible
+        if propose is not None:
+            found = propose(batch_user, batch_history, found, exclude)
         if rerank is not None:
             found = _reranked(rerank, torch.from_numpy(user_idx[start:stop]), history[start:stop], found)
         top[start:stop] = found[:, :k_max].numpy()
