@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +26,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from recsys.errors import RecsysError
+from recsys.errors import ConfigError, DataError, RecsysError, RunError
 from recsys.rundir import RunDir
 from serving.recommender import DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
 
@@ -178,7 +179,11 @@ def _label(value: str) -> str:
 
 
 class AccessLogMiddleware:
-    """Pure ASGI: one JSON access-log line and the metrics per request (route template as label)."""
+    """Pure ASGI: a request id, one JSON access-log line and the metrics per request (route template as label).
+
+    An exception no handler mapped becomes a 500 whose body carries the request id; the traceback
+    goes to the log under the same id, never to the client.
+    """
 
     def __init__(self, app: Any, metrics: Metrics):
         self.app = app
@@ -189,16 +194,23 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        request_id = uuid.uuid4().hex[:16]
+        status, response_started = 500, False
 
         async def send_and_record(message: dict) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record)
+        except Exception:
+            log.exception("request %s (%s %s) failed", request_id, scope["method"], scope["path"])
+            if not response_started:
+                body = {"detail": "internal error: the service logged it under this request id", "request_id": request_id}
+                await JSONResponse(body, status_code=500)(scope, receive, send_and_record)
         finally:
             seconds = time.perf_counter() - started
             route = scope.get("route")
@@ -208,8 +220,21 @@ class AccessLogMiddleware:
                 client = scope.get("client") or ("", 0)
                 access_log.info(json.dumps({
                     "ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"], "endpoint": endpoint,
-                    "status": status, "ms": round(1000 * seconds, 3), "client": client[0],
+                    "status": status, "ms": round(1000 * seconds, 3), "client": client[0], "request_id": request_id,
                 }))
+
+
+def error_status(exc: RecsysError) -> int:
+    """The HTTP status of a library error: the request's fault (4xx) or the service's state (503)."""
+    if isinstance(exc, UnknownItem):
+        return 404
+    if isinstance(exc, DuplicateItem):
+        return 409
+    if isinstance(exc, (RequestError, DataError)):
+        return 422
+    if isinstance(exc, (ConfigError, RunError)):  # e.g. an encoder the run's config names but this host lacks
+        return 503
+    return 400
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -247,9 +272,11 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         if not hmac.compare_digest(given.strip().encode(), admin_token.encode()):
             raise HTTPException(403, "admin endpoint: wrong token")
 
-    @app.exception_handler(RequestError)
-    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
-        code = 404 if isinstance(exc, UnknownItem) else 409 if isinstance(exc, DuplicateItem) else 422
+    @app.exception_handler(RecsysError)
+    async def recsys_error(request: Request, exc: RecsysError) -> JSONResponse:
+        code = error_status(exc)
+        if code >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
     def status(recommender: Recommender) -> StatusResponse:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -137,15 +138,35 @@ def id_lookup(ids: pl.Series) -> tuple[dict[Any, int], bool]:
     return dict(zip(ids.to_list(), range(len(ids)))), ids.dtype.is_integer()
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _digits_at_most(limit: str) -> str:
+    """Regex of the ``len(limit)``-digit strings whose value is at most ``limit``."""
+    alternatives = [f"{limit[:i]}[0-{int(d) - 1}][0-9]{{{len(limit) - i - 1}}}" for i, d in enumerate(limit) if d != "0"]
+    return "|".join([*alternatives, limit])
+
+
+# An integer id as text: 1-19 ASCII digits with an optional sign, within int64. The schema publishes
+# this pattern and parse_id uses it, so the contract is the behaviour (str.isdigit would take "²").
+INT64_PATTERN = (
+    rf"^(?:\+?(?:[0-9]{{1,18}}|{_digits_at_most(str(INT64_MAX))})"
+    rf"|-(?:[0-9]{{1,18}}|{_digits_at_most(str(-INT64_MIN))}))$"
+)
+_INT64_TEXT = re.compile(INT64_PATTERN)
+ID_RULE = "its ids are integers within int64 (1-19 ASCII digits, optional sign)"
+
+
 def parse_id(raw: Any, integer: bool) -> Any:
-    """A request id in the catalogue's id type (int or str), or None when it cannot be one."""
+    """A request id in the catalogue's id type (int or str), or None when it cannot be one.
+
+    Integer catalogues take an int within int64 or its text (``INT64_PATTERN``); nothing else.
+    """
     if integer:
-        if isinstance(raw, bool):
-            return None
-        if isinstance(raw, int):
-            return raw
-        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        if isinstance(raw, str) and _INT64_TEXT.fullmatch(raw):  # fullmatch: "$" alone would allow a trailing newline
             return int(raw)
+        if isinstance(raw, int) and not isinstance(raw, bool) and INT64_MIN <= raw <= INT64_MAX:
+            return raw
         return None
     return str(raw)
 
@@ -204,6 +225,12 @@ class Recommender:
     def item_key(self, raw: Any) -> Any:
         return parse_id(raw, self.item_ids_are_int)
 
+    def _require_item_key(self, raw: Any, what: str) -> Any:
+        key = self.item_key(raw)
+        if key is None:
+            raise RequestError(f"{what} {raw!r} is not an item id of this catalogue: {ID_RULE}")
+        return key
+
     def text_of(self, item_id: Any) -> str | None:
         return self._texts.get(item_id)
 
@@ -218,7 +245,9 @@ class Recommender:
         user_idx = 0
         if user_id is not None:
             key = parse_id(user_id, self.user_ids_are_int)
-            user_idx = self.user_row.get(key, 0) if key is not None else 0
+            if key is None:
+                raise RequestError(f"user_id {user_id!r} is not a user id of this run: {ID_RULE}")
+            user_idx = self.user_row.get(key, 0)
             if user_idx == 0:
                 warnings.append(f"unknown user_id {user_id!r}: recommending from the request history or popular items")
         stored = self.behaviour.history[user_idx] if user_idx else np.zeros(0, dtype=np.int64)
@@ -253,8 +282,8 @@ class Recommender:
         """Request item ids -> faiss ids (unknown ones listed apart), in request order."""
         found, unknown = [], []
         for raw in history:
-            key = self.item_key(raw)
-            faiss_id = self.index.faiss_id(key) if key is not None else None
+            key = self._require_item_key(raw, "history item id")
+            faiss_id = self.index.faiss_id(key)
             (found.append(faiss_id) if faiss_id is not None else unknown.append(raw))
         return np.asarray(found, dtype=np.int64), unknown
 
@@ -299,8 +328,7 @@ class Recommender:
         """Nearest items to ``item_id`` in the item-tower space (itself excluded): (item_id, cosine)."""
         if not 1 <= k <= self.cfg.serve.max_k:
             raise RequestError(f"k must lie in 1..{self.cfg.serve.max_k} (serve.max_k), got {k}")
-        key = self.item_key(item_id)
-        faiss_id = self.index.faiss_id(key) if key is not None else None
+        faiss_id = self.index.faiss_id(self._require_item_key(item_id, "item_id"))
         if faiss_id is None:
             raise UnknownItem(f"unknown item_id {item_id!r}")
         query = self.index.vectors(np.array([faiss_id]))
@@ -316,10 +344,7 @@ class Recommender:
         Returns their faiss ids and warnings. Known or repeated ids raise RequestError.
         """
         warnings: list[str] = []
-        keys = [self.item_key(item.item_id) for item in items]
-        bad = [item.item_id for item, key in zip(items, keys) if key is None]
-        if bad:
-            raise RequestError(f"item ids must be integers in this catalogue: {bad[:5]}")
+        keys = [self._require_item_key(item.item_id, "new item_id") for item in items]
         with self._add_lock:
             known = [key for key in keys if self.index.faiss_id(key) is not None]
             if known or len(set(keys)) != len(keys):
