@@ -9,8 +9,6 @@ The live ``Recommender`` is one attribute: a reload builds the new one off to th
 swaps the reference, so a request that started on the old model and index finishes on them.
 """
 
-from __future__ import annotations
-
 import hmac
 import json
 import logging
@@ -18,37 +16,116 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from recsys.errors import ConfigError, DataError, RecsysError, RunError
 from recsys.rundir import RunDir
-from serving.recommender import DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
+from serving.recommender import INT64_MAX, INT64_MIN, INT64_PATTERN, DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
 
 log = logging.getLogger("recsys.serve")
 access_log = logging.getLogger("recsys.access")
 
-ItemId = Annotated[str, Field(min_length=1, max_length=256)] | StrictInt
+MAX_ID_CHARS = 256  # string ids
 MAX_HISTORY = 1000  # request history ids accepted (the model keeps the last history_len)
 MAX_NEW_ITEMS = 256  # items per POST /items
+MAX_TEXT_CHARS = 100_000
 MAX_IMAGE_BASE64 = 8_000_000  # characters (~6 MB image)
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"  # what b64decode(validate=True) takes
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 # -- request and response models -------------------------------------------------------------
+# Every limit and type a handler relies on is a pydantic constraint here, so /openapi.json is the
+# contract the handlers enforce. Limits that depend on the run (id types, serve.max_k) come from
+# the served run's ``Contract``; a reload to a run with another contract is refused.
+def _unicode(text: str) -> str:
+    """JSON admits lone surrogates; they are not text (polars and the log could not store them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("string holds a lone UTF-16 surrogate (not valid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class RecommendRequest(Strict):
-    user_id: ItemId | None = None
-    history: list[ItemId] | None = Field(default=None, max_length=MAX_HISTORY)
-    k: int = Field(default=10, ge=1)
+@dataclass(frozen=True)
+class Contract:
+    """What the request schema depends on in the served run."""
+
+    user_ids_int: bool
+    item_ids_int: bool
+    max_k: int
+
+    @classmethod
+    def of(cls, recommender: Recommender) -> "Contract":
+        return cls(recommender.user_ids_are_int, recommender.item_ids_are_int, recommender.cfg.serve.max_k)
+
+
+def id_type(integer: bool) -> Any:
+    """A request id: an int64 (as a JSON integer or its text) for integer catalogues, else a string."""
+    if integer:
+        return Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)] | Annotated[str, Field(pattern=INT64_PATTERN)]
+    return Annotated[Text, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+def path_id_type(integer: bool) -> Any:
+    if integer:
+        return Annotated[str, PathParam(pattern=INT64_PATTERN, description="an int64 item id")]
+    return Annotated[Text, PathParam(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    recommend: type[BaseModel]
+    add_items: type[BaseModel]
+    item_path: Any  # the path parameter of /items/{item_id}/similar
+    k_query: Any
+
+
+def request_models(contract: Contract) -> RequestModels:
+    """The request models of a service over runs with ``contract``."""
+    UserId, ItemId = id_type(contract.user_ids_int), id_type(contract.item_ids_int)
+    K = Annotated[int, Field(strict=True, ge=1, le=contract.max_k, description="items wanted (at most serve.max_k)")]
+
+    class RecommendRequest(Strict):
+        user_id: UserId | None = None  # type: ignore[valid-type]
+        history: list[ItemId] | None = Field(default=None, max_length=MAX_HISTORY)  # type: ignore[valid-type]
+        k: K = 10  # type: ignore[valid-type]
+
+    class NewItemRequest(Strict):
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={"anyOf": [{"required": ["text"], "properties": {"text": {"type": "string"}}},
+                                         {"required": ["image_base64"], "properties": {"image_base64": {"type": "string"}}}]},
+        )  # fmt: skip
+        item_id: ItemId  # type: ignore[valid-type]
+        text: Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+        image_base64: Annotated[str, Field(min_length=4, max_length=MAX_IMAGE_BASE64, pattern=BASE64_PATTERN)] | None = None
+
+        @model_validator(mode="after")
+        def _has_content(self) -> "NewItemRequest":
+            if self.text is None and self.image_base64 is None:
+                raise ValueError("a new item needs text or image_base64")
+            return self
+
+    class AddItemsRequest(Strict):
+        items: list[NewItemRequest] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
+
+    return RequestModels(RecommendRequest, AddItemsRequest, path_id_type(contract.item_ids_int), Annotated[int, Query(ge=1, le=contract.max_k)])
 
 
 class RecommendedItem(BaseModel):
@@ -76,16 +153,6 @@ class SimilarResponse(BaseModel):
     items: list[SimilarItem]
 
 
-class NewItemRequest(Strict):
-    item_id: ItemId
-    text: str | None = Field(default=None, max_length=100_000)
-    image_base64: str | None = Field(default=None, max_length=MAX_IMAGE_BASE64)
-
-
-class AddItemsRequest(Strict):
-    items: list[NewItemRequest] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
-
-
 class AddedItem(BaseModel):
     item_id: str | int
     faiss_id: int
@@ -98,7 +165,7 @@ class AddItemsResponse(BaseModel):
 
 
 class ReloadRequest(Strict):
-    run: str = Field(min_length=1, max_length=4096)
+    run: Annotated[Text, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
 
 
 class StatusResponse(BaseModel):
@@ -107,6 +174,16 @@ class StatusResponse(BaseModel):
     model_version: str
     index_type: str
     items: int
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list[dict[str, Any]]  # a message, or pydantic's list of validation errors
+    request_id: str | None = None  # on 500s: the id the log names the traceback by
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses a route can answer (all share ``ErrorResponse``)."""
+    return {code: {"model": ErrorResponse} for code in (*codes, 500)}
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -245,11 +322,13 @@ class Service:
         self.recommender = recommender
         self.reload_lock = threading.Lock()
 
-    def reload(self, run_dir: str) -> Recommender:
+    def reload(self, run_dir: str, contract: Contract) -> Recommender:
         if not self.reload_lock.acquire(blocking=False):
             raise HTTPException(409, "a reload is already in progress")
         try:
             fresh = Recommender.load(RunDir(run_dir))  # the old one keeps serving meanwhile
+            if Contract.of(fresh) != contract:  # the published schema (id types, max_k) would no longer hold
+                raise HTTPException(409, f"{run_dir} takes other requests ({Contract.of(fresh)}) than the served schema ({contract}): restart the service on it")
             self.recommender = fresh  # one reference swap: model and index change together
             return fresh
         finally:
@@ -259,17 +338,20 @@ class Service:
 def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> FastAPI:
     """The service over one run directory (loaded now); admin endpoints need ``admin_token``."""
     service = Service(Recommender.load(run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)))
+    contract = Contract.of(service.recommender)
+    models = request_models(contract)
+    RecommendRequest, AddItemsRequest, ItemPath, KQuery = models.recommend, models.add_items, models.item_path, models.k_query
     metrics = Metrics()
     app = FastAPI(title="recsys", description="Retrieval and ranking service", version="1")
     app.state.service = service
+    bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN")
 
-    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+    def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if not admin_token:
             raise HTTPException(403, "admin endpoints are disabled: start the service with RECSYS_ADMIN_TOKEN set")
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
+        if credentials is None or not credentials.credentials:
             raise HTTPException(401, "admin endpoint: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), admin_token.encode()):
+        if not hmac.compare_digest(credentials.credentials.strip().encode(), admin_token.encode()):
             raise HTTPException(403, "admin endpoint: wrong token")
 
     @app.exception_handler(RecsysError)
@@ -285,39 +367,34 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
             index_type=recommender.index.kind, items=recommender.index.count,
         )
 
-    @app.get("/healthz", response_model=StatusResponse)
+    @app.get("/healthz", response_model=StatusResponse, responses=errors())
     def healthz() -> StatusResponse:
         return status(service.recommender)
 
-    @app.post("/recommend", response_model=RecommendResponse)
-    def recommend(body: RecommendRequest) -> RecommendResponse:
+    @app.post("/recommend", response_model=RecommendResponse, responses=errors(413, 422))
+    def recommend(body: RecommendRequest) -> RecommendResponse:  # type: ignore[valid-type]
         recommender = service.recommender  # one model + index for the whole request
         result = recommender.recommend(user_id=body.user_id, history=body.history, k=body.k)
         metrics.stage_times(result.timings_ms)
         return RecommendResponse(items=[RecommendedItem(**vars(item)) for item in result.items], warnings=result.warnings, source=result.source)
 
-    @app.get("/items/{item_id}/similar", response_model=SimilarResponse)
-    def similar(item_id: Annotated[str, PathParam(max_length=256)], k: Annotated[int, Query(ge=1)] = 10) -> SimilarResponse:
+    @app.get("/items/{item_id}/similar", response_model=SimilarResponse, responses=errors(404, 422))
+    def similar(item_id: ItemPath, k: KQuery = 10) -> SimilarResponse:  # type: ignore[valid-type]
         pairs = service.recommender.similar(item_id, k)
         return SimilarResponse(items=[SimilarItem(item_id=i, score=s) for i, s in pairs])
 
-    @app.post("/items", response_model=AddItemsResponse, status_code=201, dependencies=[Depends(require_admin)])
-    def add_items(body: AddItemsRequest) -> AddItemsResponse:
-        new_items = []
-        for item in body.items:
-            if not item.text and not item.image_base64:
-                raise RequestError(f"item {item.item_id!r} needs text or image_base64")
-            image = decode_image_base64(item.image_base64) if item.image_base64 else None
-            new_items.append(NewItem(item.item_id, item.text, image))
+    @app.post("/items", response_model=AddItemsResponse, status_code=201, dependencies=[Depends(require_admin)], responses=errors(401, 403, 409, 413, 422, 503))
+    def add_items(body: AddItemsRequest) -> AddItemsResponse:  # type: ignore[valid-type]
+        new_items = [NewItem(item.item_id, item.text, decode_image_base64(item.image_base64) if item.image_base64 else None) for item in body.items]
         recommender = service.recommender
         faiss_ids, warnings = recommender.add_items(new_items)
         added = [AddedItem(item_id=recommender.item_key(item.item_id), faiss_id=f) for item, f in zip(body.items, faiss_ids)]
         return AddItemsResponse(added=added, count=recommender.index.count, warnings=warnings)
 
-    @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)])
+    @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 409, 413, 422))
     def reload(body: ReloadRequest) -> StatusResponse:
         try:
-            fresh = service.reload(body.run)
+            fresh = service.reload(body.run, contract)
         except HTTPException:
             raise
         except Exception as exc:  # an incomplete or unreadable run: the old one stays live
@@ -328,7 +405,7 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         log.info("reloaded %s (model %s, %d items)", fresh.run.root, fresh.model_version, fresh.index.count)
         return status(fresh)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses=errors())
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(service.recommender), media_type="text/plain; version=0.0.4")
 
