@@ -16,9 +16,10 @@ import os
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -301,6 +302,36 @@ class AccessLogMiddleware:
                 }))
 
 
+class BodyLimitMiddleware:
+    """Pure ASGI: a request body over ``max_bytes`` is refused with 413, by its Content-Length before
+    anything is read, or (a chunked body) as soon as the bytes received pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.message = f"request body over serve.max_body_bytes = {max_bytes} bytes"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_within_limit() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self.message)  # FastAPI passes an HTTPException from the body read through
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+
 def error_status(exc: RecsysError) -> int:
     """The HTTP status of a library error: the request's fault (4xx) or the service's state (503)."""
     if isinstance(exc, UnknownItem):
@@ -316,28 +347,72 @@ def error_status(exc: RecsysError) -> int:
 
 # -- the app ---------------------------------------------------------------------------------
 class Service:
-    """The live recommender and the swap that replaces it."""
+    """The live recommender, the one writer lock that adds and reloads share, and the swap.
 
-    def __init__(self, recommender: Recommender):
+    POST /items and /admin/reload each hold ``writer`` for their whole change, so an add that
+    arrives during a reload waits and lands in the new run (or, past ``write_timeout_s``, is
+    refused with 503): never in a recommender that is being replaced. Reads take no service lock.
+    """
+
+    def __init__(self, recommender: Recommender, runs_root: Path, write_timeout_s: float):
         self.recommender = recommender
-        self.reload_lock = threading.Lock()
+        self.runs_root = runs_root  # resolved
+        self.write_timeout_s = write_timeout_s
+        self.writer = threading.Lock()
+        self._reload_gate = threading.Lock()  # a second reload while one runs is refused, not queued
 
-    def reload(self, run_dir: str, contract: Contract) -> Recommender:
-        if not self.reload_lock.acquire(blocking=False):
+    @property
+    def reloading(self) -> bool:
+        return self._reload_gate.locked()
+
+    @contextmanager
+    def writing(self) -> Iterator[Recommender]:
+        """Hold the writer lock; yields the live recommender (the one any change must land in)."""
+        if not self.writer.acquire(timeout=self.write_timeout_s):
+            raise HTTPException(503, f"the index is busy (a reload or another add) for over serve.write_timeout_s = {self.write_timeout_s} s: retry", headers={"Retry-After": "1"})
+        try:
+            yield self.recommender
+        finally:
+            self.writer.release()
+
+    def resolve_run(self, raw: str) -> Path:
+        """``raw`` (absolute, or relative to the runs root) resolved, symlinks and ``..`` included; refused unless under the runs root."""
+        try:
+            path = (self.runs_root / raw).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name the OS refuses
+            raise HTTPException(400, f"run {raw!r} cannot be resolved: {exc}") from None
+        if not path.is_relative_to(self.runs_root):
+            raise HTTPException(403, f"run {raw!r} resolves to {path}, outside serve.runs_root ({self.runs_root}): reload only loads runs under it")
+        if not path.is_dir():
+            raise HTTPException(404, f"run {raw!r}: no run directory {path}")
+        return path
+
+    def reload(self, raw: str, contract: Contract) -> Recommender:
+        path = self.resolve_run(raw)  # before anything under it is opened
+        if not self._reload_gate.acquire(blocking=False):
             raise HTTPException(409, "a reload is already in progress")
         try:
-            fresh = Recommender.load(RunDir(run_dir))  # the old one keeps serving meanwhile
-            if Contract.of(fresh) != contract:  # the published schema (id types, max_k) would no longer hold
-                raise HTTPException(409, f"{run_dir} takes other requests ({Contract.of(fresh)}) than the served schema ({contract}): restart the service on it")
-            self.recommender = fresh  # one reference swap: model and index change together
-            return fresh
+            with self.writing():
+                fresh = Recommender.load(RunDir(path))  # the old one keeps serving reads meanwhile
+                if Contract.of(fresh) != contract:  # the published schema (id types, max_k) would no longer hold
+                    raise HTTPException(409, f"{path} takes other requests ({Contract.of(fresh)}) than the served schema ({contract}): restart the service on it")
+                self.recommender = fresh  # one reference swap: model and index change together
+                return fresh
         finally:
-            self.reload_lock.release()
+            self._reload_gate.release()
+
+
+def runs_root_of(run: RunDir) -> Path:
+    """``serve.runs_root`` of the served run, resolved; "" means the run's parent directory."""
+    configured = run.config().serve.runs_root
+    return Path(configured).expanduser().resolve() if configured else run.root.resolve().parent
 
 
 def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> FastAPI:
     """The service over one run directory (loaded now); admin endpoints need ``admin_token``."""
-    service = Service(Recommender.load(run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)))
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    recommender = Recommender.load(run)
+    service = Service(recommender, runs_root_of(run), recommender.cfg.serve.write_timeout_s)
     contract = Contract.of(service.recommender)
     models = request_models(contract)
     RecommendRequest, AddItemsRequest, ItemPath, KQuery = models.recommend, models.add_items, models.item_path, models.k_query
@@ -386,12 +461,12 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     @app.post("/items", response_model=AddItemsResponse, status_code=201, dependencies=[Depends(require_admin)], responses=errors(401, 403, 409, 413, 422, 503))
     def add_items(body: AddItemsRequest) -> AddItemsResponse:  # type: ignore[valid-type]
         new_items = [NewItem(item.item_id, item.text, decode_image_base64(item.image_base64) if item.image_base64 else None) for item in body.items]
-        recommender = service.recommender
-        faiss_ids, warnings = recommender.add_items(new_items)
+        with service.writing() as recommender:
+            faiss_ids, warnings = recommender.add_items(new_items)
         added = [AddedItem(item_id=recommender.item_key(item.item_id), faiss_id=f) for item, f in zip(body.items, faiss_ids)]
         return AddItemsResponse(added=added, count=recommender.index.count, warnings=warnings)
 
-    @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 409, 413, 422))
+    @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 404, 409, 413, 422, 503))
     def reload(body: ReloadRequest) -> StatusResponse:
         try:
             fresh = service.reload(body.run, contract)
@@ -405,11 +480,18 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         log.info("reloaded %s (model %s, %d items)", fresh.run.root, fresh.model_version, fresh.index.count)
         return status(fresh)
 
+    @app.get("/readyz", response_model=StatusResponse, responses=errors(503))
+    def readyz() -> StatusResponse:
+        if service.reloading:
+            raise HTTPException(503, "reloading")
+        return status(service.recommender)
+
     @app.get("/metrics", response_class=PlainTextResponse, responses=errors())
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(service.recommender), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=recommender.cfg.serve.max_body_bytes)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)  # outermost: it sees the 413s too
     return app
 
 

@@ -439,8 +439,8 @@ def test_an_undecodable_image_is_indexed_without_it_and_warned_about(run):
 
 
 # -- /admin/reload ---------------------------------------------------------------------------
-def test_reload_swaps_in_another_run(template_run, tmp_path):
-    other = make_tiny_run(tmp_path / "other", seed=1)
+def test_reload_swaps_in_another_run(template_run):
+    other = make_tiny_run(template_run.root.parent / "other-seed1", seed=1)  # beside it: under serve.runs_root
     build_index(other)
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
     before = client.get("/healthz").json()
@@ -450,16 +450,16 @@ def test_reload_swaps_in_another_run(template_run, tmp_path):
     assert after["run"] == str(other.root) and after["model_version"] != before["model_version"]
 
 
-def test_reload_of_an_incomplete_run_is_400_and_keeps_serving_the_old_one(template_run, tmp_path):
-    incomplete = make_tiny_run(tmp_path / "noindex")  # no index built
+def test_reload_of_an_incomplete_run_is_400_and_keeps_serving_the_old_one(template_run):
+    incomplete = make_tiny_run(template_run.root.parent / "noindex")  # no index built
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
     response = client.post("/admin/reload", json={"run": str(incomplete.root)}, headers=ADMIN)
     assert response.status_code == 400 and "recsys index" in response.json()["detail"]
     assert client.get("/healthz").json()["run"] == str(template_run.root)
 
 
-def test_requests_in_flight_during_a_reload_all_succeed(template_run, tmp_path):
-    other = make_tiny_run(tmp_path / "other", seed=2)
+def test_requests_in_flight_during_a_reload_all_succeed(template_run):
+    other = make_tiny_run(template_run.root.parent / "other-seed2", seed=2)
     build_index(other)
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
     statuses: list[int] = []
