@@ -23,7 +23,9 @@ from typing import Annotated, Any, Iterator, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -188,72 +190,46 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 # -- metrics ---------------------------------------------------------------------------------
-class Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        self.total_s = 0.0
+class LiveCollector:
+    """What the live recommender holds, read at scrape time: index size and which model."""
 
-    def observe(self, seconds: float) -> None:
-        self.total_s += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS_S):
-            if seconds <= bound:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+    def __init__(self, service: "Service"):
+        self.service = service
 
-    def lines(self, name: str, labels: str) -> list[str]:
-        out, cumulative = [], 0
-        for bound, count in zip((*map(str, LATENCY_BUCKETS_S), "+Inf"), self.counts):
-            cumulative += count
-            out.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
-        out += [f"{name}_sum{{{labels}}} {self.total_s:.6f}", f"{name}_count{{{labels}}} {cumulative}"]
-        return out
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        recommender = self.service.recommender
+        yield GaugeMetricFamily("recsys_index_items", "Items in the live FAISS index.", value=recommender.index.count)
+        info = GaugeMetricFamily("recsys_model_info", "The live model and index.", labels=["version", "run", "index_type"])
+        info.add_metric([recommender.model_version, str(recommender.run.root), recommender.index.kind], 1)
+        yield info
 
 
 class Metrics:
-    """Request counts and latency histograms per endpoint, pipeline stage histograms; thread-safe."""
+    """prometheus_client metrics of one app, in a registry of its own (two apps in a process never mix)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[str, Histogram] = {}
-        self.stages: dict[str, Histogram] = {}
-        self.reloads = 0
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # CPU, memory, open files of this process
+        PlatformCollector(registry=self.registry)
+        self.requests = Counter("recsys_requests", "HTTP requests by endpoint, method and status.", ["endpoint", "method", "status"], registry=self.registry)
+        self.latency = Histogram("recsys_request_duration_seconds", "Request latency by endpoint.", ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.stages = Histogram("recsys_stage_duration_seconds", "Time in each /recommend pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.reloads = Counter("recsys_reloads", "Successful model and index swaps.", registry=self.registry)
+
+    def watch(self, service: "Service") -> None:
+        self.registry.register(LiveCollector(service))
 
     def request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (endpoint, method, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.latency.setdefault(endpoint, Histogram()).observe(seconds)
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
 
     def stage_times(self, timings_ms: dict[str, float]) -> None:
-        with self._lock:
-            for stage, ms in timings_ms.items():
-                if stage != "total":
-                    self.stages.setdefault(stage, Histogram()).observe(ms / 1000)
+        for stage, ms in timings_ms.items():
+            if stage != "total":
+                self.stages.labels(stage).observe(ms / 1000)
 
-    def render(self, recommender: Recommender) -> str:
-        with self._lock:
-            lines = ["# HELP recsys_requests_total HTTP requests by endpoint, method and status.", "# TYPE recsys_requests_total counter"]
-            lines += [f'recsys_requests_total{{endpoint="{e}",method="{m}",status="{s}"}} {n}' for (e, m, s), n in sorted(self.requests.items())]
-            lines += ["# HELP recsys_request_duration_seconds Request latency by endpoint.", "# TYPE recsys_request_duration_seconds histogram"]
-            for endpoint, histogram in sorted(self.latency.items()):
-                lines += histogram.lines("recsys_request_duration_seconds", f'endpoint="{endpoint}"')
-            lines += ["# HELP recsys_stage_duration_seconds Time in each /recommend pipeline stage.", "# TYPE recsys_stage_duration_seconds histogram"]
-            for stage, histogram in sorted(self.stages.items()):
-                lines += histogram.lines("recsys_stage_duration_seconds", f'stage="{stage}"')
-            lines += ["# HELP recsys_reloads_total Successful model and index swaps.", "# TYPE recsys_reloads_total counter", f"recsys_reloads_total {self.reloads}"]
-        lines += [
-            "# HELP recsys_index_items Items in the live FAISS index.", "# TYPE recsys_index_items gauge",
-            f"recsys_index_items {recommender.index.count}",
-            "# HELP recsys_model_info The live model and index.", "# TYPE recsys_model_info gauge",
-            f'recsys_model_info{{version="{_label(recommender.model_version)}",run="{_label(str(recommender.run.root))}",index_type="{recommender.index.kind}"}} 1',
-        ]
-        return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class AccessLogMiddleware:
@@ -417,6 +393,7 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     models = request_models(contract)
     RecommendRequest, AddItemsRequest, ItemPath, KQuery = models.recommend, models.add_items, models.item_path, models.k_query
     metrics = Metrics()
+    metrics.watch(service)
     app = FastAPI(title="recsys", description="Retrieval and ranking service", version="1")
     app.state.service = service
     bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN")
@@ -476,7 +453,7 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
             if not isinstance(exc, RecsysError):
                 log.exception("reload of %s failed", body.run)
             raise HTTPException(400, f"reload refused, still serving {service.recommender.run.root}: {exc}") from None
-        metrics.reloads += 1
+        metrics.reloads.inc()
         log.info("reloaded %s (model %s, %d items)", fresh.run.root, fresh.model_version, fresh.index.count)
         return status(fresh)
 
@@ -487,8 +464,8 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         return status(service.recommender)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=errors())
-    def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(service.recommender), media_type="text/plain; version=0.0.4")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=recommender.cfg.serve.max_body_bytes)
     app.add_middleware(AccessLogMiddleware, metrics=metrics)  # outermost: it sees the 413s too

@@ -482,18 +482,34 @@ def test_requests_in_flight_during_a_reload_all_succeed(template_run):
 
 
 # -- /metrics and access logs ----------------------------------------------------------------
+def scraped(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text -> {(sample name, labels): value}, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_metrics_count_requests_per_endpoint_and_report_index_and_model(template_run):
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
     client.post("/recommend", json={"user_id": "u1", "k": 2})
     client.post("/recommend", json={"user_id": "u1", "k": 2})
     client.get("/items/missing/similar")
-    text = client.get("/metrics").text
-    assert 'recsys_requests_total{endpoint="/recommend",method="POST",status="200"} 2' in text
-    assert 'recsys_requests_total{endpoint="/items/{item_id}/similar",method="GET",status="404"} 1' in text
-    assert 'recsys_request_duration_seconds_count{endpoint="/recommend"} 2' in text
-    assert 'recsys_stage_duration_seconds_count{stage="rank"} 2' in text
-    assert f"recsys_index_items {N_ITEMS}" in text
-    assert f'recsys_model_info{{version="v{MODEL_VERSION}-' in text
+    samples = scraped(client.get("/metrics").text)
+    assert samples[("recsys_requests_total", frozenset({"endpoint": "/recommend", "method": "POST", "status": "200"}.items()))] == 2
+    assert samples[("recsys_requests_total", frozenset({"endpoint": "/items/{item_id}/similar", "method": "GET", "status": "404"}.items()))] == 1
+    assert samples[("recsys_request_duration_seconds_count", frozenset({"endpoint": "/recommend"}.items()))] == 2
+    assert samples[("recsys_stage_duration_seconds_count", frozenset({"stage": "rank"}.items()))] == 2
+    assert samples[("recsys_index_items", frozenset())] == N_ITEMS
+    (info, value), = [(labels, v) for (name, labels), v in samples.items() if name == "recsys_model_info"]
+    assert value == 1 and dict(info)["version"].startswith(f"v{MODEL_VERSION}-") and dict(info)["index_type"] == "flat"
+    assert samples[("process_resident_memory_bytes", frozenset())] > 0  # process metrics from prometheus_client
+
+
+def test_two_apps_in_one_process_keep_their_own_metrics(template_run):
+    first, second = (TestClient(create_app(template_run.root)) for _ in range(2))
+    first.post("/recommend", json={"k": 2})
+    key = ("recsys_requests_total", frozenset({"endpoint": "/recommend", "method": "POST", "status": "200"}.items()))
+    assert scraped(first.get("/metrics").text)[key] == 1 and key not in scraped(second.get("/metrics").text)
 
 
 def test_each_request_writes_one_json_access_log_line(client, caplog):
