@@ -31,11 +31,11 @@ from recsys.errors import RecsysError, RunError
 from recsys.history import pad_sequences, padded_history
 from recsys.model import RecsysModel, load_model
 from recsys.ranking import score_candidates
-from recsys.rundir import RunDir, read_json, sha256_file, write_parquet
+from recsys.rundir import RunDir, read_json, sha256_file
 from serving.index import ItemIndex
 
 SPLITS = ("train", "valid", "test")
-ADDED_ITEMS = "added_items.parquet"  # in RUN/index/: ids and texts of items added at serving time
+ADDED_ITEMS = "added_items.parquet"  # in RUN/index/: texts of items added at serving time before the log (read, never written)
 TASK_COLUMNS = ("p_click", "p_conversion", "p_ctcvr", "rating", "retrieval_score")
 
 
@@ -196,7 +196,7 @@ class Recommender:
     def load(cls, run: RunDir | str | Path) -> "Recommender":
         run = run if isinstance(run, RunDir) else RunDir(run)
         cfg = run.config()
-        model = load_model(run.model)
+        model = _load_model(run)
         index = ItemIndex.load(run.index)
         users_path = run.require(run.data / "users.parquet", "prepare")
         users = pl.read_parquet(users_path, columns=["user_id", "user_idx"]).sort("user_idx")
@@ -205,8 +205,11 @@ class Recommender:
         users = pl.concat([pl.DataFrame({"user_id": [None], "user_idx": [0]}, schema=users.schema), users])["user_id"]
         behaviour = load_behaviour(run, model.spec.n_users, model.spec.history_len)
         texts = pl.read_parquet(run.require(run.data / "items.parquet", "prepare"), columns=["item_id", "text"])
-        if (run.index / ADDED_ITEMS).is_file():  # items added through POST /items since the index was built
+        if (run.index / ADDED_ITEMS).is_file():  # items added through POST /items before the log (serving.journal)
             texts = pl.concat([texts, pl.read_parquet(run.index / ADDED_ITEMS).cast(texts.schema)])
+        if index.added_texts:
+            added = pl.DataFrame({"item_id": list(index.added_texts), "text": list(index.added_texts.values())}, schema={"item_id": texts.schema["item_id"], "text": pl.String})
+            texts = pl.concat([texts, added])
         if model.content_dim and index.content_vecs is None:
             raise RunError(f"{run.index} keeps no content vectors for this model's ranker: rebuild it with `recsys index --run {run.root}`")
         recommender = cls(run, cfg, model, index, users, behaviour, texts)
@@ -339,7 +342,7 @@ class Recommender:
 
     # -- cold start ----------------------------------------------------------------------
     def add_items(self, items: Sequence[NewItem]) -> tuple[list[int], list[str]]:
-        """Embed new items with the configured encoders, add them to the live index and persist it.
+        """Embed new items with the configured encoders, log them durably (RUN/index/added_items.log) and add them to the live index.
 
         Returns their faiss ids and warnings. Known or repeated ids raise RequestError.
         """
@@ -354,25 +357,20 @@ class Recommender:
             with torch.inference_mode():
                 state = self.model.item_state(torch.zeros(len(items), dtype=torch.int64), **content)  # no id row: content only
             content_vecs = state["content_vec"].numpy() if "content_vec" in state else None
-            faiss_ids = self.index.add(state["item_vec"].numpy(), keys, content_vecs=content_vecs)
-            self.index.save(self.run.index)
+            encoded = {name: tensor.numpy() for name, tensor in content.items()}  # what a rebuild re-embeds them from
+            faiss_ids = self.index.add_logged(self.run.index, state["item_vec"].numpy(), keys, [item.text for item in items], content_vecs, encoded)
             self._texts.update({key: item.text for key, item in zip(keys, items)})
-            self._save_added_texts(keys, [item.text for item in items])
         return faiss_ids.tolist(), warnings
-
-    def _save_added_texts(self, keys: list[Any], texts: list[str | None]) -> None:
-        """Texts of items added at serving time (RUN/index/added_items.parquet), so a restart still shows them."""
-        path = self.run.index / ADDED_ITEMS
-        new = pl.DataFrame({"item_id": keys, "text": texts}, schema={"item_id": self.index.ids["item_id"].dtype, "text": pl.String})
-        write_parquet(pl.concat([pl.read_parquet(path), new]) if path.is_file() else new, path)
 
     def _embed_content(self, items: Sequence[NewItem]) -> tuple[dict[str, torch.Tensor], list[str]]:
         from features.encoders import build_image_encoder, build_text_encoder
 
         if self._encoders is None:  # loaded on first use: a transformer takes seconds to load
+            # torch's thread count is process-wide: encoders built with the serving count never change it under running requests
+            embed = self.cfg.embed.model_copy(update={"threads": torch.get_num_threads()})
             self._encoders = (
-                build_text_encoder(self.cfg.embed) if self.model.use_text else None,
-                build_image_encoder(self.cfg.embed) if self.model.use_image else None,
+                build_text_encoder(embed) if self.model.use_text else None,
+                build_image_encoder(embed) if self.model.use_image else None,
             )
         text_encoder, image_encoder = self._encoders
         content: dict[str, torch.Tensor] = {}
@@ -398,6 +396,18 @@ class Recommender:
         elif any(item.image for item in items):
             warnings.append("image ignored: this model uses no images")
         return content, warnings
+
+
+def _load_model(run: RunDir) -> RecsysModel:
+    """``load_model``, with a damaged file (truncated, not JSON, not safetensors, other shapes) a RunError naming it."""
+    try:
+        return load_model(run.model)
+    except RecsysError:
+        raise
+    except Exception as exc:  # safetensors, json and torch each raise their own types for a damaged file
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        damaged = run.model / ("model.json" if isinstance(exc, (ValueError, KeyError, TypeError)) and not isinstance(exc, RuntimeError) else "model.safetensors")
+        raise RunError(f"{damaged} cannot be read ({type(exc).__name__}: {first_line}): train again with `recsys train --run {run.root}` or restore the file") from None
 
 
 def _check_dim(encoder_dim: int, model_dim: int, modality: str) -> None:

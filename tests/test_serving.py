@@ -402,13 +402,17 @@ def test_text_of_an_added_item_survives_a_restart(run):
     assert Recommender.load(run).text_of("described") == "a red striped umbrella"
 
 
-def test_rebuilding_the_index_forgets_items_added_at_serving_time(run):
+def test_rebuilding_the_index_keeps_items_added_at_serving_time_re_embedded(run):
     TestClient(create_app(run.root, admin_token=TOKEN)).post(
-        "/items", json={"items": [{"item_id": "transient", "text": "gone after a rebuild"}]}, headers=ADMIN
+        "/items", json={"items": [{"item_id": "kept", "image_base64": png((200, 5, 5))}]}, headers=ADMIN
     )
-    build_index(run)
-    restarted = Recommender.load(run)
-    assert restarted.index.faiss_id("transient") is None and restarted.text_of("transient") is None
+    before = Recommender.load(run)
+    summary = build_index(run)
+    rebuilt = Recommender.load(run)
+    assert summary["added_items_kept"] == 1 and summary["added_items_dropped"] == []
+    assert rebuilt.index.count == N_ITEMS + 1 and rebuilt.index.faiss_id("kept") == before.index.faiss_id("kept")
+    faiss_id = np.array([rebuilt.index.faiss_id("kept")])
+    np.testing.assert_allclose(rebuilt.index.vectors(faiss_id), before.index.vectors(faiss_id), atol=1e-5)  # same model, same vector
 
 
 def test_adding_an_existing_item_id_is_409_and_changes_nothing(run):
