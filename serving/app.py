@@ -27,16 +27,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from recsys.errors import ConfigError, DataError, RecsysError, RunError
 from recsys.rundir import RunDir
-from serving.recommender import INT64_MAX, INT64_MIN, INT64_PATTERN, DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
+from serving.recommender import INT64_PATTERN, DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
 
 log = logging.getLogger("recsys.serve")
 access_log = logging.getLogger("recsys.access")
 
 MAX_ID_CHARS = 256  # string ids
+MAX_JSON_INT = 2**53 - 1  # integer ids as JSON numbers (larger int64 ids go as text)
 MAX_HISTORY = 1000  # request history ids accepted (the model keeps the last history_len)
 MAX_NEW_ITEMS = 256  # items per POST /items
 MAX_TEXT_CHARS = 100_000
@@ -61,6 +62,11 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema's "integer" includes 13.0; strict ints would refuse it (and must refuse "13" and true)."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**64 else value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -79,9 +85,11 @@ class Contract:
 
 
 def id_type(integer: bool) -> Any:
-    """A request id: an int64 (as a JSON integer or its text) for integer catalogues, else a string."""
+    """A request id: for integer catalogues an int64 as text, or as a JSON integer within +-(2**53 - 1); else a string."""
     if integer:
-        return Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)] | Annotated[str, Field(pattern=INT64_PATTERN)]
+        # As a JSON number only within +-(2**53 - 1), which every JSON parser and schema tool holds exactly (they
+        # compare in doubles: near 2**63 they are 2048 apart); any int64 as text.
+        return Annotated[int, Field(strict=True, ge=-MAX_JSON_INT, le=MAX_JSON_INT), BeforeValidator(_integral)] | Annotated[str, Field(pattern=INT64_PATTERN)]
     return Annotated[Text, Field(min_length=1, max_length=MAX_ID_CHARS)]
 
 
@@ -102,7 +110,7 @@ class RequestModels:
 def request_models(contract: Contract) -> RequestModels:
     """The request models of a service over runs with ``contract``."""
     UserId, ItemId = id_type(contract.user_ids_int), id_type(contract.item_ids_int)
-    K = Annotated[int, Field(strict=True, ge=1, le=contract.max_k, description="items wanted (at most serve.max_k)")]
+    K = Annotated[int, Field(strict=True, ge=1, le=contract.max_k, description="items wanted (at most serve.max_k)"), BeforeValidator(_integral)]  # Field first, or its limits leave the schema
 
     class RecommendRequest(Strict):
         user_id: UserId | None = None  # type: ignore[valid-type]
@@ -186,7 +194,7 @@ class ErrorResponse(BaseModel):
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the error statuses a route can answer (all share ``ErrorResponse``)."""
-    return {code: {"model": ErrorResponse} for code in (*codes, 500)}
+    return {code: {"model": ErrorResponse} for code in (*codes, 500)}  # 400: a body that is not UTF-8 (FastAPI's own answer)
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -359,8 +367,12 @@ class Service:
             raise HTTPException(400, f"run {raw!r} cannot be resolved: {exc}") from None
         if not path.is_relative_to(self.runs_root):
             raise HTTPException(403, f"run {raw!r} resolves to {path}, outside serve.runs_root ({self.runs_root}): reload only loads runs under it")
-        if not path.is_dir():
-            raise HTTPException(404, f"run {raw!r}: no run directory {path}")
+        try:
+            is_run = (path / "config.toml").is_file()
+        except OSError as exc:  # e.g. a name longer than the file system allows: no such run either
+            raise HTTPException(404, f"run {raw!r}: no run directory {path} ({exc.strerror})") from None
+        if not is_run:
+            raise HTTPException(404, f"run {raw!r}: no run directory {path} (no config.toml)")
         return path
 
     def reload(self, raw: str, contract: Contract) -> Recommender:
@@ -399,10 +411,11 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN")
 
     def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        disabled = "" if admin_token else " (and admin endpoints are disabled here: start the service with RECSYS_ADMIN_TOKEN set)"
+        if credentials is None or not credentials.credentials:  # no credentials: 401 either way, as HTTP has it
+            raise HTTPException(401, f"admin endpoint: send 'Authorization: Bearer <token>'{disabled}", headers={"WWW-Authenticate": "Bearer"})
         if not admin_token:
             raise HTTPException(403, "admin endpoints are disabled: start the service with RECSYS_ADMIN_TOKEN set")
-        if credentials is None or not credentials.credentials:
-            raise HTTPException(401, "admin endpoint: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(credentials.credentials.strip().encode(), admin_token.encode()):
             raise HTTPException(403, "admin endpoint: wrong token")
 
@@ -423,7 +436,7 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     def healthz() -> StatusResponse:
         return status(service.recommender)
 
-    @app.post("/recommend", response_model=RecommendResponse, responses=errors(413, 422))
+    @app.post("/recommend", response_model=RecommendResponse, responses=errors(400, 413, 422))
     def recommend(body: RecommendRequest) -> RecommendResponse:  # type: ignore[valid-type]
         recommender = service.recommender  # one model + index for the whole request
         result = recommender.recommend(user_id=body.user_id, history=body.history, k=body.k)
@@ -435,7 +448,7 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         pairs = service.recommender.similar(item_id, k)
         return SimilarResponse(items=[SimilarItem(item_id=i, score=s) for i, s in pairs])
 
-    @app.post("/items", response_model=AddItemsResponse, status_code=201, dependencies=[Depends(require_admin)], responses=errors(401, 403, 409, 413, 422, 503))
+    @app.post("/items", response_model=AddItemsResponse, status_code=201, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 409, 413, 422, 503))
     def add_items(body: AddItemsRequest) -> AddItemsResponse:  # type: ignore[valid-type]
         new_items = [NewItem(item.item_id, item.text, decode_image_base64(item.image_base64) if item.image_base64 else None) for item in body.items]
         with service.writing() as recommender:
@@ -443,16 +456,16 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         added = [AddedItem(item_id=recommender.item_key(item.item_id), faiss_id=f) for item, f in zip(body.items, faiss_ids)]
         return AddItemsResponse(added=added, count=recommender.index.count, warnings=warnings)
 
-    @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 404, 409, 413, 422, 503))
+    @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 404, 409, 413, 422, 503))  # 409: another reload, an incomplete run or another contract
     def reload(body: ReloadRequest) -> StatusResponse:
         try:
             fresh = service.reload(body.run, contract)
         except HTTPException:
             raise
-        except Exception as exc:  # an incomplete or unreadable run: the old one stays live
+        except Exception as exc:  # an incomplete or damaged run: the old one stays live
             if not isinstance(exc, RecsysError):
                 log.exception("reload of %s failed", body.run)
-            raise HTTPException(400, f"reload refused, still serving {service.recommender.run.root}: {exc}") from None
+            raise HTTPException(409, f"reload refused, still serving {service.recommender.run.root}: {exc}") from None
         metrics.reloads.inc()
         log.info("reloaded %s (model %s, %d items)", fresh.run.root, fresh.model_version, fresh.index.count)
         return status(fresh)

@@ -454,11 +454,11 @@ def test_reload_swaps_in_another_run(template_run):
     assert after["run"] == str(other.root) and after["model_version"] != before["model_version"]
 
 
-def test_reload_of_an_incomplete_run_is_400_and_keeps_serving_the_old_one(template_run):
+def test_reload_of_an_incomplete_run_is_409_and_keeps_serving_the_old_one(template_run):
     incomplete = make_tiny_run(template_run.root.parent / "noindex")  # no index built
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
     response = client.post("/admin/reload", json={"run": str(incomplete.root)}, headers=ADMIN)
-    assert response.status_code == 400 and "recsys index" in response.json()["detail"]
+    assert response.status_code == 409 and "recsys index" in response.json()["detail"]
     assert client.get("/healthz").json()["run"] == str(template_run.root)
 
 

@@ -53,10 +53,11 @@ def test_a_run_outside_the_runs_root_is_403_and_nothing_is_loaded(layout, where)
     assert client.get("/healthz").json()["run"] == before
 
 
-def test_a_run_that_does_not_exist_is_404(layout):
+@pytest.mark.parametrize("run", ["no-such-run", ".", "x" * 300])  # absent, the runs root itself (no run), a name too long for the file system
+def test_a_run_that_does_not_exist_is_404(layout, run):
     _, client = layout
-    response = reload(client, "no-such-run")
-    assert response.status_code == 404 and "no-such-run" in response.json()["detail"]
+    response = reload(client, run)
+    assert response.status_code == 404 and "no run directory" in response.json()["detail"]
 
 
 def test_runs_root_can_be_configured(tmp_path):

@@ -31,8 +31,8 @@ def body_validator(client: TestClient, path: str) -> jsonschema_rs.Validator:
 
 
 RECOMMEND = [
-    {"k": 1}, {"k": 20}, {"k": 21}, {"k": 0}, {"k": 2.5}, {"k": "3"}, {"user_id": "u1"}, {"user_id": ""}, {"user_id": 5},
-    {"user_id": "5"}, {"user_id": "--5"}, {"user_id": "²"}, {"user_id": INT64_MAX}, {"user_id": 2**64}, {"user_id": True},
+    {"k": 1}, {"k": 20}, {"k": 21}, {"k": 0}, {"k": 2.5}, {"k": 13.0}, {"k": "3"}, {"k": True}, {"user_id": 5.0}, {"user_id": "u1"}, {"user_id": ""}, {"user_id": 5},
+    {"user_id": "5"}, {"user_id": 2**53 - 1}, {"user_id": 2**53}, {"user_id": str(2**53)}, {"user_id": "--5"}, {"user_id": "²"}, {"user_id": INT64_MAX}, {"user_id": 2**64}, {"user_id": True},
     {"user_id": "x" * 257}, {"history": ["it1", "it2"]}, {"history": [1001, "1002"]}, {"history": ["1001 "]}, {"history": ["a"] * 1001},
     {"user": "u1"}, {"history": None}, {"user_id": None, "k": 3},
 ]
@@ -71,3 +71,5 @@ def test_the_schema_publishes_the_runs_limits(services):
     assert params["item_id"]["pattern"].startswith("^(?:\\+?(?:[0-9]{1,18}")
     assert set(similar["responses"]) == {"200", "404", "422", "500"}
     assert spec["paths"]["/items"]["post"]["security"] == [{"HTTPBearer": []}]
+    k = spec["components"]["schemas"]["RecommendRequest"]["properties"]["k"]
+    assert (k["type"], k["minimum"], k["maximum"]) == ("integer", 1, 20)
