@@ -176,7 +176,7 @@ class AddItemsResponse(BaseModel):
 
 
 class ReloadRequest(Strict):
-    run: Annotated[Text, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+    run: Annotated[Text, Field(min_length=1, max_length=4096)]
 
 
 class StatusResponse(BaseModel):
@@ -363,8 +363,8 @@ class Service:
         """``raw`` (absolute, or relative to the runs root) resolved, symlinks and ``..`` included; refused unless under the runs root."""
         try:
             path = (self.runs_root / raw).resolve()
-        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name the OS refuses
-            raise HTTPException(400, f"run {raw!r} cannot be resolved: {exc}") from None
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte: it names no run
+            raise HTTPException(404, f"run {raw!r}: no run directory (the path cannot be resolved: {exc})") from None
         if not path.is_relative_to(self.runs_root):
             raise HTTPException(403, f"run {raw!r} resolves to {path}, outside serve.runs_root ({self.runs_root}): reload only loads runs under it")
         try:

@@ -7,7 +7,6 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from recsys.rundir import RunDir
 from serving.app import create_app
 
 from service import ADMIN, TOKEN, string_id_run
@@ -53,7 +52,7 @@ def test_a_run_outside_the_runs_root_is_403_and_nothing_is_loaded(layout, where)
     assert client.get("/healthz").json()["run"] == before
 
 
-@pytest.mark.parametrize("run", ["no-such-run", ".", "x" * 300])  # absent, the runs root itself (no run), a name too long for the file system
+@pytest.mark.parametrize("run", ["no-such-run", ".", "x" * 300, "a\x00b"])  # absent, the runs root (no run), a name too long for the file system, a NUL
 def test_a_run_that_does_not_exist_is_404(layout, run):
     _, client = layout
     response = reload(client, run)
