@@ -50,7 +50,7 @@ def schemathesis(base: str, out: Path, token: str | None, mode: str, examples: i
     ]  # fmt: skip
     if token:
         command += ["-H", f"Authorization: Bearer {token}"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=3600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=out, env={**os.environ, "OMP_NUM_THREADS": "1"})  # its .schemathesis/ cache stays in tmp
     (out / f"{mode}.txt").write_text(finished.stdout + finished.stderr)
     report = json.loads((out / f"{mode}.json").read_text())
     return report, json.loads((out / f"{mode}.har").read_text())["log"]["entries"], finished.stdout
