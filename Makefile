@@ -6,7 +6,7 @@ PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP   := $(VENV)/.setup-$(shell cat constraints.txt pyproject.toml | sha1sum | cut -c1-12)
 DEMO    ?= demo
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all fuzz bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q
+
+# schemathesis against real `recsys serve` processes (string/integer ids, with/without the admin
+# token); FUZZ_EXAMPLES per operation (default 1000). Prints one JSON line of figures per case.
+fuzz: setup
+	$(BIN)/python -m pytest -q -s -m slow tests/test_serving_fuzz.py
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -72,6 +72,9 @@ def cmd_step(args: argparse.Namespace) -> int:
     run = RunDir(args.run)
     run.config()  # fails clearly when RUN is not a run directory
     kwargs: dict[str, Any] = {}
+    if args.command == "index" and args.compact:  # fold the log of items added at serving time into the files
+        print(json.dumps(_call("serving.index:compact_index", run)))
+        return 0
     if args.command == "train":
         kwargs = {"resume": args.resume, "nproc": args.nproc}
     if args.command == "evaluate" and args.compare:
@@ -179,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         if step == "train":
             p.add_argument("--nproc", type=int, default=None)
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if step == "index":
+            p.add_argument("--compact", action="store_true", help="fold items added at serving time (RUN/index/added_items.log) into the index files; no rebuild")
         if step == "evaluate":
             p.add_argument("--compare", nargs="*", default=None, help="other run directories to compare against")
         p.set_defaults(func=cmd_step)

@@ -160,6 +160,9 @@ class ServeConfig(_Section):
     cooccurrence_neighbours: int = Field(50, ge=1)  # each item keeps this many most co-clicked items
     threads: int = 1  # torch and FAISS threads per request (requests run concurrently); 0 = library default
     access_log: bool = True  # one JSON line per request on stderr
+    runs_root: str = ""  # /admin/reload only loads run directories under this one; "" = the parent of the served run
+    max_body_bytes: int = Field(16 * 2**20, ge=1024)  # request bodies above this are refused (413) before they are read whole
+    write_timeout_s: float = Field(30.0, gt=0)  # POST /items waits this long for a reload or another add, then answers 503
 
 
 class EvalConfig(_Section):

@@ -1,7 +1,8 @@
 """The run directory (layout fixed by DESIGN.md) and safe ways to write into it.
 
-Every artifact is written atomically (temp file in the same directory, then rename), so a
-killed job never leaves a half-written file that a later step would trust.
+Every artifact is written atomically (temp file in the same directory, fsync, rename, fsync of
+the directory), so a killed job or a power cut never leaves a half-written file that a later
+step would trust.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class RunDir:
 # -- atomic writes -----------------------------------------------------------------------
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it is renamed over ``path``."""
+    """Yield a temp path beside ``path``; on success it is fsynced and renamed over ``path`` (and the directory fsynced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -107,10 +108,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are ordinary files
     try:
         yield tmp_path
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the name points at them
+        finally:
+            os.close(fd)
         os.replace(tmp_path, path)
+        fsync_directory(path.parent)  # and the rename itself survives a crash
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Make renames and new names in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

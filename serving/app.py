@@ -9,45 +9,134 @@ The live ``Recommender`` is one attribute: a reload builds the new one off to th
 swaps the reference, so a request that started on the old model and index finishes on them.
 """
 
-from __future__ import annotations
-
 import hmac
 import json
 import logging
 import os
 import threading
 import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from recsys.errors import RecsysError
+from recsys.errors import ConfigError, DataError, RecsysError, RunError
 from recsys.rundir import RunDir
-from serving.recommender import DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
+from serving.recommender import INT64_PATTERN, DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
 
 log = logging.getLogger("recsys.serve")
 access_log = logging.getLogger("recsys.access")
 
-ItemId = Annotated[str, Field(min_length=1, max_length=256)] | StrictInt
+MAX_ID_CHARS = 256  # string ids
+MAX_JSON_INT = 2**53 - 1  # integer ids as JSON numbers (larger int64 ids go as text)
 MAX_HISTORY = 1000  # request history ids accepted (the model keeps the last history_len)
 MAX_NEW_ITEMS = 256  # items per POST /items
+MAX_TEXT_CHARS = 100_000
 MAX_IMAGE_BASE64 = 8_000_000  # characters (~6 MB image)
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"  # what b64decode(validate=True) takes
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 # -- request and response models -------------------------------------------------------------
+# Every limit and type a handler relies on is a pydantic constraint here, so /openapi.json is the
+# contract the handlers enforce. Limits that depend on the run (id types, serve.max_k) come from
+# the served run's ``Contract``; a reload to a run with another contract is refused.
+def _unicode(text: str) -> str:
+    """JSON admits lone surrogates; they are not text (polars and the log could not store them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("string holds a lone UTF-16 surrogate (not valid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's "integer" includes 13.0; strict ints would refuse it (and must refuse "13" and true)."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**64 else value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class RecommendRequest(Strict):
-    user_id: ItemId | None = None
-    history: list[ItemId] | None = Field(default=None, max_length=MAX_HISTORY)
-    k: int = Field(default=10, ge=1)
+@dataclass(frozen=True)
+class Contract:
+    """What the request schema depends on in the served run."""
+
+    user_ids_int: bool
+    item_ids_int: bool
+    max_k: int
+
+    @classmethod
+    def of(cls, recommender: Recommender) -> "Contract":
+        return cls(recommender.user_ids_are_int, recommender.item_ids_are_int, recommender.cfg.serve.max_k)
+
+
+def id_type(integer: bool) -> Any:
+    """A request id: for integer catalogues an int64 as text, or as a JSON integer within +-(2**53 - 1); else a string."""
+    if integer:
+        # As a JSON number only within +-(2**53 - 1), which every JSON parser and schema tool holds exactly (they
+        # compare in doubles: near 2**63 they are 2048 apart); any int64 as text.
+        return Annotated[int, Field(strict=True, ge=-MAX_JSON_INT, le=MAX_JSON_INT), BeforeValidator(_integral)] | Annotated[str, Field(pattern=INT64_PATTERN)]
+    return Annotated[Text, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+def path_id_type(integer: bool) -> Any:
+    if integer:
+        return Annotated[str, PathParam(pattern=INT64_PATTERN, description="an int64 item id")]
+    return Annotated[Text, PathParam(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    recommend: type[BaseModel]
+    add_items: type[BaseModel]
+    item_path: Any  # the path parameter of /items/{item_id}/similar
+    k_query: Any
+
+
+def request_models(contract: Contract) -> RequestModels:
+    """The request models of a service over runs with ``contract``."""
+    UserId, ItemId = id_type(contract.user_ids_int), id_type(contract.item_ids_int)
+    K = Annotated[int, Field(strict=True, ge=1, le=contract.max_k, description="items wanted (at most serve.max_k)"), BeforeValidator(_integral)]  # Field first, or its limits leave the schema
+
+    class RecommendRequest(Strict):
+        user_id: UserId | None = None  # type: ignore[valid-type]
+        history: list[ItemId] | None = Field(default=None, max_length=MAX_HISTORY)  # type: ignore[valid-type]
+        k: K = 10  # type: ignore[valid-type]
+
+    class NewItemRequest(Strict):
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={"anyOf": [{"required": ["text"], "properties": {"text": {"type": "string"}}},
+                                         {"required": ["image_base64"], "properties": {"image_base64": {"type": "string"}}}]},
+        )  # fmt: skip
+        item_id: ItemId  # type: ignore[valid-type]
+        text: Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+        image_base64: Annotated[str, Field(min_length=4, max_length=MAX_IMAGE_BASE64, pattern=BASE64_PATTERN)] | None = None
+
+        @model_validator(mode="after")
+        def _has_content(self) -> "NewItemRequest":
+            if self.text is None and self.image_base64 is None:
+                raise ValueError("a new item needs text or image_base64")
+            return self
+
+    class AddItemsRequest(Strict):
+        items: list[NewItemRequest] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
+
+    return RequestModels(RecommendRequest, AddItemsRequest, path_id_type(contract.item_ids_int), Annotated[int, Query(ge=1, le=contract.max_k)])
 
 
 class RecommendedItem(BaseModel):
@@ -76,16 +165,6 @@ class SimilarResponse(BaseModel):
     items: list[SimilarItem]
 
 
-class NewItemRequest(Strict):
-    item_id: ItemId
-    text: str | None = Field(default=None, max_length=100_000)
-    image_base64: str | None = Field(default=None, max_length=MAX_IMAGE_BASE64)
-
-
-class AddItemsRequest(Strict):
-    items: list[NewItemRequest] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
-
-
 class AddedItem(BaseModel):
     item_id: str | int
     faiss_id: int
@@ -98,7 +177,7 @@ class AddItemsResponse(BaseModel):
 
 
 class ReloadRequest(Strict):
-    run: str = Field(min_length=1, max_length=4096)
+    run: Annotated[Text, Field(min_length=1, max_length=4096)]
 
 
 class StatusResponse(BaseModel):
@@ -109,77 +188,65 @@ class StatusResponse(BaseModel):
     items: int
 
 
+class ErrorResponse(BaseModel):
+    detail: str | list[dict[str, Any]]  # a message, or pydantic's list of validation errors
+    request_id: str | None = None  # on 500s: the id the log names the traceback by
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses a route can answer (all share ``ErrorResponse``)."""
+    return {code: {"model": ErrorResponse} for code in (*codes, 500)}  # 400: a body that is not UTF-8 (FastAPI's own answer)
+
+
 # -- metrics ---------------------------------------------------------------------------------
-class Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        self.total_s = 0.0
+class LiveCollector:
+    """What the live recommender holds, read at scrape time: index size and which model."""
 
-    def observe(self, seconds: float) -> None:
-        self.total_s += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS_S):
-            if seconds <= bound:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+    def __init__(self, service: "Service"):
+        self.service = service
 
-    def lines(self, name: str, labels: str) -> list[str]:
-        out, cumulative = [], 0
-        for bound, count in zip((*map(str, LATENCY_BUCKETS_S), "+Inf"), self.counts):
-            cumulative += count
-            out.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
-        out += [f"{name}_sum{{{labels}}} {self.total_s:.6f}", f"{name}_count{{{labels}}} {cumulative}"]
-        return out
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        recommender = self.service.recommender
+        yield GaugeMetricFamily("recsys_index_items", "Items in the live FAISS index.", value=recommender.index.count)
+        info = GaugeMetricFamily("recsys_model_info", "The live model and index.", labels=["version", "run", "index_type"])
+        info.add_metric([recommender.model_version, str(recommender.run.root), recommender.index.kind], 1)
+        yield info
 
 
 class Metrics:
-    """Request counts and latency histograms per endpoint, pipeline stage histograms; thread-safe."""
+    """prometheus_client metrics of one app, in a registry of its own (two apps in a process never mix)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[str, Histogram] = {}
-        self.stages: dict[str, Histogram] = {}
-        self.reloads = 0
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # CPU, memory, open files of this process
+        PlatformCollector(registry=self.registry)
+        self.requests = Counter("recsys_requests", "HTTP requests by endpoint, method and status.", ["endpoint", "method", "status"], registry=self.registry)
+        self.latency = Histogram("recsys_request_duration_seconds", "Request latency by endpoint.", ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.stages = Histogram("recsys_stage_duration_seconds", "Time in each /recommend pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.reloads = Counter("recsys_reloads", "Successful model and index swaps.", registry=self.registry)
+
+    def watch(self, service: "Service") -> None:
+        self.registry.register(LiveCollector(service))
 
     def request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (endpoint, method, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.latency.setdefault(endpoint, Histogram()).observe(seconds)
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
 
     def stage_times(self, timings_ms: dict[str, float]) -> None:
-        with self._lock:
-            for stage, ms in timings_ms.items():
-                if stage != "total":
-                    self.stages.setdefault(stage, Histogram()).observe(ms / 1000)
+        for stage, ms in timings_ms.items():
+            if stage != "total":
+                self.stages.labels(stage).observe(ms / 1000)
 
-    def render(self, recommender: Recommender) -> str:
-        with self._lock:
-            lines = ["# HELP recsys_requests_total HTTP requests by endpoint, method and status.", "# TYPE recsys_requests_total counter"]
-            lines += [f'recsys_requests_total{{endpoint="{e}",method="{m}",status="{s}"}} {n}' for (e, m, s), n in sorted(self.requests.items())]
-            lines += ["# HELP recsys_request_duration_seconds Request latency by endpoint.", "# TYPE recsys_request_duration_seconds histogram"]
-            for endpoint, histogram in sorted(self.latency.items()):
-                lines += histogram.lines("recsys_request_duration_seconds", f'endpoint="{endpoint}"')
-            lines += ["# HELP recsys_stage_duration_seconds Time in each /recommend pipeline stage.", "# TYPE recsys_stage_duration_seconds histogram"]
-            for stage, histogram in sorted(self.stages.items()):
-                lines += histogram.lines("recsys_stage_duration_seconds", f'stage="{stage}"')
-            lines += ["# HELP recsys_reloads_total Successful model and index swaps.", "# TYPE recsys_reloads_total counter", f"recsys_reloads_total {self.reloads}"]
-        lines += [
-            "# HELP recsys_index_items Items in the live FAISS index.", "# TYPE recsys_index_items gauge",
-            f"recsys_index_items {recommender.index.count}",
-            "# HELP recsys_model_info The live model and index.", "# TYPE recsys_model_info gauge",
-            f'recsys_model_info{{version="{_label(recommender.model_version)}",run="{_label(str(recommender.run.root))}",index_type="{recommender.index.kind}"}} 1',
-        ]
-        return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class AccessLogMiddleware:
-    """Pure ASGI: one JSON access-log line and the metrics per request (route template as label)."""
+    """Pure ASGI: a request id, one JSON access-log line and the metrics per request (route template as label).
+
+    An exception no handler mapped becomes a 500 whose body carries the request id; the traceback
+    goes to the log under the same id, never to the client.
+    """
 
     def __init__(self, app: Any, metrics: Metrics):
         self.app = app
@@ -190,16 +257,23 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        request_id = uuid.uuid4().hex[:16]
+        status, response_started = 500, False
 
         async def send_and_record(message: dict) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record)
+        except Exception:
+            log.exception("request %s (%s %s) failed", request_id, scope["method"], scope["path"])
+            if not response_started:
+                body = {"detail": "internal error: the service logged it under this request id", "request_id": request_id}
+                await JSONResponse(body, status_code=500)(scope, receive, send_and_record)
         finally:
             seconds = time.perf_counter() - started
             route = scope.get("route")
@@ -209,48 +283,148 @@ class AccessLogMiddleware:
                 client = scope.get("client") or ("", 0)
                 access_log.info(json.dumps({
                     "ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"], "endpoint": endpoint,
-                    "status": status, "ms": round(1000 * seconds, 3), "client": client[0],
+                    "status": status, "ms": round(1000 * seconds, 3), "client": client[0], "request_id": request_id,
                 }))
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: a request body over ``max_bytes`` is refused with 413, by its Content-Length before
+    anything is read, or (a chunked body) as soon as the bytes received pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.message = f"request body over serve.max_body_bytes = {max_bytes} bytes"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_within_limit() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self.message)  # FastAPI passes an HTTPException from the body read through
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+
+def error_status(exc: RecsysError) -> int:
+    """The HTTP status of a library error: the request's fault (4xx) or the service's state (503)."""
+    if isinstance(exc, UnknownItem):
+        return 404
+    if isinstance(exc, DuplicateItem):
+        return 409
+    if isinstance(exc, (RequestError, DataError)):
+        return 422
+    if isinstance(exc, (ConfigError, RunError)):  # e.g. an encoder the run's config names but this host lacks
+        return 503
+    return 400
 
 
 # -- the app ---------------------------------------------------------------------------------
 class Service:
-    """The live recommender and the swap that replaces it."""
+    """The live recommender, the one writer lock that adds and reloads share, and the swap.
 
-    def __init__(self, recommender: Recommender):
+    POST /items and /admin/reload each hold ``writer`` for their whole change, so an add that
+    arrives during a reload waits and lands in the new run (or, past ``write_timeout_s``, is
+    refused with 503): never in a recommender that is being replaced. Reads take no service lock.
+    """
+
+    def __init__(self, recommender: Recommender, runs_root: Path, write_timeout_s: float):
         self.recommender = recommender
-        self.reload_lock = threading.Lock()
+        self.runs_root = runs_root  # resolved
+        self.write_timeout_s = write_timeout_s
+        self.writer = threading.Lock()
+        self._reload_gate = threading.Lock()  # a second reload while one runs is refused, not queued
 
-    def reload(self, run_dir: str) -> Recommender:
-        if not self.reload_lock.acquire(blocking=False):
+    @property
+    def reloading(self) -> bool:
+        return self._reload_gate.locked()
+
+    @contextmanager
+    def writing(self) -> Iterator[Recommender]:
+        """Hold the writer lock; yields the live recommender (the one any change must land in)."""
+        if not self.writer.acquire(timeout=self.write_timeout_s):
+            raise HTTPException(503, f"the index is busy (a reload or another add) for over serve.write_timeout_s = {self.write_timeout_s} s: retry", headers={"Retry-After": "1"})
+        try:
+            yield self.recommender
+        finally:
+            self.writer.release()
+
+    def resolve_run(self, raw: str) -> Path:
+        """``raw`` (absolute, or relative to the runs root) resolved, symlinks and ``..`` included; refused unless under the runs root."""
+        try:
+            path = (self.runs_root / raw).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte: it names no run
+            raise HTTPException(404, f"run {raw!r}: no run directory (the path cannot be resolved: {exc})") from None
+        if not path.is_relative_to(self.runs_root):
+            raise HTTPException(403, f"run {raw!r} resolves to {path}, outside serve.runs_root ({self.runs_root}): reload only loads runs under it")
+        try:
+            is_run = (path / "config.toml").is_file()
+        except OSError as exc:  # e.g. a name longer than the file system allows: no such run either
+            raise HTTPException(404, f"run {raw!r}: no run directory {path} ({exc.strerror})") from None
+        if not is_run:
+            raise HTTPException(404, f"run {raw!r}: no run directory {path} (no config.toml)")
+        return path
+
+    def reload(self, raw: str, contract: Contract) -> Recommender:
+        path = self.resolve_run(raw)  # before anything under it is opened
+        if not self._reload_gate.acquire(blocking=False):
             raise HTTPException(409, "a reload is already in progress")
         try:
-            fresh = Recommender.load(RunDir(run_dir))  # the old one keeps serving meanwhile
-            self.recommender = fresh  # one reference swap: model and index change together
-            return fresh
+            with self.writing():
+                fresh = Recommender.load(RunDir(path))  # the old one keeps serving reads meanwhile
+                if Contract.of(fresh) != contract:  # the published schema (id types, max_k) would no longer hold
+                    raise HTTPException(409, f"{path} takes other requests ({Contract.of(fresh)}) than the served schema ({contract}): restart the service on it")
+                self.recommender = fresh  # one reference swap: model and index change together
+                return fresh
         finally:
-            self.reload_lock.release()
+            self._reload_gate.release()
+
+
+def runs_root_of(run: RunDir) -> Path:
+    """``serve.runs_root`` of the served run, resolved; "" means the run's parent directory."""
+    configured = run.config().serve.runs_root
+    return Path(configured).expanduser().resolve() if configured else run.root.resolve().parent
 
 
 def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> FastAPI:
     """The service over one run directory (loaded now); admin endpoints need ``admin_token``."""
-    service = Service(Recommender.load(run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)))
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    recommender = Recommender.load(run)
+    service = Service(recommender, runs_root_of(run), recommender.cfg.serve.write_timeout_s)
+    contract = Contract.of(service.recommender)
+    models = request_models(contract)
+    RecommendRequest, AddItemsRequest, ItemPath, KQuery = models.recommend, models.add_items, models.item_path, models.k_query
     metrics = Metrics()
+    metrics.watch(service)
     app = FastAPI(title="recsys", description="Retrieval and ranking service", version="1")
     app.state.service = service
+    bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN")
 
-    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+    def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        disabled = "" if admin_token else " (and admin endpoints are disabled here: start the service with RECSYS_ADMIN_TOKEN set)"
+        if credentials is None or not credentials.credentials:  # no credentials: 401 either way, as HTTP has it
+            raise HTTPException(401, f"admin endpoint: send 'Authorization: Bearer <token>'{disabled}", headers={"WWW-Authenticate": "Bearer"})
         if not admin_token:
             raise HTTPException(403, "admin endpoints are disabled: start the service with RECSYS_ADMIN_TOKEN set")
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise HTTPException(401, "admin endpoint: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), admin_token.encode()):
+        if not hmac.compare_digest(credentials.credentials.strip().encode(), admin_token.encode()):
             raise HTTPException(403, "admin endpoint: wrong token")
 
-    @app.exception_handler(RequestError)
-    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
-        code = 404 if isinstance(exc, UnknownItem) else 409 if isinstance(exc, DuplicateItem) else 422
+    @app.exception_handler(RecsysError)
+    async def recsys_error(request: Request, exc: RecsysError) -> JSONResponse:
+        code = error_status(exc)
+        if code >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
     def status(recommender: Recommender) -> StatusResponse:
@@ -259,54 +433,56 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
             index_type=recommender.index.kind, items=recommender.index.count,
         )
 
-    @app.get("/healthz", response_model=StatusResponse)
+    @app.get("/healthz", response_model=StatusResponse, responses=errors())
     def healthz() -> StatusResponse:
         return status(service.recommender)
 
-    @app.post("/recommend", response_model=RecommendResponse)
-    def recommend(body: RecommendRequest) -> RecommendResponse:
+    @app.post("/recommend", response_model=RecommendResponse, responses=errors(400, 413, 422))
+    def recommend(body: RecommendRequest) -> RecommendResponse:  # type: ignore[valid-type]
         recommender = service.recommender  # one model + index for the whole request
         result = recommender.recommend(user_id=body.user_id, history=body.history, k=body.k)
         metrics.stage_times(result.timings_ms)
         return RecommendResponse(items=[RecommendedItem(**vars(item)) for item in result.items], warnings=result.warnings, source=result.source)
 
-    @app.get("/items/{item_id}/similar", response_model=SimilarResponse)
-    def similar(item_id: Annotated[str, PathParam(max_length=256)], k: Annotated[int, Query(ge=1)] = 10) -> SimilarResponse:
+    @app.get("/items/{item_id}/similar", response_model=SimilarResponse, responses=errors(404, 422))
+    def similar(item_id: ItemPath, k: KQuery = 10) -> SimilarResponse:  # type: ignore[valid-type]
         pairs = service.recommender.similar(item_id, k)
         return SimilarResponse(items=[SimilarItem(item_id=i, score=s) for i, s in pairs])
 
-    @app.post("/items", response_model=AddItemsResponse, status_code=201, dependencies=[Depends(require_admin)])
-    def add_items(body: AddItemsRequest) -> AddItemsResponse:
-        new_items = []
-        for item in body.items:
-            if not item.text and not item.image_base64:
-                raise RequestError(f"item {item.item_id!r} needs text or image_base64")
-            image = decode_image_base64(item.image_base64) if item.image_base64 else None
-            new_items.append(NewItem(item.item_id, item.text, image))
-        recommender = service.recommender
-        faiss_ids, warnings = recommender.add_items(new_items)
+    @app.post("/items", response_model=AddItemsResponse, status_code=201, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 409, 413, 422, 503))
+    def add_items(body: AddItemsRequest) -> AddItemsResponse:  # type: ignore[valid-type]
+        new_items = [NewItem(item.item_id, item.text, decode_image_base64(item.image_base64) if item.image_base64 else None) for item in body.items]
+        with service.writing() as recommender:
+            faiss_ids, warnings = recommender.add_items(new_items)
         added = [AddedItem(item_id=recommender.item_key(item.item_id), faiss_id=f) for item, f in zip(body.items, faiss_ids)]
         return AddItemsResponse(added=added, count=recommender.index.count, warnings=warnings)
 
-    @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)])
+    @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 404, 409, 413, 422, 503))  # 409: another reload, an incomplete run or another contract
     def reload(body: ReloadRequest) -> StatusResponse:
         try:
-            fresh = service.reload(body.run)
+            fresh = service.reload(body.run, contract)
         except HTTPException:
             raise
-        except Exception as exc:  # an incomplete or unreadable run: the old one stays live
+        except Exception as exc:  # an incomplete or damaged run: the old one stays live
             if not isinstance(exc, RecsysError):
                 log.exception("reload of %s failed", body.run)
-            raise HTTPException(400, f"reload refused, still serving {service.recommender.run.root}: {exc}") from None
-        metrics.reloads += 1
+            raise HTTPException(409, f"reload refused, still serving {service.recommender.run.root}: {exc}") from None
+        metrics.reloads.inc()
         log.info("reloaded %s (model %s, %d items)", fresh.run.root, fresh.model_version, fresh.index.count)
         return status(fresh)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(service.recommender), media_type="text/plain; version=0.0.4")
+    @app.get("/readyz", response_model=StatusResponse, responses=errors(503))
+    def readyz() -> StatusResponse:
+        if service.reloading:
+            raise HTTPException(503, "reloading")
+        return status(service.recommender)
 
-    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    @app.get("/metrics", response_class=PlainTextResponse, responses=errors())
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=recommender.cfg.serve.max_body_bytes)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)  # outermost: it sees the 413s too
     return app
 
 

@@ -19,8 +19,9 @@ import math
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -30,6 +31,7 @@ from recsys.config import IndexConfig
 from recsys.errors import RunError
 from recsys.history import padded_history
 from recsys.rundir import RunDir, atomic_path, read_json, sha256_file, write_json, write_parquet
+from serving.journal import LOG_FILE, AddedBatch, append_log, read_log
 
 log = logging.getLogger("recsys")
 
@@ -91,6 +93,45 @@ def _set_knob(index: faiss.IndexIDMap2, kind: str, value: int) -> None:
         base.hnsw.efSearch = value
 
 
+class ReadersWriterLock:
+    """Many readers at once, or one writer; a waiting writer holds new readers back (it cannot starve)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._changed:
+            while self._writing or self._writers_waiting:
+                self._changed.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._changed.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._changed:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._changed.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+
 class ItemIndex:
     """Item vectors under stable FAISS ids, with their ``item_idx`` / ``item_id``; thread-safe."""
 
@@ -100,8 +141,10 @@ class ItemIndex:
         self.kind = kind
         self.params = params
         self.recall = recall  # ann recall@100 measured at build time (1.0 for exact search)
-        self._lock = threading.Lock()  # faiss adds must not overlap searches
-        self._save_lock = threading.Lock()  # one writer of the files at a time
+        self._lock = ReadersWriterLock()  # FAISS searches run concurrently; an add must overlap none of them
+        self._save_lock = threading.Lock()  # one writer (adds, the log, the files) at a time
+        self.log_end = 0  # bytes of the log of added items (journal.LOG_FILE) this index holds
+        self.added_texts: dict[Any, str | None] = {}  # texts of the items added at serving time
         self._set_ids(ids)
 
     # -- construction ------------------------------------------------------------------
@@ -207,13 +250,13 @@ class ItemIndex:
     def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-n by inner product: (q, d) -> faiss ids (q, n), -1 where fewer exist; scores (q, n)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        with self._lock:
+        with self._lock.reading():
             scores, ids = self.index.search(queries, n)
         return ids, scores
 
     def vectors(self, faiss_ids: np.ndarray) -> np.ndarray:
         """Stored (normalised) vectors of ``faiss_ids``. (n,) -> (n, d)"""
-        with self._lock:
+        with self._lock.reading():
             return self.index.reconstruct_batch(np.ascontiguousarray(faiss_ids, dtype=np.int64))
 
     def content(self, faiss_ids: np.ndarray) -> np.ndarray | None:
@@ -221,89 +264,189 @@ class ItemIndex:
         return None if self.content_vecs is None else self.content_vecs[self._row_of[faiss_ids]]
 
     # -- updates -----------------------------------------------------------------------
-    def add(self, vectors: np.ndarray, item_ids: Sequence[Any], item_idx: np.ndarray | None = None, content_vecs: np.ndarray | None = None) -> np.ndarray:
-        """Add items (fresh FAISS ids above all existing ones) with their ``content_vecs``; returns their faiss ids.
+    def add(
+        self, vectors: np.ndarray, item_ids: Sequence[Any], item_idx: np.ndarray | None = None,
+        content_vecs: np.ndarray | None = None, faiss_ids: np.ndarray | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """Add items in memory (fresh FAISS ids above all existing ones, or ``faiss_ids``) with their ``content_vecs``; returns their faiss ids.
 
         Items whose ``item_id`` is already indexed are refused (ValueError): FAISS ids are stable.
         """
         vectors = normalise(vectors)
         if vectors.shape[1] != self.dim or len(vectors) != len(item_ids):
             raise ValueError(f"expected ({len(item_ids)}, {self.dim}) vectors, got {vectors.shape}")
+        if (self.content_vecs is None) != (content_vecs is None):
+            raise ValueError("content_vecs must be given exactly when the index keeps them")
+        with self._save_lock:
+            self._check_new(item_ids)
+            new_ids = self._next_ids(len(item_ids)) if faiss_ids is None else np.asarray(faiss_ids, dtype=np.int64)
+            self._add(vectors, new_ids, item_ids, item_idx, content_vecs)
+        return new_ids
+
+    def add_logged(self, directory: Path, vectors: np.ndarray, item_ids: Sequence[Any], texts: Sequence[str | None],
+                   content_vecs: np.ndarray | None, encoded: dict[str, np.ndarray]) -> np.ndarray:  # fmt: skip
+        """Add items durably: one record in ``directory``'s log (fsynced), then into the live index. O(new items).
+
+        ``encoded``: the encoders' outputs (text, image and their masks) a rebuild re-embeds them from.
+        """
+        vectors = normalise(vectors)
+        if vectors.shape != (len(item_ids), self.dim) or (self.content_vecs is None) != (content_vecs is None):
+            raise ValueError(f"expected ({len(item_ids)}, {self.dim}) vectors and content_vecs exactly when the index keeps them")
+        with self._save_lock:
+            self._check_new(item_ids)
+            new_ids = self._next_ids(len(item_ids))
+            arrays = {"item_vec": vectors, **({"content_vec": content_vecs} if content_vecs is not None else {}), **encoded}
+            self.log_end = append_log(directory / LOG_FILE, AddedBatch(new_ids, list(item_ids), list(texts), arrays), self.log_end)
+            self._add(vectors, new_ids, item_ids, None, content_vecs)  # acknowledged only after the log holds it
+            self.added_texts.update(zip(item_ids, texts))
+        return new_ids
+
+    def _check_new(self, item_ids: Sequence[Any]) -> None:
         repeated = [item for item, times in Counter(item_ids).items() if times > 1]
         duplicates = [item for item in item_ids if item in self._faiss_id_of] + repeated
         if duplicates:
             raise ValueError(f"items already indexed or repeated: {sorted(map(str, set(duplicates)))[:5]}")
-        with self._save_lock:
-            start = int(self.ids["faiss_id"].max()) + 1
-            new_ids = np.arange(start, start + len(item_ids), dtype=np.int64)
-            idx = np.zeros(len(item_ids), dtype=np.int64) if item_idx is None else np.asarray(item_idx, dtype=np.int64)
-            added = pl.DataFrame({"faiss_id": new_ids, "item_idx": idx, "item_id": list(item_ids)})
-            ids = pl.concat([self.ids, added.cast(self.ids.schema)])
-            if (self.content_vecs is None) != (content_vecs is None):
-                raise ValueError("content_vecs must be given exactly when the index keeps them")
-            with self._lock:
-                self.index.add_with_ids(vectors, new_ids)
-                if content_vecs is not None:
-                    self.content_vecs = np.concatenate([self.content_vecs, np.asarray(content_vecs, dtype=np.float32)])
-                self._set_ids(ids)
-        return new_ids
+
+    def _next_ids(self, count: int) -> np.ndarray:
+        start = int(self.ids["faiss_id"].max()) + 1
+        return np.arange(start, start + count, dtype=np.int64)
+
+    def _add(self, vectors: np.ndarray, new_ids: np.ndarray, item_ids: Sequence[Any], item_idx: np.ndarray | None, content_vecs: np.ndarray | None) -> None:
+        """The in-memory add: FAISS, the id map and the content vectors change together, under the write lock."""
+        idx = np.zeros(len(item_ids), dtype=np.int64) if item_idx is None else np.asarray(item_idx, dtype=np.int64)
+        added = pl.DataFrame({"faiss_id": new_ids, "item_idx": idx, "item_id": list(item_ids)})
+        ids = pl.concat([self.ids, added.cast(self.ids.schema)])
+        with self._lock.writing():
+            self.index.add_with_ids(vectors, new_ids)
+            if content_vecs is not None:
+                self.content_vecs = np.concatenate([self.content_vecs, np.asarray(content_vecs, dtype=np.float32)])
+            self._set_ids(ids)
+
+    def replay(self, batches: Sequence[AddedBatch], source: Path) -> int:
+        """Add logged batches that the index files do not hold yet; returns how many items came in.
+
+        An item id the index already holds (it joined the catalogue) is skipped; a faiss id taken
+        by another item gets a fresh one.
+        """
+        replayed = 0
+        for batch in batches:
+            keep = [i for i, item_id in enumerate(batch.item_ids) if item_id not in self._faiss_id_of]
+            if len(keep) < len(batch.item_ids):
+                log.warning("%s: %d logged item(s) already indexed, skipped", source, len(batch.item_ids) - len(keep))
+            if not keep:
+                continue
+            faiss_ids = batch.faiss_ids[keep]
+            if np.isin(faiss_ids, self.ids["faiss_id"].to_numpy()).any():
+                faiss_ids = self._next_ids(len(keep))
+            content = batch.arrays.get("content_vec")
+            self.add(batch.arrays["item_vec"][keep], [batch.item_ids[i] for i in keep], content_vecs=None if content is None else content[keep], faiss_ids=faiss_ids)
+            replayed += len(keep)
+        return replayed
 
     # -- files -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> dict[str, Any]:
-        """Write items.faiss, ids.parquet and index.json (each atomically); returns index.json."""
+        """Write a new generation of the files, then index.json naming them (the atomic switch); returns index.json.
+
+        A crash at any point leaves index.json naming a whole set, old or new; files of other
+        generations are removed once the switch is made. ``log_offset``: the log bytes the files hold.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with self._save_lock:
-            with atomic_path(directory / INDEX_FILE) as tmp:
+            previous = read_json(directory / META_FILE) if (directory / META_FILE).is_file() else {}
+            generation = int(previous.get("generation", -1)) + 1
+            files = {"index": f"items.{generation}.faiss", "ids": f"ids.{generation}.parquet"}
+            with atomic_path(directory / files["index"]) as tmp:
                 faiss.write_index(self.index, str(tmp))
-            write_parquet(self.ids, directory / IDS_FILE)
+            write_parquet(self.ids, directory / files["ids"])
             if self.content_vecs is not None:
-                with atomic_path(directory / CONTENT_FILE) as tmp:
+                files["content"] = f"content_vecs.{generation}.npy"
+                with atomic_path(directory / files["content"]) as tmp:
                     with open(tmp, "wb") as handle:
                         np.save(handle, self.content_vecs)
             meta = {
                 "type": self.kind,
                 "dim": self.dim,
                 "count": self.count,
-                "sha256": sha256_file(directory / INDEX_FILE),
+                "sha256": {role: sha256_file(directory / name) for role, name in files.items()},
                 "params": self.params,
                 f"ann_recall@{RECALL_AT}": round(self.recall, 4),
                 "content_dim": None if self.content_vecs is None else int(self.content_vecs.shape[1]),
+                "generation": generation,
+                "files": files,
+                "log_offset": self.log_end,
             }
-            write_json(directory / META_FILE, meta)  # written last: it vouches for the other two
+            write_json(directory / META_FILE, meta)  # written last: the switch to this generation
+            for stale in {*directory.glob("items.*faiss"), *directory.glob("ids*.parquet"), *directory.glob("content_vecs*.npy")}:
+                if stale.name not in files.values():
+                    stale.unlink(missing_ok=True)
         return meta
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ItemIndex":
-        """Read an index written by ``save``; checks the checksum and counts agree."""
+    def load(cls, directory: str | Path, replay: bool = True) -> "ItemIndex":
+        """Read the generation index.json names, check it, and replay the log of items added since (``replay``)."""
         directory = Path(directory)
-        for name in (META_FILE, INDEX_FILE, IDS_FILE):
-            if not (directory / name).is_file():
-                raise RunError(f"{directory / name} is missing: run `recsys index --run {directory.parent}` first")
-        meta = read_json(directory / META_FILE)
-        if sha256_file(directory / INDEX_FILE) != meta["sha256"]:
-            raise RunError(f"{directory / INDEX_FILE} does not match the checksum in {META_FILE}: rebuild it with `recsys index --run {directory.parent}`")
-        index = faiss.read_index(str(directory / INDEX_FILE))
+        rebuild = f"rebuild it with `recsys index --run {directory.parent}`"
+        if not (directory / META_FILE).is_file():
+            raise RunError(f"{directory / META_FILE} is missing: run `recsys index --run {directory.parent}` first")
+        try:
+            meta = read_json(directory / META_FILE)
+            files = meta.get("files", {"index": INDEX_FILE, "ids": IDS_FILE, "content": CONTENT_FILE})  # before generations
+            sha256 = meta["sha256"] if isinstance(meta["sha256"], dict) else {"index": meta["sha256"]}
+            count, kind, params = int(meta["count"]), meta["type"], dict(meta["params"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunError(f"{directory / META_FILE} is not a valid index description ({type(exc).__name__}: {exc}): {rebuild}") from None
+        needed = ["index", "ids"] + (["content"] if meta.get("content_dim") else [])
+        for role in needed:
+            path = directory / files[role]
+            if not path.is_file():
+                raise RunError(f"{path} is missing: {rebuild}")
+            if role in sha256 and sha256_file(path) != sha256[role]:
+                raise RunError(f"{path} does not match the checksum in {directory / META_FILE} (truncated or changed): {rebuild}")
+        index_path, ids_path = directory / files["index"], directory / files["ids"]
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as exc:
+            raise RunError(f"{index_path} is not a readable FAISS index ({str(exc).strip().splitlines()[-1][:200]}): {rebuild}") from None
         if not isinstance(index, faiss.IndexIDMap2):
-            raise RunError(f"{directory / INDEX_FILE} is not an id-mapped index: rebuild it with `recsys index --run {directory.parent}`")
-        ids = pl.read_parquet(directory / IDS_FILE)
-        if not (index.ntotal == len(ids) == meta["count"]):
-            raise RunError(
-                f"{directory}: {INDEX_FILE} holds {index.ntotal} vectors, {IDS_FILE} {len(ids)} rows, {META_FILE} says {meta['count']}; "
-                f"rebuild with `recsys index --run {directory.parent}`"
-            )
+            raise RunError(f"{index_path} is not an id-mapped index: {rebuild}")
+        try:
+            ids = pl.read_parquet(ids_path)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            raise RunError(f"{ids_path} is not a readable parquet file ({type(exc).__name__}): {rebuild}") from None
+        if not (index.ntotal == len(ids) == count):
+            raise RunError(f"{directory}: {index_path.name} holds {index.ntotal} vectors, {ids_path.name} {len(ids)} rows, {META_FILE} says {count}; {rebuild}")
         content_vecs = None
         if meta.get("content_dim"):
-            path = directory / CONTENT_FILE
-            if not path.is_file():
-                raise RunError(f"{path} is missing: rebuild with `recsys index --run {directory.parent}`")
-            content_vecs = np.load(path)
+            path = directory / files["content"]
+            try:
+                content_vecs = np.load(path)
+            except (OSError, ValueError) as exc:
+                raise RunError(f"{path} is not a readable .npy file ({exc}): {rebuild}") from None
             if content_vecs.shape != (len(ids), meta["content_dim"]):
-                raise RunError(f"{path} holds {content_vecs.shape}, expected ({len(ids)}, {meta['content_dim']}); rebuild with `recsys index --run {directory.parent}`")
-        knob = _knob_name(meta["type"])
-        if knob and knob in meta["params"]:
-            _set_knob(index, meta["type"], int(meta["params"][knob]))
-        return cls(index, meta["type"], ids, dict(meta["params"]), recall=float(meta.get(f"ann_recall@{RECALL_AT}", 1.0)), content_vecs=content_vecs)
+                raise RunError(f"{path} holds {content_vecs.shape}, expected ({len(ids)}, {meta['content_dim']}); {rebuild}")
+        knob = _knob_name(kind)
+        if knob and knob in params:
+            _set_knob(index, kind, int(params[knob]))
+        item_index = cls(index, kind, ids, params, recall=float(meta.get(f"ann_recall@{RECALL_AT}", 1.0)), content_vecs=content_vecs)
+        item_index.log_end = int(meta.get("log_offset", 0))
+        if replay:
+            log_path = directory / LOG_FILE
+            batches, log_end = read_log(log_path)
+            item_index.added_texts = {item_id: text for batch in batches for item_id, text in zip(batch.item_ids, batch.texts)}
+            item_index.replay([b for b in batches if b.offset >= item_index.log_end], log_path)
+            item_index.log_end = max(item_index.log_end, log_end)
+        return item_index
+
+
+def compact_index(run: RunDir) -> dict[str, Any]:
+    """``recsys index --compact``: fold the log of items added at serving time into the index files (no re-embedding)."""
+    index = ItemIndex.load(run.index)
+    before = read_json(run.index / META_FILE)
+    meta = index.save(run.index)
+    summary = {"count": meta["count"], "folded_items": meta["count"] - int(before["count"]), "log_offset": meta["log_offset"], "generation": meta["generation"]}
+    log.info("index: compacted %s: %d items added at serving time folded in (%d items now)", run.index, summary["folded_items"], meta["count"])
+    return summary
 
 
 # -- the `recsys index` step ---------------------------------------------------------------
@@ -324,13 +467,16 @@ def build_index(run: RunDir) -> dict[str, Any]:
     torch_threads = torch.get_num_threads()
     log.info("index: %d item vectors in %.1f s (%d threads); building %s", len(item_idx), embedded_s, torch_threads, cfg.index.kind)
     index = ItemIndex.build(vectors, item_idx, item_idx, items["item_id"], cfg.index, queries=queries, seed=cfg.data.seed, content_vecs=content_vecs)
+    kept, dropped = reembed_logged(model, index, run.index / LOG_FILE)
     meta = index.save(run.index)
-    stale = run.index / "added_items.parquet"  # texts of items added to the previous index at serving time
+    stale = run.index / "added_items.parquet"  # texts of items added at serving time before the log existed
     if stale.is_file():
-        log.warning("index rebuilt from the catalogue: items added at serving time (%s) are not in it; add them again or to items.parquet", stale)
+        log.warning("index rebuilt from the catalogue: items added at serving time before the log (%s) are not in it; add them again or to items.parquet", stale)
         stale.unlink()
     summary = {
-        **{k: v for k, v in meta.items() if k != "sha256"},
+        **{k: v for k, v in meta.items() if k not in ("sha256", "files")},
+        "added_items_kept": kept,
+        "added_items_dropped": dropped,
         "calibration_queries": "user vectors of sampled training events" if queries is not None else "perturbed item vectors",
         "embed_s": round(embedded_s, 2),
         "build_s": round(time.perf_counter() - started - embedded_s, 2),
@@ -338,6 +484,47 @@ def build_index(run: RunDir) -> dict[str, Any]:
     run.record("index", summary)
     log.info("index: %d items, %s %s, recall@100 %.3f", meta["count"], meta["type"], meta["params"], index.recall)
     return summary
+
+
+def reembed_logged(model: Any, index: ItemIndex, log_path: Path) -> tuple[int, list[Any]]:
+    """Items added at serving time (the log) through ``model``'s item tower, from their logged encoder outputs, into ``index``.
+
+    Returns how many came in and the ids of those dropped: logged with text or image vectors of
+    another dimension than this model's encoders (the run was re-embedded with other encoders).
+    """
+    import torch
+
+    batches, log_end = read_log(log_path)
+    kept, dropped = 0, []
+    for batch in batches:
+        n = len(batch.item_ids)
+        content: dict[str, torch.Tensor] = {}
+        mismatch = None
+        for modality, used, dim in (("text", model.use_text, model.spec.text_dim), ("image", model.use_image, model.spec.image_dim)):
+            vectors = batch.arrays.get(modality)
+            if not used:
+                continue
+            if vectors is None:  # logged by a model without this modality: missing, as for any item without it
+                content |= {modality: torch.zeros(n, dim), f"{modality}_mask": torch.zeros(n)}
+            elif vectors.shape[1] != dim:
+                mismatch = f"{modality} vectors of dim {vectors.shape[1]}, this model's encoder gives {dim}"
+            else:
+                content |= {modality: torch.from_numpy(vectors), f"{modality}_mask": torch.from_numpy(batch.arrays[f"{modality}_mask"])}
+        if mismatch:
+            log.warning("index: DROPPING %d item(s) added at serving time (%s): %s; add them again", n, batch.item_ids[:5], mismatch)
+            dropped += batch.item_ids
+            continue
+        with torch.inference_mode():
+            state = model.item_state(torch.zeros(n, dtype=torch.int64), **content)  # no id row: content only, as when they were added
+        arrays = {**batch.arrays, "item_vec": state["item_vec"].numpy()}
+        if "content_vec" in state:
+            arrays["content_vec"] = state["content_vec"].numpy()
+        kept += index.replay([AddedBatch(batch.faiss_ids, batch.item_ids, batch.texts, arrays)], log_path)
+        index.added_texts.update(zip(batch.item_ids, batch.texts))
+    index.log_end = log_end  # the files will hold the whole log
+    if kept:
+        log.info("index: %d item(s) added at serving time re-embedded from %s", kept, log_path)
+    return kept, dropped
 
 
 def load_content(run: RunDir, model: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,13 +33,13 @@ from recsys.errors import RecsysError, RunError
 from recsys.history import pad_sequences, padded_history
 from recsys.model import RecsysModel, load_model
 from recsys.ranking import score_candidates
-from recsys.rundir import RunDir, read_json, sha256_file, write_parquet
+from recsys.rundir import RunDir, read_json, sha256_file
 from serving.index import ItemIndex
 
 log = logging.getLogger("recsys.serving")
 
 SPLITS = ("train", "valid", "test")
-ADDED_ITEMS = "added_items.parquet"  # in RUN/index/: ids and texts of items added at serving time
+ADDED_ITEMS = "added_items.parquet"  # in RUN/index/: texts of items added at serving time before the log (read, never written)
 TASK_COLUMNS = ("p_click", "p_conversion", "p_ctcvr", "rating", "retrieval_score")
 
 
@@ -142,15 +143,35 @@ def id_lookup(ids: pl.Series) -> tuple[dict[Any, int], bool]:
     return dict(zip(ids.to_list(), range(len(ids)))), ids.dtype.is_integer()
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _digits_at_most(limit: str) -> str:
+    """Regex of the ``len(limit)``-digit strings whose value is at most ``limit``."""
+    alternatives = [f"{limit[:i]}[0-{int(d) - 1}][0-9]{{{len(limit) - i - 1}}}" for i, d in enumerate(limit) if d != "0"]
+    return "|".join([*alternatives, limit])
+
+
+# An integer id as text: 1-19 ASCII digits with an optional sign, within int64. The schema publishes
+# this pattern and parse_id uses it, so the contract is the behaviour (str.isdigit would take "²").
+INT64_PATTERN = (
+    rf"^(?:\+?(?:[0-9]{{1,18}}|{_digits_at_most(str(INT64_MAX))})"
+    rf"|-(?:[0-9]{{1,18}}|{_digits_at_most(str(-INT64_MIN))}))$"
+)
+_INT64_TEXT = re.compile(INT64_PATTERN)
+ID_RULE = "its ids are integers within int64 (1-19 ASCII digits, optional sign)"
+
+
 def parse_id(raw: Any, integer: bool) -> Any:
-    """A request id in the catalogue's id type (int or str), or None when it cannot be one."""
+    """A request id in the catalogue's id type (int or str), or None when it cannot be one.
+
+    Integer catalogues take an int within int64 or its text (``INT64_PATTERN``); nothing else.
+    """
     if integer:
-        if isinstance(raw, bool):
-            return None
-        if isinstance(raw, int):
-            return raw
-        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        if isinstance(raw, str) and _INT64_TEXT.fullmatch(raw):  # fullmatch: "$" alone would allow a trailing newline
             return int(raw)
+        if isinstance(raw, int) and not isinstance(raw, bool) and INT64_MIN <= raw <= INT64_MAX:
+            return raw
         return None
     return str(raw)
 
@@ -187,7 +208,7 @@ class Recommender:
     def load(cls, run: RunDir | str | Path) -> "Recommender":
         run = run if isinstance(run, RunDir) else RunDir(run)
         cfg = run.config()
-        model = load_model(run.model)
+        model = _load_model(run)
         index = ItemIndex.load(run.index)
         users_path = run.require(run.data / "users.parquet", "prepare")
         users = pl.read_parquet(users_path, columns=["user_id", "user_idx"]).sort("user_idx")
@@ -196,8 +217,11 @@ class Recommender:
         users = pl.concat([pl.DataFrame({"user_id": [None], "user_idx": [0]}, schema=users.schema), users])["user_id"]
         behaviour = load_behaviour(run, model.spec.n_users, model.spec.history_len)
         texts = pl.read_parquet(run.require(run.data / "items.parquet", "prepare"), columns=["item_id", "text"])
-        if (run.index / ADDED_ITEMS).is_file():  # items added through POST /items since the index was built
+        if (run.index / ADDED_ITEMS).is_file():  # items added through POST /items before the log (serving.journal)
             texts = pl.concat([texts, pl.read_parquet(run.index / ADDED_ITEMS).cast(texts.schema)])
+        if index.added_texts:
+            added = pl.DataFrame({"item_id": list(index.added_texts), "text": list(index.added_texts.values())}, schema={"item_id": texts.schema["item_id"], "text": pl.String})
+            texts = pl.concat([texts, added])
         if model.content_dim and index.content_vecs is None:
             raise RunError(f"{run.index} keeps no content vectors for this model's ranker: rebuild it with `recsys index --run {run.root}`")
         recommender = cls(run, cfg, model, index, users, behaviour, texts)
@@ -216,6 +240,12 @@ class Recommender:
     def item_key(self, raw: Any) -> Any:
         return parse_id(raw, self.item_ids_are_int)
 
+    def _require_item_key(self, raw: Any, what: str) -> Any:
+        key = self.item_key(raw)
+        if key is None:
+            raise RequestError(f"{what} {raw!r} is not an item id of this catalogue: {ID_RULE}")
+        return key
+
     def text_of(self, item_id: Any) -> str | None:
         return self._texts.get(item_id)
 
@@ -230,7 +260,9 @@ class Recommender:
         user_idx = 0
         if user_id is not None:
             key = parse_id(user_id, self.user_ids_are_int)
-            user_idx = self.user_row.get(key, 0) if key is not None else 0
+            if key is None:
+                raise RequestError(f"user_id {user_id!r} is not a user id of this run: {ID_RULE}")
+            user_idx = self.user_row.get(key, 0)
             if user_idx == 0:
                 warnings.append(f"unknown user_id {user_id!r}: recommending from the request history or popular items")
         stored = self.behaviour.history[user_idx] if user_idx else np.zeros(0, dtype=np.int64)
@@ -269,8 +301,8 @@ class Recommender:
         """Request item ids -> faiss ids (unknown ones listed apart), in request order."""
         found, unknown = [], []
         for raw in history:
-            key = self.item_key(raw)
-            faiss_id = self.index.faiss_id(key) if key is not None else None
+            key = self._require_item_key(raw, "history item id")
+            faiss_id = self.index.faiss_id(key)
             (found.append(faiss_id) if faiss_id is not None else unknown.append(raw))
         return np.asarray(found, dtype=np.int64), unknown
 
@@ -358,8 +390,7 @@ class Recommender:
         """Nearest items to ``item_id`` in the item-tower space (itself excluded): (item_id, cosine)."""
         if not 1 <= k <= self.cfg.serve.max_k:
             raise RequestError(f"k must lie in 1..{self.cfg.serve.max_k} (serve.max_k), got {k}")
-        key = self.item_key(item_id)
-        faiss_id = self.index.faiss_id(key) if key is not None else None
+        faiss_id = self.index.faiss_id(self._require_item_key(item_id, "item_id"))
         if faiss_id is None:
             raise UnknownItem(f"unknown item_id {item_id!r}")
         query = self.index.vectors(np.array([faiss_id]))
@@ -370,15 +401,12 @@ class Recommender:
 
     # -- cold start ----------------------------------------------------------------------
     def add_items(self, items: Sequence[NewItem]) -> tuple[list[int], list[str]]:
-        """Embed new items with the configured encoders, add them to the live index and persist it.
+        """Embed new items with the configured encoders, log them durably (RUN/index/added_items.log) and add them to the live index.
 
         Returns their faiss ids and warnings. Known or repeated ids raise RequestError.
         """
         warnings: list[str] = []
-        keys = [self.item_key(item.item_id) for item in items]
-        bad = [item.item_id for item, key in zip(items, keys) if key is None]
-        if bad:
-            raise RequestError(f"item ids must be integers in this catalogue: {bad[:5]}")
+        keys = [self._require_item_key(item.item_id, "new item_id") for item in items]
         with self._add_lock:
             known = [key for key in keys if self.index.faiss_id(key) is not None]
             if known or len(set(keys)) != len(keys):
@@ -388,25 +416,20 @@ class Recommender:
             with torch.inference_mode():
                 state = self.model.item_state(torch.zeros(len(items), dtype=torch.int64), **content)  # no id row: content only
             content_vecs = state["content_vec"].numpy() if "content_vec" in state else None
-            faiss_ids = self.index.add(state["item_vec"].numpy(), keys, content_vecs=content_vecs)
-            self.index.save(self.run.index)
+            encoded = {name: tensor.numpy() for name, tensor in content.items()}  # what a rebuild re-embeds them from
+            faiss_ids = self.index.add_logged(self.run.index, state["item_vec"].numpy(), keys, [item.text for item in items], content_vecs, encoded)
             self._texts.update({key: item.text for key, item in zip(keys, items)})
-            self._save_added_texts(keys, [item.text for item in items])
         return faiss_ids.tolist(), warnings
-
-    def _save_added_texts(self, keys: list[Any], texts: list[str | None]) -> None:
-        """Texts of items added at serving time (RUN/index/added_items.parquet), so a restart still shows them."""
-        path = self.run.index / ADDED_ITEMS
-        new = pl.DataFrame({"item_id": keys, "text": texts}, schema={"item_id": self.index.ids["item_id"].dtype, "text": pl.String})
-        write_parquet(pl.concat([pl.read_parquet(path), new]) if path.is_file() else new, path)
 
     def _embed_content(self, items: Sequence[NewItem]) -> tuple[dict[str, torch.Tensor], list[str]]:
         from features.encoders import build_image_encoder, build_text_encoder
 
         if self._encoders is None:  # loaded on first use: a transformer takes seconds to load
+            # torch's thread count is process-wide: encoders built with the serving count never change it under running requests
+            embed = self.cfg.embed.model_copy(update={"threads": torch.get_num_threads()})
             self._encoders = (
-                build_text_encoder(self.cfg.embed) if self.model.use_text else None,
-                build_image_encoder(self.cfg.embed) if self.model.use_image else None,
+                build_text_encoder(embed) if self.model.use_text else None,
+                build_image_encoder(embed) if self.model.use_image else None,
             )
         text_encoder, image_encoder = self._encoders
         content: dict[str, torch.Tensor] = {}
@@ -432,6 +455,18 @@ class Recommender:
         elif any(item.image for item in items):
             warnings.append("image ignored: this model uses no images")
         return content, warnings
+
+
+def _load_model(run: RunDir) -> RecsysModel:
+    """``load_model``, with a damaged file (truncated, not JSON, not safetensors, other shapes) a RunError naming it."""
+    try:
+        return load_model(run.model)
+    except RecsysError:
+        raise
+    except Exception as exc:  # safetensors, json and torch each raise their own types for a damaged file
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        damaged = run.model / ("model.json" if isinstance(exc, (ValueError, KeyError, TypeError)) and not isinstance(exc, RuntimeError) else "model.safetensors")
+        raise RunError(f"{damaged} cannot be read ({type(exc).__name__}: {first_line}): train again with `recsys train --run {run.root}` or restore the file") from None
 
 
 def _check_dim(encoder_dim: int, model_dim: int, modality: str) -> None:

@@ -178,9 +178,19 @@ def test_save_then_load_gives_the_same_results_and_metadata(tmp_path, kind):
     assert (loaded.search(queries, 10)[0] == index.search(queries, 10)[0]).all()
     on_disk = json.loads((tmp_path / "index.json").read_text())
     assert on_disk == meta
-    assert set(on_disk) == {"type", "dim", "count", "sha256", "params", "ann_recall@100", "content_dim"}
-    assert (on_disk["type"], on_disk["dim"], on_disk["count"]) == (kind, DIM, 2000)
-    assert pl.read_parquet(tmp_path / "ids.parquet").columns == ["faiss_id", "item_idx", "item_id"]
+    assert set(on_disk) == {"type", "dim", "count", "sha256", "params", "ann_recall@100", "content_dim", "generation", "files", "log_offset"}
+    assert (on_disk["type"], on_disk["dim"], on_disk["count"], on_disk["generation"]) == (kind, DIM, 2000, 0)
+    assert pl.read_parquet(tmp_path / on_disk["files"]["ids"]).columns == ["faiss_id", "item_idx", "item_id"]
+
+
+def test_a_second_save_switches_to_a_new_generation_and_removes_the_old_files(tmp_path):
+    index, _ = flat_index(n=20)
+    first = index.save(tmp_path)
+    index.add(clustered(1, seed=9), ["late"])
+    second = index.save(tmp_path)
+    assert (first["generation"], second["generation"]) == (0, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["index.json", *second["files"].values()])
+    assert ItemIndex.load(tmp_path).faiss_id("late") == 21
 
 
 def test_added_items_survive_save_and_load(tmp_path):
@@ -201,7 +211,7 @@ def test_load_refuses_a_file_that_does_not_match_its_checksum(tmp_path):
     index.save(tmp_path)
     other, _ = flat_index(n=21)
     other.save(tmp_path / "other")
-    (tmp_path / "items.faiss").write_bytes((tmp_path / "other" / "items.faiss").read_bytes())
+    (tmp_path / "items.0.faiss").write_bytes((tmp_path / "other" / "items.0.faiss").read_bytes())
     with pytest.raises(RunError, match="checksum"):
         ItemIndex.load(tmp_path)
 

@@ -409,13 +409,17 @@ def test_text_of_an_added_item_survives_a_restart(run):
     assert Recommender.load(run).text_of("described") == "a red striped umbrella"
 
 
-def test_rebuilding_the_index_forgets_items_added_at_serving_time(run):
+def test_rebuilding_the_index_keeps_items_added_at_serving_time_re_embedded(run):
     TestClient(create_app(run.root, admin_token=TOKEN)).post(
-        "/items", json={"items": [{"item_id": "transient", "text": "gone after a rebuild"}]}, headers=ADMIN
+        "/items", json={"items": [{"item_id": "kept", "image_base64": png((200, 5, 5))}]}, headers=ADMIN
     )
-    build_index(run)
-    restarted = Recommender.load(run)
-    assert restarted.index.faiss_id("transient") is None and restarted.text_of("transient") is None
+    before = Recommender.load(run)
+    summary = build_index(run)
+    rebuilt = Recommender.load(run)
+    assert summary["added_items_kept"] == 1 and summary["added_items_dropped"] == []
+    assert rebuilt.index.count == N_ITEMS + 1 and rebuilt.index.faiss_id("kept") == before.index.faiss_id("kept")
+    faiss_id = np.array([rebuilt.index.faiss_id("kept")])
+    np.testing.assert_allclose(rebuilt.index.vectors(faiss_id), before.index.vectors(faiss_id), atol=1e-5)  # same model, same vector
 
 
 def test_adding_an_existing_item_id_is_409_and_changes_nothing(run):
@@ -446,8 +450,8 @@ def test_an_undecodable_image_is_indexed_without_it_and_warned_about(run):
 
 
 # -- /admin/reload ---------------------------------------------------------------------------
-def test_reload_swaps_in_another_run(template_run, tmp_path):
-    other = make_tiny_run(tmp_path / "other", seed=1)
+def test_reload_swaps_in_another_run(template_run):
+    other = make_tiny_run(template_run.root.parent / "other-seed1", seed=1)  # beside it: under serve.runs_root
     build_index(other)
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
     before = client.get("/healthz").json()
@@ -457,16 +461,16 @@ def test_reload_swaps_in_another_run(template_run, tmp_path):
     assert after["run"] == str(other.root) and after["model_version"] != before["model_version"]
 
 
-def test_reload_of_an_incomplete_run_is_400_and_keeps_serving_the_old_one(template_run, tmp_path):
-    incomplete = make_tiny_run(tmp_path / "noindex")  # no index built
+def test_reload_of_an_incomplete_run_is_409_and_keeps_serving_the_old_one(template_run):
+    incomplete = make_tiny_run(template_run.root.parent / "noindex")  # no index built
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
     response = client.post("/admin/reload", json={"run": str(incomplete.root)}, headers=ADMIN)
-    assert response.status_code == 400 and "recsys index" in response.json()["detail"]
+    assert response.status_code == 409 and "recsys index" in response.json()["detail"]
     assert client.get("/healthz").json()["run"] == str(template_run.root)
 
 
-def test_requests_in_flight_during_a_reload_all_succeed(template_run, tmp_path):
-    other = make_tiny_run(tmp_path / "other", seed=2)
+def test_requests_in_flight_during_a_reload_all_succeed(template_run):
+    other = make_tiny_run(template_run.root.parent / "other-seed2", seed=2)
     build_index(other)
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
     statuses: list[int] = []
@@ -489,18 +493,34 @@ def test_requests_in_flight_during_a_reload_all_succeed(template_run, tmp_path):
 
 
 # -- /metrics and access logs ----------------------------------------------------------------
+def scraped(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text -> {(sample name, labels): value}, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_metrics_count_requests_per_endpoint_and_report_index_and_model(template_run):
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
     client.post("/recommend", json={"user_id": "u1", "k": 2})
     client.post("/recommend", json={"user_id": "u1", "k": 2})
     client.get("/items/missing/similar")
-    text = client.get("/metrics").text
-    assert 'recsys_requests_total{endpoint="/recommend",method="POST",status="200"} 2' in text
-    assert 'recsys_requests_total{endpoint="/items/{item_id}/similar",method="GET",status="404"} 1' in text
-    assert 'recsys_request_duration_seconds_count{endpoint="/recommend"} 2' in text
-    assert 'recsys_stage_duration_seconds_count{stage="rank"} 2' in text
-    assert f"recsys_index_items {N_ITEMS}" in text
-    assert f'recsys_model_info{{version="v{MODEL_VERSION}-' in text
+    samples = scraped(client.get("/metrics").text)
+    assert samples[("recsys_requests_total", frozenset({"endpoint": "/recommend", "method": "POST", "status": "200"}.items()))] == 2
+    assert samples[("recsys_requests_total", frozenset({"endpoint": "/items/{item_id}/similar", "method": "GET", "status": "404"}.items()))] == 1
+    assert samples[("recsys_request_duration_seconds_count", frozenset({"endpoint": "/recommend"}.items()))] == 2
+    assert samples[("recsys_stage_duration_seconds_count", frozenset({"stage": "rank"}.items()))] == 2
+    assert samples[("recsys_index_items", frozenset())] == N_ITEMS
+    (info, value), = [(labels, v) for (name, labels), v in samples.items() if name == "recsys_model_info"]
+    assert value == 1 and dict(info)["version"].startswith(f"v{MODEL_VERSION}-") and dict(info)["index_type"] == "flat"
+    assert samples[("process_resident_memory_bytes", frozenset())] > 0  # process metrics from prometheus_client
+
+
+def test_two_apps_in_one_process_keep_their_own_metrics(template_run):
+    first, second = (TestClient(create_app(template_run.root)) for _ in range(2))
+    first.post("/recommend", json={"k": 2})
+    key = ("recsys_requests_total", frozenset({"endpoint": "/recommend", "method": "POST", "status": "200"}.items()))
+    assert scraped(first.get("/metrics").text)[key] == 1 and key not in scraped(second.get("/metrics").text)
 
 
 def test_each_request_writes_one_json_access_log_line(client, caplog):
