@@ -109,7 +109,7 @@ class Connection:
         return status
 
 
-async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, user_format: str = "u{}", connections: int = 16) -> dict:
+async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, user_format: str = "u{}", item_format: str = "it{}", connections: int = 16) -> dict:
     """Send at ``rate`` req/s for ``seconds``; latency counted from each scheduled send time."""
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(connections):
@@ -119,7 +119,7 @@ async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, 
     errors = 0
     rng = random.Random(0)
     bodies = [json.dumps({"user_id": user_format.format(rng.randint(1, users)), "k": k}).encode() if i % 10 else
-              json.dumps({"history": [f"it{rng.randint(1, 1000)}" for _ in range(5)], "k": k}).encode() for i in range(total)]
+              json.dumps({"history": [item_format.format(rng.randint(1, 1000)) for _ in range(5)], "k": k}).encode() for i in range(total)]
     started = time.perf_counter()
 
     async def one(i: int) -> None:
@@ -146,14 +146,14 @@ async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, 
     }
 
 
-def client_process(port: int, phases: list[tuple[float, float]], users: int, k: int, user_format: str, out: multiprocessing.Queue) -> None:
-    out.put([asyncio.run(open_loop(port, rate, seconds, users, k, user_format)) for rate, seconds in phases])
+def client_process(port: int, phases: list[tuple[float, float]], users: int, k: int, formats: tuple[str, str], out: multiprocessing.Queue) -> None:
+    out.put([asyncio.run(open_loop(port, rate, seconds, users, k, *formats)) for rate, seconds in phases])
 
 
-def run_client(port: int, phases: list[tuple[float, float]], users: int, k: int, user_format: str = "u{}") -> list[dict]:
+def run_client(port: int, phases: list[tuple[float, float]], users: int, k: int, formats: tuple[str, str] = ("u{}", "it{}")) -> list[dict]:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no copied state
     queue = context.Queue()
-    process = context.Process(target=client_process, args=(port, phases, users, k, user_format, queue))
+    process = context.Process(target=client_process, args=(port, phases, users, k, formats, queue))
     process.start()
     try:
         return queue.get(timeout=sum(s for _, s in phases) + 60 * len(phases))
@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--content", choices=["clustered", "isotropic"], default="clustered", help="item content vectors (see build_run)")
     parser.add_argument("--run", help="serve this finished run instead (e.g. MovieLens); --users and --user-format then name its users")
     parser.add_argument("--user-format", default="u{}", help="user ids sent: the format of 1..--users ('{}' for integer ids)")
+    parser.add_argument("--item-format", default="it{}", help="history item ids sent (1 in 10 requests): the format of 1..1000")
     args = parser.parse_args()
 
     root = Path(args.run) if args.run else Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}"
@@ -231,13 +232,13 @@ def main() -> None:
                 time.sleep(0.5)
         load_s = time.perf_counter() - t0
         print(f"server up in {load_s:.1f} s: {health}", file=sys.stderr)
-        run_client(port, [(50, 3)], args.users, args.k, args.user_format)  # warm-up
-        steady = run_client(port, [(args.rate, args.seconds)], args.users, args.k, args.user_format)[0]
+        run_client(port, [(50, 3)], args.users, args.k, (args.user_format, args.item_format))  # warm-up
+        steady = run_client(port, [(args.rate, args.seconds)], args.users, args.k, (args.user_format, args.item_format))[0]
         steady_breakdown = breakdown(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
         print(f"at {args.rate} req/s: {steady}", file=sys.stderr)
         steps = []
         for rate in (float(r) for r in args.steps.split(",")):
-            result = run_client(port, [(rate, args.step_seconds)], args.users, args.k, args.user_format)[0]
+            result = run_client(port, [(rate, args.step_seconds)], args.users, args.k, (args.user_format, args.item_format))[0]
             print(f"step {rate}: {result}", file=sys.stderr)
             steps.append(result)
             if not (result["errors"] == 0 and result["achieved_rps"] >= 0.95 * rate and result["p99_ms"] <= args.max_p99_ms):

@@ -146,7 +146,7 @@ class IndexConfig(_Section):
 class ServeConfig(_Section):
     """Retrieve -> rank -> top-k."""
 
-    candidates: int = Field(300, ge=1)  # FAISS top-N handed to the ranker
+    candidates: int = Field(100, ge=1)  # FAISS top-N handed to the ranker (with the co-occurrence source, 100 served ML-100K u1 and u2 as well as 300, at a third of the ranking work)
     max_k: int = Field(100, ge=1)
     blend_click: float = 1.0  # final score = w_click*p_click + w_ctcvr*p_ctcvr + w_rating*rating_01
     blend_ctcvr: float = 1.0
@@ -154,7 +154,7 @@ class ServeConfig(_Section):
     blend_retrieval: float = 1.0  # weight of the towers' cosine, mapped to [0, 1]: the first stage's own order stays part of the served one
     # The co-occurrence source and its blend weight: on ML-100K u1 served recall@20 0.182 -> 0.258 (chosen there), u2 in the README.
     blend_cooccurrence: float = 10.0  # weight of a candidate's mean co-occurrence cosine to the user's recent items (recsys.candidates)
-    cooccurrence_candidates: int = Field(100, ge=0)  # quota of the item-to-item co-occurrence source, on top of the towers' `candidates` (0 = off)
+    cooccurrence_candidates: int = Field(50, ge=0)  # quota of the item-to-item co-occurrence source, on top of the towers' `candidates` (0 = off)
     popular_candidates: int = Field(0, ge=0)  # quota of the most-clicked unseen items, on top of the others (0 = off; +0.000 on ML-100K u1)
     cooccurrence_recent: int = Field(50, ge=1)  # the co-occurrence source reads the user's last this many history items
     cooccurrence_neighbours: int = Field(50, ge=1)  # each item keeps this many most co-clicked items

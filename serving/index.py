@@ -580,6 +580,6 @@ def sample_queries(run: RunDir, model: Any, count: int, seed: int, content_vecs:
     table = None
     if content_vecs is not None:  # row = item_idx
         table = torch.zeros(model.spec.n_items, content_vecs.shape[1])
-        table[torch.from_numpy(np.asarray(item_idx, dtype=np.int64))] = torch.from_numpy(np.array(content_vecs, dtype=np.float32))
+        table[torch.from_numpy(np.array(item_idx, dtype=np.int64))] = torch.from_numpy(np.array(content_vecs, dtype=np.float32))
     with torch.inference_mode():
         return model.user_vectors(torch.tensor(events["user_idx"].to_numpy()), history, mean_content(table, history)).numpy()
