@@ -568,3 +568,25 @@ def test_stop_gradient_keeps_the_ranker_loss_out_of_the_towers():
         grad = model.user_tower.mlp[-1].weight.grad
         assert (grad is not None and bool(grad.abs().sum() > 0)) == reaches, stop
         assert model.ranker.towers["click"][-1].weight.grad is not None  # the ranker itself still learns
+
+
+def test_inference_reads_the_same_embeddings_as_the_kjt_pass():
+    model = make_model()
+    model.set_trained_items(torch.tensor([1, 2, 3, 5, 7]))
+    users, history, items = torch.tensor([0, 3, 7]), torch.tensor([[2, 5, 0, 0, 0], [1, 2, 3, 5, 7], [0, 0, 0, 0, 0]]), torch.tensor([3, 0, 9])
+    content = torch.randn(3, model.content_dim)
+    assert not model._direct_lookup()  # autograd on: the KJT pass
+    kjt_user, kjt_item = model.user_state(users, history, content), model.item_state(items)
+    kjt_pooled = model._pooled(users, history, items)[0]
+    with torch.inference_mode():
+        assert model._direct_lookup()
+        direct_user, direct_item = model.user_state(users, history, content), model.item_state(items)
+        direct_pooled = model._pooled(users, history, items)[0]
+    assert set(direct_pooled) == set(kjt_pooled)
+    for key in kjt_pooled:
+        torch.testing.assert_close(direct_pooled[key], kjt_pooled[key].detach(), msg=key)
+    for kjt, direct in ((kjt_user, direct_user), (kjt_item, direct_item)):
+        for key in kjt:
+            torch.testing.assert_close(direct[key], kjt[key].detach(), msg=key)
+    model.train()
+    assert not model._direct_lookup()
