@@ -129,15 +129,15 @@ def merge_sources(
     ``popularity (n_items,)`` click counts. Returns the candidates ``(U, N + quotas)`` with the
     -1 padding at the end of each row, and each candidate's source code (``SOURCES``; -1 padding).
     """
-    parts = [towers]
-    if cooccurrence is not None and cooccurrence_quota > 0:
-        parts.append(add_source(torch.cat(parts, 1), cooccurrence, excluded, cooccurrence_quota))
-    if popularity is not None and popular_quota > 0:
-        parts.append(add_source(torch.cat(parts, 1), popularity.float().expand(towers.shape[0], -1), excluded, popular_quota))
-    names = ["towers"] + (["cooccurrence"] if len(parts) > 1 and cooccurrence is not None and cooccurrence_quota > 0 else [])
-    names += ["popular"] if popularity is not None and popular_quota > 0 else []
-    codes = torch.cat([torch.full_like(part, SOURCES.index(name)) for part, name in zip(parts, names)], 1)
-    candidates = torch.cat(parts, 1)
+    parts, codes = [towers], [torch.full_like(towers, SOURCES.index("towers"))]
+    sources = [("cooccurrence", cooccurrence, cooccurrence_quota)]
+    if popularity is not None:
+        sources.append(("popular", popularity.float().expand(towers.shape[0], -1), popular_quota))
+    for name, scores, quota in sources:
+        if scores is not None and quota > 0:
+            parts.append(add_source(torch.cat(parts, 1), scores, excluded, quota))
+            codes.append(torch.full_like(parts[-1], SOURCES.index(name)))
+    candidates, codes = torch.cat(parts, 1), torch.cat(codes, 1)
     codes[candidates < 0] = -1
     order = torch.argsort((candidates < 0).to(torch.int8), dim=1, stable=True)
     return candidates.gather(1, order), codes.gather(1, order)

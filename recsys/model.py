@@ -138,6 +138,7 @@ class RecsysModel(nn.Module):
         for key in self.user_cat_keys + self.item_cat_keys:  # one table per categorical feature
             tables.append(EmbeddingBagConfig(name=key, num_embeddings=cardinalities[key], embedding_dim=emb, feature_names=[key], pooling=PoolingType.MEAN))
         self.embedding_tables = EmbeddingBagCollection(tables=tables)
+        self._table_of = {feature: config.name for config in tables for feature in config.feature_names}  # for _pooled_direct
 
         self.use_text = cfg.use_text and spec.text_dim > 0
         self.use_image = cfg.use_image and spec.image_dim > 0
@@ -212,11 +213,10 @@ class RecsysModel(nn.Module):
         when empty (the candidate side carries the user's, the 20 attention positions ...); equal to
         the KJT pass (tested).
         """
-        weights = {config.name: self.embedding_tables.embedding_bags[config.name].weight for config in self.embedding_tables.embedding_bag_configs()}
-        table_of = {feature: config.name for config in self.embedding_tables.embedding_bag_configs() for feature in config.feature_names}
+        bags = self.embedding_tables.embedding_bags
 
         def rows(feature: str, ids: torch.Tensor) -> torch.Tensor:  # ids (B, ...) -> (B, ..., E); 0 reads zeros
-            return weights[table_of[feature]][ids] * (ids != 0).unsqueeze(-1)
+            return bags[self._table_of[feature]].weight[ids] * (ids != 0).unsqueeze(-1)
 
         pooled = {feature: rows(feature, ids[:, 0]) for feature, ids in {**user, **item}.items()}
         if recent is not None:
