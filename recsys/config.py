@@ -163,6 +163,9 @@ class ServeConfig(_Section):
     runs_root: str = ""  # /admin/reload only loads run directories under this one; "" = the parent of the served run
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # request bodies above this are refused (413) before they are read whole
     write_timeout_s: float = Field(30.0, gt=0)  # POST /items waits this long for a reload or another add, then answers 503
+    live_users: int = Field(100_000, ge=1)  # users whose POST /events clicks are held in memory (least recently active evicted; their events stay in RUN/events)
+    events_max_future_s: int = Field(86_400, ge=0)  # POST /events refuses timestamps further than this past the service's clock
+    events_segment_rows: int = Field(100_000, ge=1)  # RUN/events: the write-ahead log is rolled into a parquet segment every this many events
 
 
 class EvalConfig(_Section):

@@ -1,7 +1,7 @@
 """The HTTP retrieval service (DESIGN.md, "HTTP service"): FastAPI app factory and ``recsys serve``.
 
 Endpoints: GET /healthz, POST /recommend, GET /items/{item_id}/similar, POST /items (admin),
-POST /admin/reload (admin), GET /metrics (Prometheus text). Admin calls need
+POST /events (admin), POST /admin/reload (admin), GET /readyz, GET /metrics (Prometheus text). Admin calls need
 ``Authorization: Bearer <RECSYS_ADMIN_TOKEN>``; the token is read once by ``serve`` and passed
 in, and admin calls are refused (403) when there is none.
 
@@ -27,10 +27,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+import polars as pl
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from recsys.errors import ConfigError, DataError, RecsysError, RunError
+from recsys.events import COLUMNS as EVENT_COLUMNS
+from recsys.events import EVENTS_DIR, EventLog, event_schema, read_events
 from recsys.rundir import RunDir
+from serving.live import LiveHistories
 from serving.recommender import INT64_PATTERN, DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
 
 log = logging.getLogger("recsys.serve")
@@ -40,6 +44,7 @@ MAX_ID_CHARS = 256  # string ids
 MAX_JSON_INT = 2**53 - 1  # integer ids as JSON numbers (larger int64 ids go as text)
 MAX_HISTORY = 1000  # request history ids accepted (the model keeps the last history_len)
 MAX_NEW_ITEMS = 256  # items per POST /items
+MAX_EVENTS = 10_000  # events per POST /events
 MAX_TEXT_CHARS = 100_000
 MAX_IMAGE_BASE64 = 8_000_000  # characters (~6 MB image)
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"  # what b64decode(validate=True) takes
@@ -103,6 +108,7 @@ def path_id_type(integer: bool) -> Any:
 class RequestModels:
     recommend: type[BaseModel]
     add_items: type[BaseModel]
+    events: type[BaseModel]
     item_path: Any  # the path parameter of /items/{item_id}/similar
     k_query: Any
 
@@ -136,7 +142,20 @@ def request_models(contract: Contract) -> RequestModels:
     class AddItemsRequest(Strict):
         items: list[NewItemRequest] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
 
-    return RequestModels(RecommendRequest, AddItemsRequest, path_id_type(contract.item_ids_int), Annotated[int, Query(ge=1, le=contract.max_k)])
+    Binary = Annotated[int, Field(strict=True, ge=0, le=1), BeforeValidator(_integral)]
+
+    class EventRequest(Strict):
+        user_id: UserId  # type: ignore[valid-type]
+        item_id: ItemId  # type: ignore[valid-type]
+        timestamp: Annotated[int, Field(strict=True, ge=0, le=MAX_JSON_INT, description="unix seconds"), BeforeValidator(_integral)]
+        click: Binary | None = None  # type: ignore[valid-type]  # absent: 1 (an interaction)
+        conversion: Binary | None = None  # type: ignore[valid-type]
+        rating: Annotated[float, Field(allow_inf_nan=False)] | None = None
+
+    class EventsRequest(Strict):
+        events: list[EventRequest] = Field(min_length=1, max_length=MAX_EVENTS)
+
+    return RequestModels(RecommendRequest, AddItemsRequest, EventsRequest, path_id_type(contract.item_ids_int), Annotated[int, Query(ge=1, le=contract.max_k)])
 
 
 class RecommendedItem(BaseModel):
@@ -176,6 +195,11 @@ class AddItemsResponse(BaseModel):
     warnings: list[str]
 
 
+class EventsResponse(BaseModel):
+    accepted: int  # events logged (RUN/events) and, the clicks among them, in the live histories
+    live_users: int  # users with live events held in memory (serve.live_users at most)
+
+
 class ReloadRequest(Strict):
     run: Annotated[Text, Field(min_length=1, max_length=4096)]
 
@@ -208,6 +232,8 @@ class LiveCollector:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         recommender = self.service.recommender
         yield GaugeMetricFamily("recsys_index_items", "Items in the live FAISS index.", value=recommender.index.count)
+        yield GaugeMetricFamily("recsys_live_users", "Users with live events in memory.", value=len(self.service.live))
+        yield GaugeMetricFamily("recsys_live_users_evicted", "Live users evicted (least recently active) to stay within serve.live_users.", value=self.service.live.evicted)
         info = GaugeMetricFamily("recsys_model_info", "The live model and index.", labels=["version", "run", "index_type"])
         info.add_metric([recommender.model_version, str(recommender.run.root), recommender.index.kind], 1)
         yield info
@@ -224,6 +250,7 @@ class Metrics:
         self.latency = Histogram("recsys_request_duration_seconds", "Request latency by endpoint.", ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self.stages = Histogram("recsys_stage_duration_seconds", "Time in each /recommend pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self.reloads = Counter("recsys_reloads", "Successful model and index swaps.", registry=self.registry)
+        self.events = Counter("recsys_events_accepted", "Events POST /events logged and applied.", registry=self.registry)
 
     def watch(self, service: "Service") -> None:
         self.registry.register(LiveCollector(service))
@@ -345,6 +372,21 @@ class Service:
         self.write_timeout_s = write_timeout_s
         self.writer = threading.Lock()
         self._reload_gate = threading.Lock()  # a second reload while one runs is refused, not queued
+        serve = recommender.cfg.serve
+        self.live = LiveHistories(recommender.history_len, serve.live_users)
+        self.event_log = event_log_of(recommender)
+        self._events = threading.Lock()  # log + live histories change together; a reload's swap holds it too
+        self.live.add(*_live_clicks(read_events(self.event_log.directory, self.event_log.schema), recommender.behaviour.data_cut))  # a restart keeps the live histories
+
+    def log_events(self, events: list[dict[str, Any]]) -> int:
+        """Check, log durably (fsynced) and apply a batch of events to the live histories; returns how many."""
+        with self._events:
+            recommender = self.recommender
+            columns = recommender.check_events(events)  # whole batch or nothing
+            self.event_log.append(columns)
+            clicked = [i for i, click in enumerate(columns["click"]) if click]
+            self.live.add(*([columns[name][i] for i in clicked] for name in ("user_id", "item_id", "timestamp")))
+            return len(events)
 
     @property
     def reloading(self) -> bool:
@@ -385,10 +427,41 @@ class Service:
                 fresh = Recommender.load(RunDir(path))  # the old one keeps serving reads meanwhile
                 if Contract.of(fresh) != contract:  # the published schema (id types, max_k) would no longer hold
                     raise HTTPException(409, f"{path} takes other requests ({Contract.of(fresh)}) than the served schema ({contract}): restart the service on it")
-                self.recommender = fresh  # one reference swap: model and index change together
+                with self._events:  # no event lands in the old log after its news were carried over
+                    fresh_log = event_log_of(fresh)
+                    carried = _carry_events(self.event_log, fresh_log, fresh.behaviour.data_cut)
+                    self.recommender = fresh  # one reference swap: model and index change together
+                    self.event_log = fresh_log
+                    dropped = self.live.keep_after(fresh.behaviour.data_cut, fresh.history_len)
+                log.info("reload of %s: %d events after its data carried into its event log, %d live clicks it holds dropped", path, carried, dropped)
                 return fresh
         finally:
             self._reload_gate.release()
+
+
+def event_log_of(recommender: Recommender) -> EventLog:
+    """The event log of the served run, typed by its ids."""
+    schema = event_schema(pl.Int64 if recommender.user_ids_are_int else pl.String, pl.Int64 if recommender.item_ids_are_int else pl.String)
+    return EventLog(recommender.run.root / EVENTS_DIR, schema, recommender.cfg.serve.events_segment_rows)
+
+
+def _live_clicks(events: pl.DataFrame, cut: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """The clicks among logged events that came after a run's data: (users, items, timestamps)."""
+    clicks = events.filter((pl.col("click") == 1) & (pl.col("timestamp") > cut))
+    return clicks["user_id"].to_list(), clicks["item_id"].to_list(), clicks["timestamp"].to_list()
+
+
+def _carry_events(old: EventLog, new: EventLog, cut: int) -> int:
+    """Append to ``new`` the events of ``old`` after ``cut`` that it lacks (the next update trains on them); returns how many."""
+    if old.directory.resolve() == new.directory.resolve():
+        return 0
+    news = read_events(old.directory, old.schema).filter(pl.col("timestamp") > cut)
+    if news.is_empty():
+        return 0
+    news = news.join(read_events(new.directory, new.schema), on=list(EVENT_COLUMNS), how="anti", nulls_equal=True)  # a reload back and forth copies nothing twice
+    if not news.is_empty():
+        new.append({name: news[name].to_list() for name in EVENT_COLUMNS})
+    return len(news)
 
 
 def runs_root_of(run: RunDir) -> Path:
@@ -404,7 +477,8 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     service = Service(recommender, runs_root_of(run), recommender.cfg.serve.write_timeout_s)
     contract = Contract.of(service.recommender)
     models = request_models(contract)
-    RecommendRequest, AddItemsRequest, ItemPath, KQuery = models.recommend, models.add_items, models.item_path, models.k_query
+    RecommendRequest, AddItemsRequest, EventsRequest = models.recommend, models.add_items, models.events
+    ItemPath, KQuery = models.item_path, models.k_query
     metrics = Metrics()
     metrics.watch(service)
     app = FastAPI(title="recsys", description="Retrieval and ranking service", version="1")
@@ -440,7 +514,9 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     @app.post("/recommend", response_model=RecommendResponse, responses=errors(400, 413, 422))
     def recommend(body: RecommendRequest) -> RecommendResponse:  # type: ignore[valid-type]
         recommender = service.recommender  # one model + index for the whole request
-        result = recommender.recommend(user_id=body.user_id, history=body.history, k=body.k)
+        user = recommender.user_key(body.user_id) if body.user_id is not None else None
+        live = service.live.items(user) if user is not None else []
+        result = recommender.recommend(user_id=body.user_id, history=body.history, k=body.k, live=live)
         metrics.stage_times(result.timings_ms)
         return RecommendResponse(items=[RecommendedItem(**vars(item)) for item in result.items], warnings=result.warnings, source=result.source)
 
@@ -456,6 +532,12 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
             faiss_ids, warnings = recommender.add_items(new_items)
         added = [AddedItem(item_id=recommender.item_key(item.item_id), faiss_id=f) for item, f in zip(body.items, faiss_ids)]
         return AddItemsResponse(added=added, count=recommender.index.count, warnings=warnings)
+
+    @app.post("/events", response_model=EventsResponse, dependencies=[Depends(require_admin)], responses=errors(401, 403, 413, 422, 503))
+    def events(body: EventsRequest) -> EventsResponse:  # type: ignore[valid-type]
+        accepted = service.log_events([event.model_dump() for event in body.events])
+        metrics.events.inc(accepted)
+        return EventsResponse(accepted=accepted, live_users=len(service.live))
 
     @app.post("/admin/reload", response_model=StatusResponse, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 404, 409, 413, 422, 503))  # 409: another reload, an incomplete run or another contract
     def reload(body: ReloadRequest) -> StatusResponse:
@@ -504,7 +586,7 @@ def serve(run: RunDir, host: str = "127.0.0.1", port: int = 8000) -> None:
     configure_threads(cfg.serve.threads)
     admin_token = os.environ.get("RECSYS_ADMIN_TOKEN") or None  # read once, here
     if admin_token is None:
-        log.warning("RECSYS_ADMIN_TOKEN is unset: POST /items and /admin/reload are disabled")
+        log.warning("RECSYS_ADMIN_TOKEN is unset: POST /items, POST /events and /admin/reload are disabled")
     app = create_app(run, admin_token=admin_token)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -238,6 +238,11 @@ class ItemIndex:
         """The FAISS id of ``item_id``, or None when the index does not hold it."""
         return self._faiss_id_of.get(item_id)
 
+    def faiss_ids_of(self, item_ids: Sequence[Any]) -> np.ndarray:
+        """FAISS ids of the ``item_ids`` the index holds, in order (the others left out)."""
+        found = [self._faiss_id_of.get(item_id) for item_id in item_ids]
+        return np.asarray([f for f in found if f is not None], dtype=np.int64)
+
     def item_ids(self, faiss_ids: np.ndarray) -> list[Any]:
         rows = self._row_of[faiss_ids]
         return [self._item_ids[r] for r in rows.tolist()]

@@ -30,6 +30,7 @@ import torch
 from recsys.candidates import SOURCES, ItemNeighbours, one_user_scores, top_new
 from recsys.config import Config
 from recsys.errors import RecsysError, RunError
+from recsys.events import COLUMNS as EVENT_COLUMNS
 from recsys.history import pad_sequences, padded_history
 from recsys.model import RecsysModel, load_model
 from recsys.ranking import score_candidates
@@ -99,6 +100,7 @@ class Behaviour:
     seen_ptr: np.ndarray  # (U+2,) CSR offsets into seen_items
     seen_items: np.ndarray  # item_idx of every item the user interacted with (not sampled negatives)
     popular: np.ndarray  # item_idx by descending click count
+    data_cut: int = 0  # the latest timestamp in the run's data: live events after it are news to this run
 
 
 def _interaction_frames(run: RunDir) -> list[Path]:
@@ -118,6 +120,7 @@ def load_behaviour(run: RunDir, n_users: int, history_len: int) -> Behaviour:
         if "sampled" in names:
             keep = keep & ~pl.col("sampled")
         frames.append(frame.filter(keep).select("user_idx", "item_idx", "timestamp"))
+    data_cut = max((pl.scan_parquet(path).select(pl.col("timestamp").max()).collect().item() or 0) for path in _interaction_frames(run))
     positives = (
         pl.concat(frames)
         .filter((pl.col("user_idx") > 0) & (pl.col("user_idx") < n_users))
@@ -135,7 +138,7 @@ def load_behaviour(run: RunDir, n_users: int, history_len: int) -> Behaviour:
     history[clicks["user_idx"].to_numpy()] = padded_history(clicks["item_idx"], history_len)  # the last L clicks
 
     counts = positives.group_by("item_idx").len().sort(["len", "item_idx"], descending=[True, False])
-    return Behaviour(history, seen_ptr, item_idx, counts["item_idx"].to_numpy())
+    return Behaviour(history, seen_ptr, item_idx, counts["item_idx"].to_numpy(), int(data_cut))
 
 
 def id_lookup(ids: pl.Series) -> tuple[dict[Any, int], bool]:
@@ -250,8 +253,16 @@ class Recommender:
         return self._texts.get(item_id)
 
     # -- recommend -----------------------------------------------------------------------
-    def recommend(self, user_id: Any = None, history: Sequence[Any] | None = None, k: int = 10) -> Result:
-        """Top-k for a known user, a history of item ids, or neither (popular items)."""
+    def user_key(self, raw: Any) -> Any:
+        """A request user id in the run's id type, or None when it cannot be one."""
+        return parse_id(raw, self.user_ids_are_int)
+
+    def recommend(self, user_id: Any = None, history: Sequence[Any] | None = None, k: int = 10, live: Sequence[Any] = ()) -> Result:
+        """Top-k for a known user, a history of item ids, or neither (popular items).
+
+        ``live`` holds the user's clicks since the run's data (item ids, oldest first; POST /events):
+        they follow the stored history and precede the request's, and count as seen.
+        """
         started = time.perf_counter()
         serve = self.cfg.serve
         if not 1 <= k <= serve.max_k:
@@ -263,18 +274,23 @@ class Recommender:
             if key is None:
                 raise RequestError(f"user_id {user_id!r} is not a user id of this run: {ID_RULE}")
             user_idx = self.user_row.get(key, 0)
-            if user_idx == 0:
+            if user_idx == 0 and live:
+                warnings.append(f"user_id {user_id!r} is not in the trained run: recommending from its {len(live)} live click(s)")
+            elif user_idx == 0:
                 warnings.append(f"unknown user_id {user_id!r}: recommending from the request history or popular items")
         stored = self.behaviour.history[user_idx] if user_idx else np.zeros(0, dtype=np.int64)
-        stored = stored[stored > 0]
+        stored = stored[stored > 0]  # item_idx == faiss id for catalogue items
+        live_ids = self.index.faiss_ids_of(live)  # items this index does not hold (a reload to another catalogue) are skipped
         request_ids, unknown = self._history_ids(history or [])
         if unknown:
             warnings.append(f"ignored {len(unknown)} unknown history item id(s): {', '.join(map(repr, unknown[:10]))}")
-        request_idx = self.index.item_idx(request_ids)  # 0 for items added at serving time: no id row
-        model_history = np.concatenate([stored, request_idx[request_idx > 0]])  # oldest first
-        content_history = np.concatenate([stored, request_ids])[-self.history_len :]  # faiss ids: added items count through their content
-        seen = np.union1d(self._seen(user_idx), request_ids)  # faiss ids (== item_idx for catalogue items)
-        source = "user" if user_idx else ("history" if len(request_ids) else "popular")
+        clicked = np.concatenate([stored, live_ids, request_ids])  # faiss ids, oldest first
+        clicked_idx = self.index.item_idx(clicked)  # 0 for items added at serving time: no id row
+        model_history = clicked_idx[clicked_idx > 0]
+        content_history = clicked[-self.history_len :]  # added items count through their content
+        fresh = np.concatenate([live_ids, request_ids])
+        seen = np.union1d(self._seen(user_idx), fresh)
+        source = "user" if user_idx else ("history" if len(fresh) else "popular")
 
         t0 = time.perf_counter()
         history_rows = torch.from_numpy(pad_sequences([model_history], self.history_len))  # (1, L): the last L
@@ -296,6 +312,41 @@ class Recommender:
         t3 = time.perf_counter()
         timings = {"prepare": t0 - started, "user_tower": t1 - t0, "retrieve": t2 - t1, "rank": t3 - t2, "total": t3 - started}
         return Result(items, warnings, source, {stage: round(1000 * s, 3) for stage, s in timings.items()})
+
+    # -- live events ---------------------------------------------------------------------
+    def check_events(self, events: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+        """Events (``user_id, item_id, timestamp`` and optional ``click, conversion, rating``) as
+        event-log columns (``recsys.events.COLUMNS``); the first bad one raises RequestError naming
+        its row and field, so a batch is taken whole or not at all.
+
+        ``click`` defaults to 1 (an interaction). Items must be in the index (catalogue or added
+        through POST /items); users may be new.
+        """
+        serve = self.cfg.serve
+        now = time.time()
+        ratings = "rating" in self.model.spec.tasks
+        lo, hi = self.rating_range
+        columns: dict[str, list[Any]] = {name: [] for name in EVENT_COLUMNS}
+        for row, event in enumerate(events):
+            where = f"events[{row}]"
+            user = parse_id(event["user_id"], self.user_ids_are_int)
+            if user is None:
+                raise RequestError(f"{where}.user_id {event['user_id']!r} is not a user id of this run: {ID_RULE}")
+            item = self._require_item_key(event["item_id"], f"{where}.item_id")
+            if self.index.faiss_id(item) is None:
+                raise RequestError(f"{where}.item_id {event['item_id']!r} is not in the index: add it with POST /items first")
+            timestamp = event["timestamp"]
+            if timestamp > now + serve.events_max_future_s:
+                raise RequestError(f"{where}.timestamp {timestamp} lies {timestamp - now:.0f} s in the future (serve.events_max_future_s = {serve.events_max_future_s})")
+            click = 1 if event.get("click") is None else event["click"]
+            conversion, rating = event.get("conversion"), event.get("rating")
+            if conversion == 1 and click == 0:
+                raise RequestError(f"{where}.conversion is 1 but click is 0: a conversion follows a click")
+            if rating is not None and ratings and not lo <= rating <= hi:
+                raise RequestError(f"{where}.rating {rating} lies outside the run's rating range [{lo}, {hi}]")
+            for name, value in zip(EVENT_COLUMNS, (user, item, timestamp, click, conversion, rating, int(now * 1000))):
+                columns[name].append(value)
+        return columns
 
     def _history_ids(self, history: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         """Request item ids -> faiss ids (unknown ones listed apart), in request order."""
