@@ -421,6 +421,7 @@ def _write_splits(
     """
     columns = ["user_id", "item_id", "user_idx", "item_idx", "timestamp", "click"]
     columns += [c for c in ("conversion", "rating") if c in bounded.columns] + ["history", "sampled"]
+    columns += ["context"] if "context" in bounded.columns else []  # an update's BASE rows that are not replayed (features.update)
 
     def with_ids_and_history(chunk: pl.DataFrame, clicked_items: np.ndarray) -> pl.DataFrame:
         history = _history_lists(chunk["hist_start"].to_numpy(), chunk["hist_end"].to_numpy(), clicked_items)

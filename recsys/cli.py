@@ -103,6 +103,29 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_update(args: argparse.Namespace) -> int:
+    """``recsys update`` (training.update): the update's steps, each skipped when a killed run already did it; exit 3 when the gate refuses it."""
+    run, base, cfg, record = _call("training.update:start_update", args.run, args.out, data=args.data, events=args.events, overrides=args.set, nproc=args.nproc)
+    for step in STEPS:
+        if _call("training.update:is_done", run, record, step):
+            continue
+        started = time.perf_counter()
+        if step == "prepare":
+            log.info("== prepare (update of %s)", base.root)
+            _call("features.update:prepare_update", run, base, cfg.update.replay, cfg.data.seed)
+        elif step == "embed":
+            _call("training.update:link_cache", base, run)
+            run_step("embed", run)
+        elif step == "train":
+            run_step("train", run, resume=_call("training.update:has_checkpoint", run))  # a killed update's training continues
+        else:
+            run_step(step, run)
+        _call("training.update:mark_done", run, record, step, time.perf_counter() - started)
+    record = _call("training.update:finish_update", run, base, cfg, record)
+    print(json.dumps({k: record[k] for k in ("parent", "published", "seconds") if k in record} | ({"gate": record["gate"]} if "gate" in record else {}), indent=2, default=str))
+    return 0 if record["published"] else 3
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     _call("serving.recommend:main", RunDir(args.run), user=args.user, history=args.history, k=args.k)
     return 0
@@ -187,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
         if step == "evaluate":
             p.add_argument("--compare", nargs="*", default=None, help="other run directories to compare against")
         p.set_defaults(func=cmd_step)
+
+    upd = sub.add_parser("update", help="warm-start a trained run on new logs: vocabularies and tables grow, index refreshed, gated against it")
+    upd.add_argument("--run", required=True, help="BASE: the trained run to update")
+    upd.add_argument("--data", default=None, help="NEW: a dataset of the interactions since BASE's data, with the current catalogue")
+    upd.add_argument("--events", default=None, help="a served run whose event log (RUN/events) holds the new interactions (catalogue: --data, else BASE's dataset)")
+    upd.add_argument("--out", required=True, help="RUN2: the updated run (rerun the same command to resume a killed update)")
+    upd.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable), e.g. update.replay=0.3")
+    upd.add_argument("--nproc", type=int, default=None, help="training processes (the update trains in one)")
+    upd.set_defaults(func=cmd_update)
 
     rec = sub.add_parser("recommend", help="top-k for one user (or a history of item ids)")
     rec.add_argument("--run", required=True)

@@ -127,6 +127,7 @@ class TrainConfig(_Section):
     seed: int = 0
     nproc: int = Field(1, ge=1)
     sharding: Literal["auto", "data_parallel", "table_wise", "column_wise", "row_wise"] = "auto"
+    init_from: str = ""  # a run directory whose model warm-starts this one (set by `recsys update`; its tables grow to this run's vocabularies)
 
 
 class IndexConfig(_Section):
@@ -183,6 +184,15 @@ class EvalConfig(_Section):
     ease_max_items: int = Field(20_000, ge=1)  # ease: skipped above this many catalogue items (inverts a dense items x items matrix, 16 bytes each at the peak)
 
 
+class UpdateConfig(_Section):
+    """``recsys update``: warm-start a trained run on new logs."""
+
+    replay: float = Field(0.2, ge=0, le=1)  # share of BASE's rows trained on again with the new ones (against forgetting); the rest are history only
+    epochs: int = Field(0, ge=0)  # epochs of the update's training (0 = train.epochs); early stopping still applies
+    gate: bool = True  # compare the update with BASE on the new test rows (training.gate) and refuse it when significantly worse
+    max_drop: str = ""  # the gate's tolerances, "click.auc=0.002,retrieval.recall@20=0.005" ("" = the gate's defaults)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -193,6 +203,7 @@ class Config(BaseModel):
     index: IndexConfig = IndexConfig()
     serve: ServeConfig = ServeConfig()
     eval: EvalConfig = EvalConfig()
+    update: UpdateConfig = UpdateConfig()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: section_dict(getattr(self, name)) for name in type(self).model_fields}

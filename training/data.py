@@ -172,10 +172,10 @@ def read_rank_part(
     contiguous range, so every rank sees the whole span of a file ordered by time (the file is
     scanned, not sliced: fine on one machine; past it, write the file in N shuffled parts).
     """
-    lazy = pl.scan_parquet(path)
+    lazy = trained_rows(path)
     if columns is not None:
         lazy = lazy.select(columns)
-    n_rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+    n_rows = lazy.select(pl.len()).collect().item()
     part = rank_rows(n_rows, rank, world_size, tail)
     if interleave:
         if tail != "drop":
@@ -188,6 +188,12 @@ def read_rank_part(
             last = lazy.slice(n_rows - 1, 1).collect().with_columns(is_padding=pl.lit(True))
             frame = pl.concat([frame, *([last] * part.pad)])
     return frame
+
+
+def trained_rows(path: str | Path) -> pl.LazyFrame:
+    """The rows of a split file the trainer reads: all but an update's BASE rows kept only as history (``context``, features.update)."""
+    lazy = pl.scan_parquet(path)
+    return lazy.filter(~pl.col("context")).drop("context") if "context" in lazy.collect_schema().names() else lazy
 
 
 def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = True, rank: int = 0, world_size: int = 1) -> TrainingData:
@@ -207,7 +213,7 @@ def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = Tru
         train = read_split(train_path, history_len, tasks, read_rank_part(train_path, rank, world_size, "drop", interleave=True))
         valid = read_split(valid_path, history_len, tasks, read_rank_part(valid_path, rank, world_size, "pad")) if valid_rows else None
     else:
-        train = read_split(train_path, history_len, tasks)
+        train = read_split(train_path, history_len, tasks, trained_rows(train_path).collect())
         valid = read_split(valid_path, history_len, tasks) if valid_rows else None
     data = TrainingData(
         meta=meta, train=train, valid=valid, content=read_content(run, int(meta["n_items"]), use_text, use_image), valid_rows=valid_rows

@@ -28,6 +28,7 @@ from recsys.config import Config
 from recsys.model import RecsysModel, model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_path, write_json
 from training.data import batches, load_training_data
+from training.warm_start import warm_start
 from training.epochs import (
     add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
     epochs_summary, head_metrics, log_epoch, new_state, resume_digest, set_lr, task_weighting, train_loss_as_valid, truncate_log,
@@ -189,6 +190,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
     ckpt_dir = run.model / "checkpoint"
     state = new_state()
     resumed_from = None
+    warm: dict[str, Any] | None = None
     if resume and (ckpt_dir / "state.json").is_file():
         check_resume_digest(json.loads((ckpt_dir / "state.json").read_text()), cfg, ckpt_dir)
         state = {k: v for k, v in load_checkpoint(ckpt_dir, model, weighting, dense_opt).items() if k in state}
@@ -200,6 +202,8 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
             log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
         run.train_log.unlink(missing_ok=True)
         clear_checkpoints(ckpt_dir)
+        if cfg.train.init_from:  # an update: the earlier run's weights, its tables grown
+            warm = warm_start(model, RunDir(cfg.train.init_from))
 
     rates: list[float] = []
     last_valid: dict[str, Any] = {}
@@ -232,6 +236,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
         "modalities": {"text": model.use_text, "image": model.use_image},
         "samples_per_s": float(np.mean(rates)) if rates else None,
         "seconds": time.perf_counter() - started,
+        **({"warm_start": warm} if warm else {}),
     }
     run.record("train", summary)
     return summary
