@@ -43,6 +43,9 @@ taste) and ``truth.json`` (parameters, weight vectors, oracle AUCs).
 
 Random streams: ``[seed, k]`` per part of the story; the texture taste (k = 8) and the quality
 (k = 9) have streams of their own, so the other draws are those of a dataset without them.
+
+Daily logs with arriving users and drifting preferences (``--days``) unroll this story in
+``features/synth_stream.py``; ``_impressions`` draws any time window from given user latents.
 """
 
 from __future__ import annotations
@@ -168,7 +171,8 @@ class _Users:
     click_bias: np.ndarray  # (U,)
     rating_bias: np.ndarray  # (U,)
     texture_taste: np.ndarray  # (U, n_textures): centred per user, unit variance
-    activity_cdf: np.ndarray  # (U,) cumulative impression weight
+    activity: np.ndarray  # (U,) impression weight
+    arrived_at: np.ndarray  # (U,) int64 unix s: impressions only after it (all at start_s here; the stream draws arrivals)
 
 
 @dataclass(frozen=True)
@@ -214,32 +218,61 @@ def synthesize(
     timings["latents_s"] = time.perf_counter() - started
 
     tick = time.perf_counter()
-    item_frame = pl.DataFrame(
-        {
-            "item_id": item_ids,
-            "text": item_text(np.random.default_rng([seed, 4]), item_draw.topic, params, item_draw.quality_grade),
-            "category": pl.Series(np.array([TOPIC_CATEGORY[t] for t in TOPICS]))[item_draw.topic],
-            "price": item_draw.price,
-            "created_at": item_draw.created_at,
-        }
-    )
     if images:
         _write_images(out, item_draw, seed, params)
-        item_frame = item_frame.insert_column(2, ("images/" + item_ids + ".png").alias("image"))
-    write_parquet(item_frame, out / "items.parquet")
+    write_parquet(_catalogue(seed, item_ids, item_draw, params, images), out / "items.parquet")
     write_parquet(_truth_items(item_ids, item_draw), out / "truth_items.parquet")
-    user_frame = pl.DataFrame(
-        {"user_id": user_ids, "region": pl.Series(np.array(REGIONS))[user_draw.region], "age": user_draw.age}
-    )
-    write_parquet(user_frame, out / "users.parquet")
+    write_parquet(_user_table(user_ids, user_draw), out / "users.parquet")
     write_parquet(_truth_users(user_ids, user_draw), out / "truth_users.parquet")
     timings["catalogue_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    rows = _impressions(seed, n_rows, user_draw, item_draw, tables, params)
+    rows = _impressions((seed,), n_rows, params.start_s, params.start_s + params.span_days * DAY_S, user_draw, item_draw, tables, params)
     timings["impressions_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
+    _write_rows(out, user_ids, item_ids, rows)
+    timings["write_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    stats = _label_stats(rows, item_draw)
+    timings["stats_s"] = time.perf_counter() - tick
+    truth = _truth_summary(seed, users, items, n_rows, images, task_correlation, params, tables, stats)
+    write_json(out / "truth.json", truth)
+    timings["total_s"] = time.perf_counter() - started
+    return {
+        "out": str(out),
+        "users": users,
+        "items": items,
+        "interactions": n_rows,
+        "images": images,
+        "task_correlation": task_correlation,
+        **stats,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _catalogue(seed: int, item_ids: pl.Series, draw: _Items, params: SynthParams, images: bool) -> pl.DataFrame:
+    """items.parquet: id, text, image path (``images/<id>.png``, when rendered), category, price, created_at."""
+    frame = pl.DataFrame(
+        {
+            "item_id": item_ids,
+            "text": item_text(np.random.default_rng([seed, 4]), draw.topic, params, draw.quality_grade),
+            "category": pl.Series(np.array([TOPIC_CATEGORY[t] for t in TOPICS]))[draw.topic],
+            "price": draw.price,
+            "created_at": draw.created_at,
+        }
+    )
+    return frame.insert_column(2, ("images/" + item_ids + ".png").alias("image")) if images else frame
+
+
+def _user_table(user_ids: pl.Series, draw: _Users) -> pl.DataFrame:
+    """users.parquet: id, region, age."""
+    return pl.DataFrame({"user_id": user_ids, "region": pl.Series(np.array(REGIONS))[draw.region], "age": draw.age})
+
+
+def _write_rows(out: Path, user_ids: pl.Series, item_ids: pl.Series, rows: dict[str, np.ndarray]) -> None:
+    """interactions.parquet (labels) and truth.parquet (the oracle's probabilities), row for row."""
     keys = pl.DataFrame(
         {"user_id": user_ids[rows["user"]], "item_id": item_ids[rows["item"]], "timestamp": rows["timestamp"]}
     )
@@ -257,12 +290,14 @@ def synthesize(
         pl.Series("p_click_content", rows["p_click_content"]),
     )
     write_parquet(truth_frame, out / "truth.parquet")
-    timings["write_s"] = time.perf_counter() - tick
 
-    tick = time.perf_counter()
-    stats = _label_stats(rows, item_draw)
-    timings["stats_s"] = time.perf_counter() - tick
-    truth = {
+
+def _truth_summary(
+    seed: int, users: int, items: int, n_rows: int, images: bool, task_correlation: float,
+    params: SynthParams, tables: _Tables, stats: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The body of truth.json: arguments, every knob, the random tables, the vocabularies and the label stats."""
+    return {
         "seed": seed,
         "users": users,
         "items": items,
@@ -276,18 +311,6 @@ def synthesize(
         "quality_words": [list(words) for words in QUALITY_WORDS],
         "regions": list(REGIONS),
         "stats": stats,
-    }
-    write_json(out / "truth.json", truth)
-    timings["total_s"] = time.perf_counter() - started
-    return {
-        "out": str(out),
-        "users": users,
-        "items": items,
-        "interactions": n_rows,
-        "images": images,
-        "task_correlation": task_correlation,
-        **stats,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
     }
 
 
@@ -357,7 +380,8 @@ def _draw_users(rng: np.random.Generator, taste_rng: np.random.Generator, n: int
         click_bias=params.user_click_sd * rng.standard_normal(n),
         rating_bias=params.user_rating_sd * rng.standard_normal(n),
         texture_taste=taste,
-        activity_cdf=np.cumsum(activity),
+        activity=activity,
+        arrived_at=np.full(n, params.start_s, dtype=np.int64),
     )
 
 
@@ -370,11 +394,7 @@ def _draw_items(rng: np.random.Generator, quality_rng: np.random.Generator, n: i
     visual = (hue_part + tables.texture[texture]) / math.sqrt(2)  # unit variance per dim
     content = math.sqrt(params.topic_share) * tables.topic[topic] + math.sqrt(params.visual_share) * visual
     latent = content + math.sqrt(params.residual_share) * rng.standard_normal((n, params.latent_dim))
-    n_new = min(int(round(params.new_item_fraction * n)), n - 1)  # at least one item exists from the start
-    is_new = np.zeros(n, dtype=bool)
-    is_new[rng.permutation(n)[:n_new]] = True
-    start, span_s = params.start_s, params.span_days * DAY_S
-    created_at = np.where(is_new, start + rng.integers(0, span_s, n), start - rng.integers(1, 365 * DAY_S, n))
+    created_at = _arrival_times(rng, n, params.new_item_fraction, params)
     price = np.round(np.exp(params.log_price_mean + params.log_price_sd * rng.standard_normal(n)), 2)
     grades = len(QUALITY_WORDS)
     quality_grade = quality_rng.integers(0, grades, n)
@@ -389,10 +409,22 @@ def _draw_items(rng: np.random.Generator, quality_rng: np.random.Generator, n: i
         angle=rng.uniform(0, np.pi, n),
         popularity=rng.standard_normal(n),
         price=np.maximum(price, 0.01),
-        created_at=created_at.astype(np.int64),
+        created_at=created_at,
         quality_grade=quality_grade,
         quality=(quality_grade - (grades - 1) / 2) / grade_sd,
     )
+
+
+def _arrival_times(rng: np.random.Generator, n: int, new_fraction: float, params: SynthParams) -> np.ndarray:
+    """(n,) int64 unix s: a ``new_fraction`` share arrives uniformly over the span, the rest up to a year before it.
+
+    At least one row exists before the span starts, so the first impression has something to draw.
+    """
+    n_new = min(int(round(new_fraction * n)), n - 1)
+    is_new = np.zeros(n, dtype=bool)
+    is_new[rng.permutation(n)[:n_new]] = True
+    start, span_s = params.start_s, params.span_days * DAY_S
+    return np.where(is_new, start + rng.integers(0, span_s, n), start - rng.integers(1, 365 * DAY_S, n)).astype(np.int64)
 
 
 def item_text(
@@ -526,15 +558,37 @@ def _truth_users(user_ids: pl.Series, draw: _Users) -> pl.DataFrame:
     )
 
 
+@dataclass(frozen=True)
+class _ArrivalPool:
+    """Rows drawn by weight among those arrived by a time: items by creation, users by arrival."""
+
+    order: np.ndarray  # (N,) row indices by arrival time (stable)
+    arrived_sorted: np.ndarray  # (N,) arrival times in that order
+    weight_cdf: np.ndarray  # (N,) cumulative weight in that order
+
+    @classmethod
+    def of(cls, arrived_at: np.ndarray, weight: np.ndarray) -> _ArrivalPool:
+        order = np.argsort(arrived_at, kind="stable")
+        return cls(order=order, arrived_sorted=arrived_at[order], weight_cdf=np.cumsum(weight[order]))
+
+    def draw(self, rng: np.random.Generator, timestamp: np.ndarray) -> np.ndarray:
+        """One row index per timestamp, among the rows arrived at or before it."""
+        available = np.searchsorted(self.arrived_sorted, timestamp, "right")
+        return self.order[_draw_from_cdf(rng, self.weight_cdf, available)]
+
+
 def _impressions(
-    seed: int, n: int, users: _Users, items: _Items, tables: _Tables, params: SynthParams
+    key: tuple[int, ...], n: int, start_s: int, end_s: int, users: _Users, items: _Items, tables: _Tables, params: SynthParams
 ) -> dict[str, np.ndarray]:
-    """Draw impressions in time order, chunk by chunk, with their true probabilities and labels."""
-    start, span_s = params.start_s, params.span_days * DAY_S
-    timestamp = np.sort(np.random.default_rng([seed, 6]).integers(start, start + span_s, n))
-    by_creation = np.argsort(items.created_at, kind="stable")
-    created_sorted = items.created_at[by_creation]
-    weight_cdf = np.cumsum(np.exp(params.popularity_sd * items.popularity[by_creation]))
+    """Draw ``n`` impressions in ``[start_s, end_s)`` in time order, chunk by chunk, with true probabilities and labels.
+
+    The users' latents are taken as given (the stream passes each day's); users and items are
+    drawn among those arrived by the impression's time. Random streams ``[*key, 6]`` (timestamps)
+    and ``[*key, 7, chunk start]``: the one-shot dataset's key is ``(seed,)``.
+    """
+    timestamp = np.sort(np.random.default_rng([*key, 6]).integers(start_s, end_s, n))
+    user_pool = _ArrivalPool.of(users.arrived_at, users.activity)
+    item_pool = _ArrivalPool.of(items.created_at, np.exp(params.popularity_sd * items.popularity))
     rows = {
         "timestamp": timestamp,
         "user": np.empty(n, np.int32),
@@ -550,10 +604,9 @@ def _impressions(
     with tqdm(total=n, desc="synth impressions", unit="row", unit_scale=True, leave=False) as bar:
         for lo in range(0, n, params.chunk_rows):
             hi = min(lo + params.chunk_rows, n)
-            rng = np.random.default_rng([seed, 7, lo])
-            user = _draw_from_cdf(rng, users.activity_cdf, np.full(hi - lo, len(users.age)))
-            available = np.searchsorted(created_sorted, timestamp[lo:hi], "right")  # items created at or before then
-            item = by_creation[_draw_from_cdf(rng, weight_cdf, available)]
+            rng = np.random.default_rng([*key, 7, lo])
+            user = user_pool.draw(rng, timestamp[lo:hi])
+            item = item_pool.draw(rng, timestamp[lo:hi])
             chunk = {"user": user, "item": item, **_oracle(user, item, users, items, tables, params)}
             chunk["click"] = rng.random(hi - lo) < chunk["p_click"]
             chunk["conversion"] = chunk["click"] & (rng.random(hi - lo) < chunk["p_conversion"])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from recsys.config import Config, load_config
-from recsys.errors import RecsysError
+from recsys.errors import ConfigError, RecsysError
 from recsys.rundir import RunDir
 
 log = logging.getLogger("recsys")
@@ -86,7 +86,23 @@ def cmd_step(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    if args.source_kind == "synth":
+    if args.source_kind == "synth" and args.days is not None:
+        drift = {} if args.drift is None else {"drift": args.drift}
+        summary = _call(
+            "features.synth_stream:synthesize_stream",
+            Path(args.out),
+            days=args.days,
+            users=args.users,
+            items=args.items,
+            interactions=args.interactions,
+            seed=args.seed,
+            images=not args.no_images,
+            task_correlation=args.task_correlation,
+            **drift,
+        )
+    elif args.source_kind == "synth":
+        if args.drift is not None:
+            raise ConfigError("--drift moves preferences from day to day: it needs --days D (the stream mode)")
         summary = _call(
             "features.synth:synthesize",
             Path(args.out),
@@ -97,6 +113,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             images=not args.no_images,
             task_correlation=args.task_correlation,
         )
+    elif args.source_kind == "window":
+        summary = _call("features.window:assemble_window", Path(args.source), Path(args.out), train=args.train, test=args.test, valid=args.valid)
     else:
         summary = _call("features.movielens:convert", Path(args.source), Path(args.out), split=args.split)
     print(json.dumps(summary, indent=2, default=str))
@@ -184,7 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-images", action="store_true", help="skip PNG generation (large benchmarks)")
     synth.add_argument("--task-correlation", type=float, default=0.8, help="correlation of click and conversion signals, in [-1, 1]")
+    synth.add_argument("--days", type=int, default=None, help="stream mode: OUT/day01 .. dayDD, one dataset per day (items and users arrive, preferences drift)")
+    synth.add_argument("--drift", type=float, default=None, help="stream mode: daily random-walk step of user preferences, in [0, 1] (default 0.25)")
     synth.set_defaults(func=cmd_data)
+    window = data_sub.add_parser("window", help="day directories (synth --days) -> one dataset with a given split")
+    window.add_argument("--source", required=True, help="directory with day01, day02, ...")
+    window.add_argument("--train", required=True, help="train days: 1-7, 8, 8,9 or 1-3,5")
+    window.add_argument("--valid", default=None, help="valid days (taken out of train)")
+    window.add_argument("--test", required=True, help="test days")
+    window.add_argument("--out", required=True)
+    window.set_defaults(func=cmd_data)
     ml = data_sub.add_parser("movielens", help="MovieLens-100K directory -> dataset contract")
     ml.add_argument("--source", required=True, help="directory with u.data, u.item, u.user")
     ml.add_argument("--out", required=True)
