@@ -11,6 +11,9 @@
   carry ``context = true`` and the trainer skips them (``training.data.read_split``).
 - NEW's own split (its ``split`` column, else ``data.split``) gives RUN2's train / valid / test:
   its test rows are the evaluation window. The leak-free rule of ``features.pipeline`` holds.
+  Rows that NEW holds again (same user, item and timestamp: typically BASE's test window, now
+  trained on) are taken from NEW, so a daily chain (train day d, test day d+1; then train d+1)
+  counts every interaction once.
 
 NEW must be the current catalogue (every item BASE knows, and new ones; texts and images may have
 changed: the embed step re-encodes only what the content cache lacks) and must not contradict
@@ -35,6 +38,7 @@ from recsys.rundir import RunDir, read_json, write_json, write_parquet
 
 log = logging.getLogger("recsys")
 
+KEY = ["user_idx", "item_idx", "timestamp"]  # one interaction
 BASE_COLUMNS = ("user_idx", "item_idx", "timestamp", "click", "conversion", "rating", "sampled")
 
 
@@ -67,6 +71,8 @@ def prepare_update(run: RunDir, base: RunDir, replay: float, seed: int = 0) -> d
         if not ds.has_click and cfg.negatives_per_positive > 0:
             new, negatives = _add_negatives(new, len(items_vocab), cfg)
         past = _base_events(base, new.columns, replay, seed)
+        again = past.join(new.filter(~pl.col("sampled")).select(KEY).unique(), on=KEY, how="semi").height
+        past = past.join(new.select(KEY).unique(), on=KEY, how="anti")  # rows NEW holds again (BASE's test window, trained on now): NEW's
         events = pl.concat([past, new.with_columns(pl.col("seq") + past.height, context=pl.lit(False))], how="vertical_relaxed")
     with stages("history and write"):
         events = events.sort(["user_idx", "timestamp", "seq"], maintain_order=True)
@@ -101,6 +107,7 @@ def prepare_update(run: RunDir, base: RunDir, replay: float, seed: int = 0) -> d
         "new_users": len(users_vocab) - base_users.height,
         "new_items": len(items_vocab) - base_items.height,
         "base_rows": past.height,
+        "base_rows_in_new": again,
         "replayed_rows": int((~past["context"]).sum()),
         "split": split_mode,
         "tasks": tasks,

@@ -232,3 +232,54 @@ def test_prepare_update_refuses_a_changed_history_length(stream, tmp_path):
     run = RunDir.create(tmp_path / "r", RunDir(stream["base_run"]).config().replace(**{"data.history_len": "7"}), stream["new1"])
     with pytest.raises(DataError, match="history_len = 7 but BASE was prepared with 10"):
         prepare_update(run, RunDir(stream["base_run"]), 0.2)
+
+
+def test_rows_new_holds_again_are_counted_once(stream, tmp_path):
+    # NEW = BASE's own test window again (now to train on) + NEW's rows: the repeated rows come from NEW, once
+    base_cfg = RunDir(stream["base_run"]).config()
+    base_test = pl.read_parquet(stream["base_run"] / "data" / "test.parquet").select("user_id", "item_id", "timestamp", "click", "conversion", "rating")
+    new = tmp_path / "again"
+    shutil.copytree(stream["new1"], new)
+    rows = pl.read_parquet(new / "interactions.parquet")
+    pl.concat([base_test.with_columns(split=pl.lit("train")).cast(rows.schema), rows]).write_parquet(new / "interactions.parquet")
+    run = RunDir.create(tmp_path / "r", base_cfg, new)
+    summary = prepare_update(run, RunDir(stream["base_run"]), 0.2)
+    assert summary["base_rows_in_new"] == base_test.height
+    train = pl.read_parquet(run.data / "train.parquet")
+    assert train.select("user_idx", "item_idx", "timestamp").is_duplicated().sum() == 0
+    repeated = train.join(pl.read_parquet(stream["base_run"] / "data" / "test.parquet").select("user_idx", "item_idx", "timestamp"), on=["user_idx", "item_idx", "timestamp"])
+    assert repeated.height == base_test.height and not repeated["context"].any()  # trained on, as NEW's train rows
+
+
+def test_an_update_from_the_event_log_equals_one_from_the_same_events_as_a_dataset(stream, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.index import build_index  # noqa: F401  (the base run is indexed by `recsys run`)
+
+    served = tmp_path / "served"
+    shutil.copytree(stream["base_run"], served)
+    client = TestClient(create_app(served, admin_token="t"))
+    base_items = set(vocab(stream["base_run"], "item")["item_id"])
+    rows = pl.read_parquet(stream["new1"] / "interactions.parquet").filter(pl.col("item_id").is_in(list(base_items))).drop("split")
+    events = rows.to_dicts()
+    for start in range(0, len(events), 1000):
+        response = client.post("/events", json={"events": events[start : start + 1000]}, headers={"Authorization": "Bearer t"})
+        assert response.status_code == 200, response.text
+
+    as_dataset = tmp_path / "as_dataset"
+    as_dataset.mkdir()
+    for entry in Path(read_json(stream["base_run"] / "source.json")["data"]).iterdir():
+        if entry.name != "interactions.parquet":
+            (as_dataset / entry.name).symlink_to(entry)
+    rows.write_parquet(as_dataset / "interactions.parquet")
+
+    fast = ["--set", "update.gate=false", "--set", "update.epochs=1"]
+    assert recsys_main(["-q", "update", "--run", str(stream["base_run"]), "--events", str(served), "--out", str(tmp_path / "from_log"), *fast]) == 0
+    assert recsys_main(["-q", "update", "--run", str(stream["base_run"]), "--data", str(as_dataset), "--out", str(tmp_path / "from_data"), *fast]) == 0
+    record = read_json(tmp_path / "from_log" / "update.json")
+    assert record["source"]["events"] == len(events) and record["source"]["left_out_unknown_items"] == 0
+    a, b = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("from_log", "from_data"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for split in ("train", "test"):
+        assert pl.read_parquet(tmp_path / "from_log" / "data" / f"{split}.parquet").equals(pl.read_parquet(tmp_path / "from_data" / "data" / f"{split}.parquet"))
