@@ -23,6 +23,7 @@ from recsys.rundir import RunDir
 log = logging.getLogger("recsys")
 
 STEPS = ("prepare", "embed", "train", "index", "evaluate")
+GATE_REFUSED = 3  # exit code of `recsys evaluate --gate` when the candidate is refused (2: an error)
 
 
 def _call(target: str, *args: Any, **kwargs: Any) -> Any:
@@ -77,12 +78,27 @@ def cmd_step(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         kwargs = {"resume": args.resume, "nproc": args.nproc}
+    if args.command == "evaluate" and (args.gate or args.max_drop):
+        return cmd_gate(run, args)
     if args.command == "evaluate" and args.compare:
         kwargs = {"compare": [Path(p) for p in args.compare]}
     run_step(args.command, run, **kwargs)
     if args.command == "evaluate":
         run.write_manifest()
     return 0
+
+
+def cmd_gate(run: RunDir, args: argparse.Namespace) -> int:
+    """`recsys evaluate --run CANDIDATE --gate LIVE`: only the gate comparison (training.gate); exit 3 when refused."""
+    if not args.gate:
+        raise RecsysError("--max-drop needs --gate LIVE (the run the candidate would replace)")
+    if args.compare:
+        raise RecsysError("--gate and --compare: run the gate alone, then `recsys evaluate --run RUN --compare ...` for the report")
+    max_drop = _call("training.gate:parse_max_drop", args.max_drop)
+    options = {"bootstrap": args.bootstrap} if args.bootstrap is not None else {}  # default: training.gate.BOOTSTRAP
+    verdict = _call("training.gate:gate", run, RunDir(args.gate), max_drop, seed=args.seed, **options)
+    print(_call("training.gate:format_verdict", verdict))
+    return 0 if verdict["passed"] else GATE_REFUSED
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -236,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--compact", action="store_true", help="fold items added at serving time (RUN/index/added_items.log) into the index files; no rebuild")
         if step == "evaluate":
             p.add_argument("--compare", nargs="*", default=None, help="other run directories to compare against")
+            p.add_argument("--gate", default=None, metavar="LIVE", help="only the quality gate: RUN (the candidate) against LIVE, its ancestor; exit 3 when refused")
+            p.add_argument("--max-drop", action="append", default=None, metavar="METRIC=DROP,...",
+                           help="allowed drops over the defaults, e.g. click.auc=0.002,retrieval.recall@20=0.005 (inf: report only)")
+            p.add_argument("--bootstrap", type=int, default=None, help="--gate: paired user resamples (default 1000)")
+            p.add_argument("--seed", type=int, default=0, help="--gate: the resamples' seed")
         p.set_defaults(func=cmd_step)
 
     upd = sub.add_parser("update", help="warm-start a trained run on new logs: vocabularies and tables grow, index refreshed, gated against it")

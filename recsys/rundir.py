@@ -42,6 +42,7 @@ class RunDir:
         self.report_md = self.root / "report.md"
         self.manifest_path = self.root / "manifest.json"
         self.summary_path = self.root / "summary.json"
+        self.gate_path = self.root / "gate.json"  # `recsys evaluate --gate LIVE`: this run against the live one
         self.train_log = self.root / "train_log.jsonl"
         self.source_path = self.root / "source.json"  # where the dataset came from
 

@@ -61,7 +61,7 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     test = pl.read_parquet(run.require(run.data / "test.parquet", "prepare"))
     report.load_compare(compare)  # fail before the work when a comparison run has no metrics.json
     model = load_model(run.require(run.model, "train"))
-    _check_vocabularies(run, model, data_meta)
+    check_vocabularies(run, model, data_meta)
     tasks = [t for t in model.tasks if data_meta["tasks"].get(t, False)]
     content = load_content(run, model)
 
@@ -248,10 +248,14 @@ def score_rows(model: RecsysModel, test: pl.DataFrame, content: Content) -> tupl
 
 
 @torch.inference_mode()
-def all_item_states(model: RecsysModel, content: Content) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Item-tower vectors ``(n_items, d)`` and the ranker's content vectors ``(n_items, C)`` (None without content); row 0 is padding."""
+def all_item_states(model: RecsysModel, content: Content, n_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Item-tower vectors ``(n_items, d)`` and the ranker's content vectors ``(n_items, C)`` (None without content); row 0 is padding.
+
+    ``n_items``: the catalogue's size, the model's own by default; larger for a model scored on a
+    grown catalogue (``training.gate``), whose items beyond its tables go through the cold path (content only).
+    """
     present = {name: getattr(content, name) for name in ("text", "text_mask", "image", "image_mask") if getattr(content, name) is not None}
-    return catalogue_states(model, torch.arange(model.spec.n_items), present, BATCH_ROWS)
+    return catalogue_states(model, torch.arange(model.spec.n_items if n_items is None else n_items), present, BATCH_ROWS)
 
 
 def all_item_vectors(model: RecsysModel, content: Content) -> torch.Tensor:
@@ -475,7 +479,7 @@ def slices(
 
 
 # -- helpers -----------------------------------------------------------------------------
-def _check_vocabularies(run: RunDir, model: RecsysModel, data_meta: dict[str, Any]) -> None:
+def check_vocabularies(run: RunDir, model: RecsysModel, data_meta: dict[str, Any]) -> None:
     """The model's id tables must match RUN/data's vocabularies, else its rows mean other users/items."""
     for key in ("n_users", "n_items"):
         if getattr(model.spec, key) != data_meta[key]:

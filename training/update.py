@@ -138,7 +138,7 @@ def finish_update(run: RunDir, base: RunDir, cfg: Config, record: dict[str, Any]
         from training.gate import gate, parse_max_drop
 
         started = time.perf_counter()
-        record["gate"] = gate(run, base, parse_max_drop(cfg.update.max_drop) if cfg.update.max_drop else None)
+        record["gate"] = gate(run, base, parse_max_drop([cfg.update.max_drop]) if cfg.update.max_drop else None)
         record["seconds"]["gate"] = round(time.perf_counter() - started, 2)
     record["published"] = bool(record["gate"]["passed"]) if "gate" in record else True
     write_json(run.root / UPDATE_FILE, record)
