@@ -283,3 +283,79 @@ def test_an_update_from_the_event_log_equals_one_from_the_same_events_as_a_datas
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for split in ("train", "test"):
         assert pl.read_parquet(tmp_path / "from_log" / "data" / f"{split}.parquet").equals(pl.read_parquet(tmp_path / "from_data" / "data" / f"{split}.parquet"))
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict[str, Path]:
+    """A model that has learnt something (tests/test_serving.py's planted groups) and a later log of the same kind."""
+    from recsys.cli import run_step
+    from recsys.config import load_config
+    from test_serving import PLANTED_CONFIG, planted_dataset
+
+    root = tmp_path_factory.mktemp("planted-update")
+    run = RunDir.create(root / "base_run", load_config(None, PLANTED_CONFIG), planted_dataset(root / "base"))
+    for step in ("prepare", "embed", "train", "index", "evaluate"):
+        run_step(step, run)
+    later = planted_dataset(root / "later")
+    _rewrite(later / "interactions.parquet", lambda f: f.with_columns(pl.col("timestamp") + 10**6))
+    return {"base_run": run.root, "later": later}
+
+
+def test_the_gate_passes_a_normal_update_and_refuses_one_trained_on_shuffled_labels(planted, tmp_path):
+    code = recsys_main(["-q", "update", "--run", str(planted["base_run"]), "--data", str(planted["later"]), "--out", str(tmp_path / "normal")])
+    normal = read_json(tmp_path / "normal" / "update.json")
+    assert code == 0 and normal["published"] is True and normal["gate"]["passed"] is True
+    assert read_json(tmp_path / "normal" / "gate.json")["live"] == str(planted["base_run"].resolve())
+
+    corrupted = tmp_path / "corrupted_data"
+    shutil.copytree(planted["later"], corrupted)
+    rows = pl.read_parquet(corrupted / "interactions.parquet")
+    train = rows.filter(pl.col("split") == "train")  # the log trained on is corrupted; the test window is what happened
+    labels = train.select("click", "conversion", "rating").sample(fraction=1.0, shuffle=True, seed=1)
+    shuffled = train.with_columns(labels["click"], labels["conversion"], labels["rating"])
+    pl.concat([shuffled, rows.filter(pl.col("split") != "train")]).write_parquet(corrupted / "interactions.parquet")
+    code = recsys_main(["-q", "update", "--run", str(planted["base_run"]), "--data", str(corrupted), "--out", str(tmp_path / "corrupted"), "--set", "update.replay=0"])
+    record = read_json(tmp_path / "corrupted" / "update.json")
+    assert code == 3 and record["published"] is False and "click.auc" in record["gate"]["refused"]
+    gated = record["gate"]["metrics"]["click.auc"]
+    assert gated["live"] > 0.9 and gated["live"] - gated["candidate"] > 0.1, gated
+
+
+@pytest.mark.slow
+def test_an_update_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    synthesize(tmp_path / "full", users=1500, items=300, seed=5, images=False)
+    full = pl.read_parquet(tmp_path / "full" / "interactions.parquet")
+    cut = [int(full["timestamp"].quantile(q)) for q in (0.5, 0.9)]
+    t = pl.col("timestamp")
+    base = _write(tmp_path / "base", tmp_path / "full", full.filter(t < cut[0]), cut[0], [])
+    new = _write(tmp_path / "new", tmp_path / "full", full.filter(t >= cut[0]).with_columns(split=pl.when(t < cut[1]).then(pl.lit("train")).otherwise(pl.lit("test"))), 2**62, [])
+    assert recsys_main(["-q", "run", "--data", str(base), "--out", str(tmp_path / "base_run"), *sum((["--set", s] for s in [*FAST, "train.epochs=1"]), [])]) == 0
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+    def update(out: str) -> subprocess.Popen:
+        args = ["-q", "update", "--run", str(tmp_path / "base_run"), "--data", str(new), "--out", str(tmp_path / out), "--set", "update.gate=false", "--set", "update.epochs=4", "--set", "train.patience=10"]
+        return subprocess.Popen([sys.executable, "-m", "recsys", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    assert update("straight").wait(timeout=600) == 0
+    job = update("killed")
+    first = tmp_path / "killed" / "model" / "checkpoint" / "epoch-0001.safetensors"
+    deadline = time.monotonic() + 600
+    while not first.is_file():
+        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read() if job.poll() is not None else "no checkpoint in time"
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=60)
+    record = read_json(tmp_path / "killed" / "update.json")
+    assert job.returncode == -signal.SIGKILL and "train" not in record["steps_done"]
+    resumed = update("killed")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    a, b = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_json(tmp_path / "killed" / "metrics.json")["click"] == read_json(tmp_path / "straight" / "metrics.json")["click"]
