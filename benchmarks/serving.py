@@ -98,8 +98,8 @@ class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
 
-    async def post(self, path: str, body: bytes) -> int:
-        self.writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+    async def post(self, path: str, body: bytes, headers: bytes = b"") -> int:
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s" % (path.encode(), headers, len(body), body))
         status = int((await self.reader.readline()).split()[1])
         length = 0
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
@@ -109,51 +109,70 @@ class Connection:
         return status
 
 
-async def open_loop(port: int, rate: float, seconds: float, users: int, k: int, user_format: str = "u{}", item_format: str = "it{}", connections: int = 16) -> dict:
-    """Send at ``rate`` req/s for ``seconds``; latency counted from each scheduled send time."""
-    pool: asyncio.Queue[Connection] = asyncio.Queue()
-    for _ in range(connections):
-        pool.put_nowait(Connection(*await asyncio.open_connection("127.0.0.1", port)))
-    total = int(rate * seconds)
-    latencies: list[float] = []
-    errors = 0
-    rng = random.Random(0)
-    bodies = [json.dumps({"user_id": user_format.format(rng.randint(1, users)), "k": k}).encode() if i % 10 else
-              json.dumps({"history": [item_format.format(rng.randint(1, 1000)) for _ in range(5)], "k": k}).encode() for i in range(total)]
-    started = time.perf_counter()
+TOKEN = "bench-admin-token"
 
-    async def one(i: int) -> None:
-        nonlocal errors
-        scheduled = started + i / rate
-        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-        connection = await pool.get()
-        try:
-            status = await asyncio.wait_for(connection.post("/recommend", bodies[i]), timeout=10)
-            errors += status != 200
-            latencies.append(time.perf_counter() - scheduled)
-            pool.put_nowait(connection)
-        except (asyncio.TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError):
-            errors += 1
-            pool.put_nowait(Connection(*await asyncio.open_connection("127.0.0.1", port)))
 
-    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(total))), timeout=seconds + 30)
-    elapsed = time.perf_counter() - started
+def _summary(latencies: list[float], elapsed: float, offered: float, total: int, errors: int) -> dict:
     ms = np.array(latencies) * 1000
     return {
-        "offered_rps": rate, "achieved_rps": round(len(latencies) / elapsed, 1), "requests": total, "errors": errors,
+        "offered_rps": offered, "achieved_rps": round(len(latencies) / elapsed, 1), "requests": total, "errors": errors,
         "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
         "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None,
     }
 
 
-def client_process(port: int, phases: list[tuple[float, float]], users: int, k: int, formats: tuple[str, str], out: multiprocessing.Queue) -> None:
-    out.put([asyncio.run(open_loop(port, rate, seconds, users, k, *formats)) for rate, seconds in phases])
+async def open_loop(
+    port: int, rate: float, seconds: float, users: int, k: int, user_format: str = "u{}", item_format: str = "it{}",
+    connections: int = 16, events_rate: float = 0.0, events_batch: int = 10,
+) -> dict:
+    """Send /recommend at ``rate`` req/s (and POST /events at ``events_rate`` events/s in batches) for ``seconds``; latency from each scheduled send time."""
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(Connection(*await asyncio.open_connection("127.0.0.1", port)))
+    rng = random.Random(0)
+    total = int(rate * seconds)
+    schedule = [(i / rate, "/recommend", json.dumps({"user_id": user_format.format(rng.randint(1, users)), "k": k}).encode() if i % 10 else
+                 json.dumps({"history": [item_format.format(rng.randint(1, 1000)) for _ in range(5)], "k": k}).encode(), b"") for i in range(total)]
+    event_requests = int(events_rate / events_batch * seconds) if events_rate else 0
+    now = int(time.time())
+    auth = b"Authorization: Bearer %s\r\n" % TOKEN.encode()
+    for i in range(event_requests):
+        events = [{"user_id": user_format.format(rng.randint(1, users)), "item_id": item_format.format(rng.randint(1, 1000)), "timestamp": now} for _ in range(events_batch)]
+        schedule.append((i * events_batch / events_rate, "/events", json.dumps({"events": events}).encode(), auth))
+    schedule.sort(key=lambda request: request[0])
+    latencies: dict[str, list[float]] = {"/recommend": [], "/events": []}
+    errors = {"/recommend": 0, "/events": 0}
+    started = time.perf_counter()
+
+    async def one(at: float, path: str, body: bytes, headers: bytes) -> None:
+        scheduled = started + at
+        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        connection = await pool.get()
+        try:
+            status = await asyncio.wait_for(connection.post(path, body, headers), timeout=10)
+            errors[path] += status != 200
+            latencies[path].append(time.perf_counter() - scheduled)
+            pool.put_nowait(connection)
+        except (asyncio.TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            errors[path] += 1
+            pool.put_nowait(Connection(*await asyncio.open_connection("127.0.0.1", port)))
+
+    await asyncio.wait_for(asyncio.gather(*(one(*request) for request in schedule)), timeout=seconds + 30)
+    elapsed = time.perf_counter() - started
+    result = _summary(latencies["/recommend"], elapsed, rate, total, errors["/recommend"])
+    if event_requests:
+        result["events"] = {**_summary(latencies["/events"], elapsed, events_rate / events_batch, event_requests, errors["/events"]), "events_per_s": events_rate, "batch": events_batch}
+    return result
 
 
-def run_client(port: int, phases: list[tuple[float, float]], users: int, k: int, formats: tuple[str, str] = ("u{}", "it{}")) -> list[dict]:
+def client_process(port: int, phases: list[tuple[float, float]], users: int, k: int, formats: tuple[str, str], events: tuple[float, int], out: multiprocessing.Queue) -> None:
+    out.put([asyncio.run(open_loop(port, rate, seconds, users, k, *formats, events_rate=events[0], events_batch=events[1])) for rate, seconds in phases])
+
+
+def run_client(port: int, phases: list[tuple[float, float]], users: int, k: int, formats: tuple[str, str] = ("u{}", "it{}"), events: tuple[float, int] = (0.0, 10)) -> list[dict]:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no copied state
     queue = context.Queue()
-    process = context.Process(target=client_process, args=(port, phases, users, k, formats, queue))
+    process = context.Process(target=client_process, args=(port, phases, users, k, formats, events, queue))
     process.start()
     try:
         return queue.get(timeout=sum(s for _, s in phases) + 60 * len(phases))
@@ -201,6 +220,8 @@ def main() -> None:
     parser.add_argument("--content", choices=["clustered", "isotropic"], default="clustered", help="item content vectors (see build_run)")
     parser.add_argument("--run", help="serve this finished run instead (e.g. MovieLens); --users and --user-format then name its users")
     parser.add_argument("--user-format", default="u{}", help="user ids sent: the format of 1..--users ('{}' for integer ids)")
+    parser.add_argument("--events-rate", type=float, default=0, help="also POST /events at this many events/s during the steady phase (0 = off)")
+    parser.add_argument("--events-batch", type=int, default=10, help="events per POST /events")
     parser.add_argument("--item-format", default="it{}", help="history item ids sent (1 in 10 requests): the format of 1..1000")
     args = parser.parse_args()
 
@@ -213,7 +234,7 @@ def main() -> None:
         print(f"run built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_ADMIN_TOKEN": TOKEN}
     server = subprocess.Popen([sys.executable, "-m", "recsys", "-q", "serve", "--run", str(root), "--port", str(port)],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -233,7 +254,7 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         print(f"server up in {load_s:.1f} s: {health}", file=sys.stderr)
         run_client(port, [(50, 3)], args.users, args.k, (args.user_format, args.item_format))  # warm-up
-        steady = run_client(port, [(args.rate, args.seconds)], args.users, args.k, (args.user_format, args.item_format))[0]
+        steady = run_client(port, [(args.rate, args.seconds)], args.users, args.k, (args.user_format, args.item_format), (args.events_rate, args.events_batch))[0]
         steady_breakdown = breakdown(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
         print(f"at {args.rate} req/s: {steady}", file=sys.stderr)
         steps = []

@@ -66,6 +66,8 @@ def prepare_update(run: RunDir, base: RunDir, replay: float, seed: int = 0) -> d
         cut = _data_cut(base)
         if new.height and new["timestamp"].max() <= cut:
             raise DataError(f"{ds.root / 'interactions.parquet'}: every timestamp is at or before BASE's data cut ({cut}, {base.root}): NEW must hold the interactions since BASE's data")
+        if base_meta["tasks"].get("rating") and "rating" not in new.columns:  # no rated row in NEW: the head stays, its rows unrated
+            new = new.with_columns(rating=pl.lit(None, dtype=pl.Float32))
         tasks = {"click": True, "conversion": "conversion" in new.columns, "rating": "rating" in new.columns}
         negatives = {"sampled": 0, "unavailable": 0}
         if not ds.has_click and cfg.negatives_per_positive > 0:

@@ -137,27 +137,87 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_update(args: argparse.Namespace) -> int:
-    """``recsys update`` (training.update): the update's steps, each skipped when a killed run already did it; exit 3 when the gate refuses it."""
-    run, base, cfg, record = _call("training.update:start_update", args.run, args.out, data=args.data, events=args.events, overrides=args.set, nproc=args.nproc)
+class Stopped(Exception):
+    """SIGTERM reached a follower: it stops at the next step boundary (a rerun resumes the generation)."""
+
+
+def _run_update(base: str | Path, out: str | Path, data: str | None, events: str | None, overrides: list[str] | None, nproc: int | None, stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """The update's steps (``training.update``), each skipped when a killed run already did it; returns RUN2/update.json."""
+    run, base_run, cfg, record = _call("training.update:start_update", base, out, data=data, events=events, overrides=overrides, nproc=nproc)
     for step in STEPS:
         if _call("training.update:is_done", run, record, step):
             continue
+        if stop():
+            raise Stopped(step)
         started = time.perf_counter()
         if step == "prepare":
-            log.info("== prepare (update of %s)", base.root)
-            _call("features.update:prepare_update", run, base, cfg.update.replay, cfg.data.seed)
+            log.info("== prepare (update of %s)", base_run.root)
+            _call("features.update:prepare_update", run, base_run, cfg.update.replay, cfg.data.seed)
         elif step == "embed":
-            _call("training.update:link_cache", base, run)
+            _call("training.update:link_cache", base_run, run)
             run_step("embed", run)
         elif step == "train":
             run_step("train", run, resume=_call("training.update:has_checkpoint", run))  # a killed update's training continues
         else:
             run_step(step, run)
         _call("training.update:mark_done", run, record, step, time.perf_counter() - started)
-    record = _call("training.update:finish_update", run, base, cfg, record)
+    return _call("training.update:finish_update", run, base_run, cfg, record)
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    """``recsys update``: one update (exit 3 when the gate refuses it), or ``--follow``: generation after generation."""
+    if args.follow:
+        return _follow(args)
+    record = _run_update(args.run, args.out, args.data, args.events, args.set, args.nproc)
     print(json.dumps({k: record[k] for k in ("parent", "published", "seconds") if k in record} | ({"gate": record["gate"]} if "gate" in record else {}), indent=2, default=str))
     return 0 if record["published"] else 3
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """Tail the live run's event log; each time enough events are past its data, update it into the next generation
+    (``OUT/gen-NNNN``) with those events and publish it (``OUT/published.json``) when it passes the gate. SIGTERM
+    stops it at the next step boundary; the same command resumes (an unfinished generation first)."""
+    import signal
+
+    if args.data is not None or args.events is not None:
+        raise RecsysError("recsys update --follow reads the live run's own event log (RUN/events, where `recsys serve` writes): give --run and --out only")
+    follow_dir = Path(args.out)
+    state = _call("training.update:follow_state", follow_dir, Path(args.run))
+    stopping = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stopping.__setitem__("now", True))
+    cfg = load_config(None, list(args.set or []), base=RunDir(state["live"]).config()).update
+    last_start = 0.0
+    log.info("follow: live %s, generations in %s", state["live"], follow_dir)
+    while not stopping["now"]:
+        unfinished = state["generations"] and "published" not in state["generations"][-1]
+        live = RunDir(state["live"])
+        count, newest_ms = _call("training.update:pending_events", live)
+        due = count >= cfg.follow_min_events and time.monotonic() - last_start >= cfg.follow_every_s
+        if not (unfinished or due):
+            time.sleep(cfg.follow_poll_s)
+            continue
+        if unfinished:
+            generation = state["generations"][-1]
+        else:
+            generation = {"generation": len(state["generations"]) + 1, "parent": state["live"], "newest_event_ms": newest_ms}
+            generation["run"] = str((follow_dir / f"gen-{generation['generation']:04d}").resolve())
+            state["generations"].append(generation)
+            _call("training.update:save_follow_state", follow_dir, state)
+        last_start = time.monotonic()
+        try:
+            record = _run_update(generation["parent"], generation["run"], None, generation["parent"], args.set, None, stop=lambda: stopping["now"])
+        except Stopped as stopped:
+            log.info("follow: stopped before %s of generation %d (rerun to resume it)", stopped, generation["generation"])
+            break
+        generation["published"] = record["published"]
+        if record["published"]:
+            generation["publish"] = _call("training.update:publish", follow_dir, RunDir(generation["run"]), generation["generation"], generation["newest_event_ms"])
+            state["live"] = generation["run"]
+        else:
+            log.warning("follow: generation %d refused by the gate (%s); %s stays live", generation["generation"], ", ".join(record["gate"]["refused"]), state["live"])
+        _call("training.update:save_follow_state", follow_dir, state)
+    log.info("follow: stopped; live %s", state["live"])
+    return 0
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -166,7 +226,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _call("serving.app:serve", RunDir(args.run), host=args.host, port=args.port)
+    _call("serving.app:serve", RunDir(args.run), host=args.host, port=args.port, follow=Path(args.follow) if args.follow else None)
     return 0
 
 
@@ -266,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--out", required=True, help="RUN2: the updated run (rerun the same command to resume a killed update)")
     upd.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable), e.g. update.replay=0.3")
     upd.add_argument("--nproc", type=int, default=None, help="training processes (the update trains in one)")
+    upd.add_argument("--follow", action="store_true", help="keep updating: tail the live run's event log, write generations OUT/gen-NNNN, publish those that pass the gate (OUT/published.json)")
     upd.set_defaults(func=cmd_update)
 
     rec = sub.add_parser("recommend", help="top-k for one user (or a history of item ids)")
@@ -279,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--run", required=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--follow", default=None, metavar="DIR", help="reload each generation `recsys update --follow --out DIR` publishes (DIR/published.json)")
     serve.set_defaults(func=cmd_serve)
 
     exp = sub.add_parser("experiment", help="experiment grids")

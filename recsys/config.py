@@ -164,6 +164,7 @@ class ServeConfig(_Section):
     runs_root: str = ""  # /admin/reload only loads run directories under this one; "" = the parent of the served run
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # request bodies above this are refused (413) before they are read whole
     write_timeout_s: float = Field(30.0, gt=0)  # POST /items waits this long for a reload or another add, then answers 503
+    follow_poll_s: float = Field(1.0, gt=0)  # `recsys serve --follow DIR`: how often DIR/published.json is looked at
     live_users: int = Field(100_000, ge=1)  # users whose POST /events clicks are held in memory (least recently active evicted; their events stay in RUN/events)
     events_max_future_s: int = Field(86_400, ge=0)  # POST /events refuses timestamps further than this past the service's clock
     events_segment_rows: int = Field(100_000, ge=1)  # RUN/events: the write-ahead log is rolled into a parquet segment every this many events
@@ -191,6 +192,9 @@ class UpdateConfig(_Section):
     epochs: int = Field(0, ge=0)  # epochs of the update's training (0 = train.epochs); early stopping still applies
     gate: bool = True  # compare the update with BASE on the new test rows (training.gate) and refuse it when significantly worse
     max_drop: str = ""  # the gate's tolerances, "click.auc=0.002,retrieval.recall@20=0.005" ("" = the gate's defaults)
+    follow_min_events: int = Field(1, ge=1)  # --follow: a new generation starts once this many events past the live run's data are logged
+    follow_every_s: float = Field(10.0, ge=0)  # --follow: at least this long between the starts of two generations
+    follow_poll_s: float = Field(1.0, gt=0)  # --follow: how often the event log is looked at
 
 
 class Config(BaseModel):

@@ -24,6 +24,8 @@ from recsys.errors import RunError
 
 log = logging.getLogger("recsys")
 
+PUBLISHED_FILE = "published.json"  # `recsys update --follow OUT` writes OUT/published.json; `recsys serve --follow OUT` reloads what it names
+
 
 class RunDir:
     """Paths of one run (``RUN/``) and its resolved config."""

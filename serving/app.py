@@ -33,7 +33,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from recsys.errors import ConfigError, DataError, RecsysError, RunError
 from recsys.events import COLUMNS as EVENT_COLUMNS
 from recsys.events import EVENTS_DIR, EventLog, event_schema, read_events
-from recsys.rundir import RunDir
+from recsys.rundir import PUBLISHED_FILE, RunDir
 from serving.live import LiveHistories
 from serving.recommender import INT64_PATTERN, DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
 
@@ -418,6 +418,30 @@ class Service:
             raise HTTPException(404, f"run {raw!r}: no run directory {path} (no config.toml)")
         return path
 
+    def follow(self, directory: Path, contract: Contract, stop: threading.Event, on_reload: Any = None) -> None:
+        """Reload each run ``directory/published.json`` names (``recsys update --follow``) until ``stop`` is set.
+
+        A run that cannot be loaded is logged and skipped (the live one stays) until the file names another.
+        """
+        poll_s = self.recommender.cfg.serve.follow_poll_s
+        tried: str | None = None
+        while not stop.wait(poll_s):
+            try:
+                target = json.loads((directory / PUBLISHED_FILE).read_text())["run"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not published yet, or being replaced (it is written atomically: the next look reads it whole)
+            if target == tried or Path(target).resolve() == self.recommender.run.root.resolve():
+                continue
+            tried = target
+            try:
+                fresh = self.reload(target, contract)
+            except Exception as exc:  # noqa: BLE001 (an HTTPException or a damaged run: the live one keeps serving)
+                log.warning("follow: %s not loaded, still serving %s: %s", target, self.recommender.run.root, getattr(exc, "detail", exc))
+                continue
+            log.info("follow: now serving %s (model %s, %d items)", fresh.run.root, fresh.model_version, fresh.index.count)
+            if on_reload is not None:
+                on_reload()
+
     def reload(self, raw: str, contract: Contract) -> Recommender:
         path = self.resolve_run(raw)  # before anything under it is opened
         if not self._reload_gate.acquire(blocking=False):
@@ -483,6 +507,8 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     metrics.watch(service)
     app = FastAPI(title="recsys", description="Retrieval and ranking service", version="1")
     app.state.service = service
+    app.state.contract = contract
+    app.state.metrics = metrics
     bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN")
 
     def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -578,8 +604,11 @@ def configure_threads(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def serve(run: RunDir, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """``recsys serve``: load the run and serve it with uvicorn (JSON access logs on stderr)."""
+def serve(run: RunDir, host: str = "127.0.0.1", port: int = 8000, follow: Path | None = None) -> None:
+    """``recsys serve``: load the run and serve it with uvicorn (JSON access logs on stderr).
+
+    ``follow``: a ``recsys update --follow`` directory; each generation it publishes is reloaded.
+    """
     import uvicorn
 
     cfg = run.config()
@@ -593,4 +622,11 @@ def serve(run: RunDir, host: str = "127.0.0.1", port: int = 8000) -> None:
     access_log.addHandler(handler)
     access_log.setLevel(logging.INFO if cfg.serve.access_log else logging.WARNING)
     access_log.propagate = False
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+    stop = threading.Event()
+    if follow is not None:
+        service = app.state.service
+        threading.Thread(target=service.follow, args=(follow.resolve(), app.state.contract, stop, app.state.metrics.reloads.inc), name="follow", daemon=True).start()
+    try:
+        uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+    finally:
+        stop.set()

@@ -28,7 +28,7 @@ import polars as pl
 from recsys.config import Config, load_config
 from recsys.errors import ConfigError, RunError
 from recsys.events import read_events, require_events
-from recsys.rundir import RunDir, read_json, write_json, write_parquet
+from recsys.rundir import PUBLISHED_FILE, RunDir, read_json, write_json, write_parquet
 
 log = logging.getLogger("recsys")
 
@@ -50,7 +50,8 @@ def update_config(base: RunDir, overrides: list[str] | None, nproc: int | None =
 def events_dataset(served: Path, out: Path, catalogue: Path) -> tuple[Path, dict[str, Any]]:
     """A dataset (DESIGN.md contract) of a service's event log: its events as interactions, ``catalogue``'s other files linked.
 
-    Events naming items the catalogue lacks (items added live through POST /items) are left out and counted.
+    Events naming items the catalogue lacks (items added live through POST /items) are left out and
+    counted. An event without ``conversion`` did not convert; one without ``rating`` is unrated.
     """
     events = read_events(require_events(served))
     out.mkdir(parents=True, exist_ok=True)
@@ -60,11 +61,7 @@ def events_dataset(served: Path, out: Path, catalogue: Path) -> tuple[Path, dict
     items = pl.read_parquet(catalogue / "items.parquet", columns=["item_id"])
     events = events.with_columns(pl.col("item_id").cast(items.schema["item_id"]))
     known = events.join(items, on="item_id", how="semi")
-    interactions = known.drop("received_ms")
-    if interactions["conversion"].null_count() == interactions.height:
-        interactions = interactions.drop("conversion")
-    if interactions["rating"].null_count() == interactions.height:
-        interactions = interactions.drop("rating")
+    interactions = known.drop("received_ms").with_columns(pl.col("conversion").fill_null(0))  # an event that reports no conversion did not convert; no rating = unrated
     write_parquet(interactions, out / "interactions.parquet")
     return out, {"events": events.height, "left_out_unknown_items": events.height - known.height, "from": str(served)}
 
@@ -145,4 +142,53 @@ def finish_update(run: RunDir, base: RunDir, cfg: Config, record: dict[str, Any]
     run.write_manifest()
     verdict = "passed the gate" if record["published"] else "was REFUSED by the gate: do not publish it (the live model stays)"
     log.info("update: %s -> %s %s (%.1f s of steps)", base.root, run.root, verdict, sum(record["seconds"].values()))
+    return record
+
+
+# -- recsys update --follow ----------------------------------------------------------------
+FOLLOW_FILE = "follow.json"  # in the follow directory: every generation, its parent and verdict
+
+
+def follow_state(directory: Path, base: Path) -> dict[str, Any]:
+    """The follower's record (``FOLLOW_FILE``), started at ``base`` when new."""
+    path = directory / FOLLOW_FILE
+    if path.is_file():
+        state = read_json(path)
+        if state["base"] != str(base.resolve()):
+            raise RunError(f"{directory} follows {state['base']}, not {base}: choose another --out")
+        return state
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"base": str(base.resolve()), "live": str(base.resolve()), "generations": []}
+    write_json(path, state)
+    return state
+
+
+def save_follow_state(directory: Path, state: dict[str, Any]) -> None:
+    write_json(directory / FOLLOW_FILE, state)
+
+
+def pending_events(live: RunDir) -> tuple[int, int | None]:
+    """Events in the live run's log past its data (count, the latest ``received_ms`` among them)."""
+    events_dir = live.root / "events"
+    if not events_dir.is_dir():
+        return 0, None
+    from recsys.events import read_events
+
+    cut = _data_cut(live)
+    news = read_events(events_dir).filter(pl.col("timestamp") > cut)
+    return news.height, (int(news["received_ms"].max()) if news.height else None)
+
+
+def _data_cut(run: RunDir) -> int:
+    splits = [run.data / f"{s}.parquet" for s in ("train", "valid", "test")]
+    return max(int(pl.scan_parquet(p).select(pl.col("timestamp").max()).collect().item() or 0) for p in splits if p.is_file())
+
+
+def publish(directory: Path, run: RunDir, generation: int, newest_event_ms: int | None) -> dict[str, Any]:
+    """Point ``PUBLISHED_FILE`` at ``run`` (atomically): a service started with ``--follow directory`` reloads it."""
+    now_ms = int(time.time() * 1000)
+    record = {"run": str(run.root.resolve()), "generation": generation, "published_ms": now_ms,
+              "newest_event_ms": newest_event_ms, "event_to_publish_s": round((now_ms - newest_event_ms) / 1000, 2) if newest_event_ms else None}  # fmt: skip
+    write_json(directory / PUBLISHED_FILE, record)
+    log.info("follow: published generation %d (%s)%s", generation, run.root, f", {record['event_to_publish_s']} s after its newest event" if newest_event_ms else "")
     return record
