@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ import polars as pl
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from recsys.rundir import RunDir, read_json  # noqa: E402
+from recsys.rundir import RunDir, read_json, write_json  # noqa: E402
 
 TASKS = (("click", "auc"), ("conversion", "auc"), ("ctcvr", "auc"))
 
@@ -92,20 +93,34 @@ def main() -> None:
     sets = sum((["--set", s] for s in common), [])
     update_sets = ["--set", f"update.replay={args.replay}", "--set", f"update.epochs={args.update_epochs or args.epochs}"]
 
-    must("data", "synth", "--days", str(d), "--users", str(args.users), "--items", str(args.items), "--seed", str(args.seed), "--out", str(root / "stream"))
+    if not (root / "stream" / "stream.json").is_file():
+        must("data", "synth", "--days", str(d), "--users", str(args.users), "--items", str(args.items), "--seed", str(args.seed), "--out", str(root / "stream"))
     windows = {
         "base": (f"1-{d - 3}", d - 2), "day_a": (str(d - 2), d - 1), "day_b": (str(d - 1), d), "full": (f"1-{d - 1}", d),
     }  # fmt: skip
     for name, (train, test) in windows.items():
-        must("data", "window", "--source", str(root / "stream"), "--train", train, "--test", str(test), "--out", str(root / name))
+        if not (root / name / "interactions.parquet").is_file():
+            must("data", "window", "--source", str(root / "stream"), "--train", train, "--test", str(test), "--out", str(root / name))
 
-    seconds = {
-        "base": must("run", "--data", str(root / "base"), "--out", str(root / "base_run"), *sets),
-        "update_a": must("update", "--run", str(root / "base_run"), "--data", str(root / "day_a"), "--out", str(root / "run_a"), *update_sets),
-        "update_b": must("update", "--run", str(root / "run_a"), "--data", str(root / "day_b"), "--out", str(root / "run_b"), *update_sets),
-        "full": must("run", "--data", str(root / "full"), "--out", str(root / "full_run"), *sets),
+    timed = root / "seconds.json"  # kept, so that --out DIR again reuses the finished runs
+    seconds = read_json(timed) if timed.is_file() else {}
+    commands = {
+        "base": ("run", "--data", str(root / "base"), "--out", str(root / "base_run"), *sets),
+        "update_a": ("update", "--run", str(root / "base_run"), "--data", str(root / "day_a"), "--out", str(root / "run_a"), *update_sets),
+        "update_b": ("update", "--run", str(root / "run_a"), "--data", str(root / "day_b"), "--out", str(root / "run_b"), *update_sets),
+        "full": ("run", "--data", str(root / "full"), "--out", str(root / "full_run"), *sets),
     }
-    corrupt_s, corrupt_code, _ = recsys("update", "--run", str(root / "run_a"), "--data", str(shuffled(root / "day_b", root / "day_b_shuffled")), "--out", str(root / "run_b_corrupt"), *update_sets)
+    for name, command in commands.items():
+        if name not in seconds:
+            seconds[name] = must(*command)
+            write_json(timed, seconds)
+    if not (root / "run_b_corrupt" / "update.json").is_file() or "corrupt" not in seconds:
+        shutil.rmtree(root / "run_b_corrupt", ignore_errors=True)
+        shutil.rmtree(root / "day_b_shuffled", ignore_errors=True)
+        corrupt_s, corrupt_code, _ = recsys("update", "--run", str(root / "run_a"), "--data", str(shuffled(root / "day_b", root / "day_b_shuffled")), "--out", str(root / "run_b_corrupt"), *update_sets)
+        seconds["corrupt"], seconds["corrupt_code"] = corrupt_s, corrupt_code
+        write_json(timed, seconds)
+    corrupt_s, corrupt_code = seconds["corrupt"], seconds["corrupt_code"]
 
     updated = figures(read_json(root / "run_b" / "metrics.json"))
     full = figures(read_json(root / "full_run" / "metrics.json"))
@@ -126,6 +141,8 @@ def main() -> None:
     new_items = [i for i in pl.read_parquet(root / "stream" / f"day{d - 1:02d}" / "items.parquet")["item_id"] if i not in items_before]
     similar_new = [i for i in new_items[:50] if recommender.similar(i, 5)]
 
+    full_steps = read_json(root / "full_run" / "summary.json")
+    full_model_s = round(sum(full_steps[step]["seconds"] for step in ("prepare", "embed", "train", "index") if "seconds" in full_steps.get(step, {})), 2)  # a usable model, before its report
     gaps = {name: round(updated[name] - full[name], 4) for name in updated if name in full}
     recall_ratio = updated["retrieval.recall@20"] / full["retrieval.recall@20"] if full["retrieval.recall@20"] else None
     summary = {
@@ -133,8 +150,10 @@ def main() -> None:
         "updated": updated, "full_retrain": full, "stale_base": stale_base, "stale_yesterday": stale,
         "updated_minus_full": gaps,
         "recall_ratio_updated_over_full": round(recall_ratio, 4) if recall_ratio else None,
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "seconds": {k: round(v, 1) for k, v in seconds.items() if k != "corrupt_code"},
         "update_over_full_wall": round(seconds["update_b"] / seconds["full"], 3),
+        "to_verdict_s": {"update_b": read_json(root / "run_b" / "update.json")["seconds_to_verdict"], "full_until_indexed": full_model_s},
+        "update_verdict_over_full_model": round(read_json(root / "run_b" / "update.json")["seconds_to_verdict"] / full_model_s, 3),
         "gate_normal": {"passed": gate_b["passed"]},
         "gate_corrupted": {"exit_code": corrupt_code, "published": corrupt.get("published"), "seconds": round(corrupt_s, 1)},
         "new_users_served": [len(served_new), min(50, len(arrived))],
@@ -144,6 +163,7 @@ def main() -> None:
             "recall_within_5pct": recall_ratio is not None and recall_ratio >= 0.95,
             "stale_worse": all(stale_base[n] < updated[n] for n in updated if n in stale_base),
             "update_le_quarter_of_full": seconds["update_b"] <= seconds["full"] / 4,
+            "update_verdict_le_quarter_of_full_model": read_json(root / "run_b" / "update.json")["seconds_to_verdict"] <= full_model_s / 4,
             "corrupted_refused": corrupt_code != 0 and corrupt.get("published") is False,
         },
         "dir": str(root),

@@ -144,7 +144,7 @@ class Stopped(Exception):
 def _run_update(base: str | Path, out: str | Path, data: str | None, events: str | None, overrides: list[str] | None, nproc: int | None, stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """The update's steps (``training.update``), each skipped when a killed run already did it; returns RUN2/update.json."""
     run, base_run, cfg, record = _call("training.update:start_update", base, out, data=data, events=events, overrides=overrides, nproc=nproc)
-    for step in STEPS:
+    for step in _call("training.update:steps"):
         if _call("training.update:is_done", run, record, step):
             continue
         if stop():
@@ -158,6 +158,8 @@ def _run_update(base: str | Path, out: str | Path, data: str | None, events: str
             run_step("embed", run)
         elif step == "train":
             run_step("train", run, resume=_call("training.update:has_checkpoint", run))  # a killed update's training continues
+        elif step == "gate":
+            _call("training.update:run_gate", run, base_run, cfg, record)
         else:
             run_step(step, run)
         _call("training.update:mark_done", run, record, step, time.perf_counter() - started)

@@ -28,9 +28,9 @@ NEGATIVE_EXAMPLES = int(os.environ.get("FUZZ_NEGATIVE_EXAMPLES", "100"))  # sche
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 OPERATIONS = {  # path regex -> the operation's template
     r"/items/[^?]*/similar": "/items/{item_id}/similar",
-    r"/(healthz|readyz|metrics|recommend|items|admin/reload|openapi\.json)": None,
+    r"/(healthz|readyz|metrics|recommend|items|events|admin/reload|openapi\.json)": None,
 }
-TAKES_INPUT = {"POST /recommend", "GET /items/{item_id}/similar", "POST /items", "POST /admin/reload"}
+TAKES_INPUT = {"POST /recommend", "GET /items/{item_id}/similar", "POST /items", "POST /events", "POST /admin/reload"}
 
 
 def operation(method: str, url: str) -> str:

@@ -150,7 +150,7 @@ def test_the_trainer_reads_the_replay_sample_and_the_new_rows_only(stream):
 
 def test_the_update_records_its_parent_and_test_rows_are_news_window(stream):
     record = read_json(stream["run2"] / "update.json")
-    assert record["parent"] == str(stream["base_run"].resolve()) and record["steps_done"] == ["prepare", "embed", "train", "index", "evaluate"]
+    assert record["parent"] == str(stream["base_run"].resolve()) and record["steps_done"] == ["prepare", "embed", "train", "index", "gate", "evaluate"]
     test = pl.read_parquet(stream["run2"] / "data" / "test.parquet")
     new_test = pl.read_parquet(stream["new1"] / "interactions.parquet").filter(pl.col("split") == "test")
     assert test.height == new_test.height and not test["context"].any()

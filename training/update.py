@@ -3,12 +3,12 @@
     recsys update --run BASE --data NEW --out RUN2          # NEW: a dataset of the interactions since BASE
     recsys update --run BASE --events SERVED --out RUN2     # the event log a service wrote (RUN/events)
 
-Steps, each recorded in RUN2/summary.json: prepare (``features.update``: vocabularies and tables
+Steps, each recorded in RUN2/update.json: prepare (``features.update``: vocabularies and tables
 grow append-only, BASE's rows become history plus a replay sample) -> embed (BASE's content cache
 is reused, so only new or changed items are encoded) -> train (``train.init_from = BASE``:
-``training.warm_start``) -> index -> evaluate -> gate (``training.gate``: RUN2 against BASE on
-RUN2's test rows, a paired bootstrap; the verdict lands in RUN2/update.json and a refused
-update exits non-zero). RUN2/update.json names the parent, so updates chain (RUN2 -> RUN3).
+``training.warm_start``) -> index -> gate (``training.gate``: RUN2 against BASE on RUN2's test
+rows, a paired bootstrap; the verdict lands in RUN2/update.json and a refused update exits
+non-zero) -> evaluate (the report). RUN2/update.json names the parent, so updates chain (RUN2 -> RUN3).
 
 Killed, the same command resumes: steps already recorded are skipped and training continues
 from its last checkpoint.
@@ -33,7 +33,7 @@ from recsys.rundir import PUBLISHED_FILE, RunDir, read_json, write_json, write_p
 log = logging.getLogger("recsys")
 
 UPDATE_FILE = "update.json"
-STEPS = ("prepare", "embed", "train", "index", "evaluate")
+STEPS = ("prepare", "embed", "train", "index", "gate", "evaluate")  # the verdict before the report: a refused update is known as soon as it can be
 
 
 def update_config(base: RunDir, overrides: list[str] | None, nproc: int | None = None) -> Config:
@@ -116,7 +116,7 @@ def start_update(base_dir: str | Path, out: str | Path, data: str | Path | None 
 
 def is_done(run: RunDir, record: dict[str, Any], step: str) -> bool:
     summary = read_json(run.summary_path) if run.summary_path.is_file() else {}
-    return step in record["steps_done"] and step in summary
+    return step in record["steps_done"] and (step in summary or step == "gate")
 
 
 def mark_done(run: RunDir, record: dict[str, Any], step: str, seconds: float) -> None:
@@ -125,19 +125,27 @@ def mark_done(run: RunDir, record: dict[str, Any], step: str, seconds: float) ->
     write_json(run.root / UPDATE_FILE, record)
 
 
+def steps() -> tuple[str, ...]:
+    return STEPS
+
+
 def has_checkpoint(run: RunDir) -> bool:
     return (run.model / "checkpoint" / "state.json").is_file()
 
 
-def finish_update(run: RunDir, base: RunDir, cfg: Config, record: dict[str, Any]) -> dict[str, Any]:
-    """The gate (when ``update.gate``), the verdict and the manifest; returns RUN2/update.json."""
-    if cfg.update.gate and "gate" not in record:
-        from training.gate import gate, parse_max_drop
+def run_gate(run: RunDir, base: RunDir, cfg: Config, record: dict[str, Any]) -> None:
+    """The gate (``update.gate``): RUN2 against BASE on RUN2's test rows; the verdict goes into ``record``."""
+    if not cfg.update.gate:
+        return
+    from training.gate import gate, parse_max_drop
 
-        started = time.perf_counter()
-        record["gate"] = gate(run, base, parse_max_drop([cfg.update.max_drop]) if cfg.update.max_drop else None)
-        record["seconds"]["gate"] = round(time.perf_counter() - started, 2)
+    record["gate"] = gate(run, base, parse_max_drop([cfg.update.max_drop]) if cfg.update.max_drop else None)
+
+
+def finish_update(run: RunDir, base: RunDir, cfg: Config, record: dict[str, Any]) -> dict[str, Any]:
+    """The verdict and the manifest; returns RUN2/update.json."""
     record["published"] = bool(record["gate"]["passed"]) if "gate" in record else True
+    record["seconds_to_verdict"] = round(sum(v for k, v in record["seconds"].items() if k != "evaluate"), 2)
     write_json(run.root / UPDATE_FILE, record)
     run.write_manifest()
     verdict = "passed the gate" if record["published"] else "was REFUSED by the gate: do not publish it (the live model stays)"
