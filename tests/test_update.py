@@ -306,6 +306,8 @@ def test_the_gate_passes_a_normal_update_and_refuses_one_trained_on_shuffled_lab
     normal = read_json(tmp_path / "normal" / "update.json")
     assert code == 0 and normal["published"] is True and normal["gate"]["passed"] is True
     assert read_json(tmp_path / "normal" / "gate.json")["live"] == str(planted["base_run"].resolve())
+    report = (tmp_path / "normal" / "report.md").read_text()
+    assert "## Against the live run (gate): passed" in report and "| click.auc |" in report  # the report shows the stale comparison
 
     corrupted = tmp_path / "corrupted_data"
     shutil.copytree(planted["later"], corrupted)

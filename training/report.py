@@ -73,6 +73,7 @@ def write_report(run: RunDir, metrics: dict[str, Any] | None = None, compare: It
         metrics = read_json(run.require(run.metrics_path, "evaluate"))
     compared = load_compare(compare)
     train_log = read_train_log(run.train_log)
+    gate = read_json(run.gate_path) if run.gate_path.is_file() else None  # an update's verdict against its parent
     body = [
         f"<h1>Evaluation report: {_esc(run.root.name)}</h1>",
         f"<p class='meta'>Run <code>{_esc(run.root)}</code>. {_counts_line(metrics)} "
@@ -85,6 +86,7 @@ def write_report(run: RunDir, metrics: dict[str, Any] | None = None, compare: It
         section_slices(metrics),
         section_insight(metrics, train_log),
         section_comparison(run.root.name, metrics, compared),
+        section_gate(gate),
     ]
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -92,7 +94,7 @@ def write_report(run: RunDir, metrics: dict[str, Any] | None = None, compare: It
         f"<body>\n{''.join(body)}\n</body></html>\n"
     )
     atomic_write_text(run.report_html, page)
-    atomic_write_text(run.report_md, summary_markdown(run.root.name, metrics, compared))
+    atomic_write_text(run.report_md, summary_markdown(run.root.name, metrics, compared) + gate_markdown(gate))
     return {"html": str(run.report_html), "md": str(run.report_md)}
 
 
@@ -409,6 +411,38 @@ def section_comparison(name: str, metrics: dict[str, Any], compared: list[tuple[
         "(the two runs' intervals do not overlap, or the other value is outside this run's interval when only one "
         "has intervals); otherwise the difference may be noise.</p>" + _table(header, rows)
     )
+
+
+GATE_HEADER = ["Metric", "live (parent)", "this run", "drop (live - this)", "95% lower bound", "allowed", "verdict"]
+
+
+def _gate_rows(gate: dict[str, Any]) -> list[list[str]]:
+    return [
+        [name, _fmt(v.get("live")), _fmt(v.get("candidate")), _signed(v["drop"]) if v.get("drop") is not None else "—",
+         _fmt((v.get("interval") or [None])[0]), _fmt(v.get("allowed")), v.get("status", "")]
+        for name, v in gate.get("metrics", {}).items()
+    ]  # fmt: skip
+
+
+def section_gate(gate: dict[str, Any] | None) -> str:
+    """The gate's verdict (``RUN/gate.json``): this run against the live one on the same test rows."""
+    if gate is None:
+        return ""
+    verdict = "passed" if gate["passed"] else f"REFUSED ({', '.join(gate['refused'])})"
+    return (
+        f"<h2>Against the live run (gate): {_esc(verdict)}</h2><p class='muted'>This run and <code>{_esc(gate['live'])}</code> scored on "
+        f"the same {gate['rows']} test rows of {gate['users']} users ({gate.get('rows_of_new_users', 0)} rows of users and "
+        f"{gate.get('rows_of_new_items', 0)} of items the live model has no row for). {_esc(gate['rule'])}.</p>" + _table(GATE_HEADER, _gate_rows(gate))
+    )
+
+
+def gate_markdown(gate: dict[str, Any] | None) -> str:
+    if gate is None:
+        return ""
+    lines = ["", f"## Against the live run (gate): {'passed' if gate['passed'] else 'REFUSED'}", "", f"`{gate['live']}` on the same {gate['rows']} test rows. {gate['rule']}.", ""]
+    lines += ["| " + " | ".join(GATE_HEADER) + " |", "| --- |" + " ---: |" * 5 + " --- |"]
+    lines += ["| " + " | ".join(row) + " |" for row in _gate_rows(gate)]
+    return "\n".join(lines) + "\n"
 
 
 def compare_metric(this: dict[str, Any], other: dict[str, Any], key: str) -> dict[str, Any]:
