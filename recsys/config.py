@@ -160,6 +160,8 @@ class ServeConfig(_Section):
     cooccurrence_recent: int = Field(50, ge=1)  # the co-occurrence source reads the user's last this many history items
     cooccurrence_neighbours: int = Field(50, ge=1)  # each item keeps this many most co-clicked items
     threads: int = 1  # torch and FAISS threads per request (requests run concurrently); 0 = library default
+    batch_max: int = Field(32, ge=1)  # concurrent /recommend requests run as one batch (serving.batcher) of at most this many; 1 = each on its own
+    batch_wait_ms: float = Field(0.0, ge=0)  # how long a batch waits for more requests (0: it takes those already waiting, so a lone request never waits)
     access_log: bool = True  # one JSON line per request on stderr
     runs_root: str = ""  # /admin/reload only loads run directories under this one; "" = the parent of the served run
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # request bodies above this are refused (413) before they are read whole

@@ -34,6 +34,7 @@ from recsys.errors import ConfigError, DataError, RecsysError, RunError
 from recsys.events import COLUMNS as EVENT_COLUMNS
 from recsys.events import EVENTS_DIR, EventLog, event_schema, read_events
 from recsys.rundir import PUBLISHED_FILE, RunDir
+from serving.batcher import MicroBatcher
 from serving.live import LiveHistories
 from serving.recommender import INT64_PATTERN, DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
 
@@ -250,6 +251,7 @@ class Metrics:
         self.latency = Histogram("recsys_request_duration_seconds", "Request latency by endpoint.", ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self.stages = Histogram("recsys_stage_duration_seconds", "Time in each /recommend pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self.reloads = Counter("recsys_reloads", "Successful model and index swaps.", registry=self.registry)
+        self.batch_size = Histogram("recsys_recommend_batch_size", "/recommend requests run together (serve.batch_max).", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.events = Counter("recsys_events_accepted", "Events POST /events logged and applied.", registry=self.registry)
 
     def watch(self, service: "Service") -> None:
@@ -261,7 +263,9 @@ class Metrics:
 
     def stage_times(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
-            if stage != "total":
+            if stage == "batch":
+                self.batch_size.observe(ms)
+            elif stage != "total":
                 self.stages.labels(stage).observe(ms / 1000)
 
     def render(self) -> bytes:
@@ -505,6 +509,8 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     ItemPath, KQuery = models.item_path, models.k_query
     metrics = Metrics()
     metrics.watch(service)
+    serve_cfg = recommender.cfg.serve
+    batcher = MicroBatcher(serve_cfg.batch_max, serve_cfg.batch_wait_ms) if serve_cfg.batch_max > 1 else None
     app = FastAPI(title="recsys", description="Retrieval and ranking service", version="1")
     app.state.service = service
     app.state.contract = contract
@@ -542,7 +548,8 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         recommender = service.recommender  # one model + index for the whole request
         user = recommender.user_key(body.user_id) if body.user_id is not None else None
         live = service.live.items(user) if user is not None else []
-        result = recommender.recommend(user_id=body.user_id, history=body.history, k=body.k, live=live)
+        prepared = recommender.prepare(user_id=body.user_id, history=body.history, k=body.k, live=live)  # a bad request fails here, alone
+        result = batcher.submit(recommender, prepared) if batcher is not None else recommender.recommend_many([prepared])[0]
         metrics.stage_times(result.timings_ms)
         return RecommendResponse(items=[RecommendedItem(**vars(item)) for item in result.items], warnings=result.warnings, source=result.source)
 

@@ -76,6 +76,20 @@ class Result:
     timings_ms: dict[str, float] = field(default_factory=dict)  # user_tower, retrieve, rank, total
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One /recommend request, checked and resolved against the run (``Recommender.prepare``)."""
+
+    k: int
+    user_idx: int
+    model_history: np.ndarray  # item_idx of the clicked history with an id row, oldest first
+    content_history: np.ndarray  # faiss ids of the last history_len clicked items (added items included)
+    seen: np.ndarray  # faiss ids never recommended back
+    source: str  # "user", "history" or "popular"
+    warnings: list[str]
+    prepare_s: float = 0.0
+
+
 @dataclass
 class NewItem:
     item_id: Any
@@ -234,10 +248,9 @@ class Recommender:
     def warm_up(self) -> None:
         """One pass through every stage: the first torch/FAISS call is slow (lazy initialisation)."""
         self.recommend(k=1)
-        with torch.inference_mode():
-            user = self.model.user_state(torch.zeros(1, dtype=torch.int64), torch.zeros(1, self.history_len, dtype=torch.int64), self._history_content(np.zeros(0, dtype=np.int64)))
-        found, _ = self.index.search(user["user_vec"].numpy(), min(self.index.count, self.cfg.serve.candidates))
-        self._rank(user, found[0][found[0] >= 0], 1)
+        known = next((user for user, idx in self.user_row.items() if idx > 0), None)
+        if known is not None:  # the towers' path (the unknown user above takes the popular one)
+            self.recommend(user_id=known, k=1)
 
     # -- ids -----------------------------------------------------------------------------
     def item_key(self, raw: Any) -> Any:
@@ -263,6 +276,10 @@ class Recommender:
         ``live`` holds the user's clicks since the run's data (item ids, oldest first; POST /events):
         they follow the stored history and precede the request's, and count as seen.
         """
+        return self.recommend_many([self.prepare(user_id, history, k, live)])[0]
+
+    def prepare(self, user_id: Any = None, history: Sequence[Any] | None = None, k: int = 10, live: Sequence[Any] = ()) -> Prepared:
+        """One request's inputs to the batched stages (``recommend_many``); a bad request raises RequestError here, alone."""
         started = time.perf_counter()
         serve = self.cfg.serve
         if not 1 <= k <= serve.max_k:
@@ -287,31 +304,56 @@ class Recommender:
         clicked = np.concatenate([stored, live_ids, request_ids])  # faiss ids, oldest first
         clicked_idx = self.index.item_idx(clicked)  # 0 for items added at serving time: no id row
         model_history = clicked_idx[clicked_idx > 0]
-        content_history = clicked[-self.history_len :]  # added items count through their content
         fresh = np.concatenate([live_ids, request_ids])
-        seen = np.union1d(self._seen(user_idx), fresh)
-        source = "user" if user_idx else ("history" if len(fresh) else "popular")
+        return Prepared(
+            k=k, user_idx=user_idx, model_history=model_history, content_history=clicked[-self.history_len :],  # added items count through their content
+            seen=np.union1d(self._seen(user_idx), fresh), source="user" if user_idx else ("history" if len(fresh) else "popular"),
+            warnings=warnings, prepare_s=time.perf_counter() - started,
+        )  # fmt: skip
 
+    def recommend_many(self, requests: Sequence[Prepared]) -> list[Result]:
+        """The batched stages for prepared requests: one user-tower pass, one FAISS search, one ranker pass over every candidate.
+
+        Each request's result is the one it would get alone (the batch only shares the calls); its
+        timings are the batch's stages, plus its own ``prepare`` and the ``batch`` size.
+        """
+        serve = self.cfg.serve
         t0 = time.perf_counter()
-        history_rows = torch.from_numpy(pad_sequences([model_history], self.history_len))  # (1, L): the last L
         with torch.inference_mode():
-            user = self.model.user_state(torch.tensor([user_idx]), history_rows, self._history_content(content_history))  # the tower vector and the ranker's user inputs
-        user_vec = user["user_vec"]  # (1, d)
+            user = self.model.user_state(
+                torch.tensor([r.user_idx for r in requests]),
+                torch.from_numpy(pad_sequences([r.model_history for r in requests], self.history_len)),  # (B, L): the last L
+                self._history_contents([r.content_history for r in requests]),
+            )  # the tower vectors and the ranker's user inputs
         t1 = time.perf_counter()
         n = serve.candidates
-        if source == "popular":
-            candidates = self._popular(n, seen)
-        else:
-            found, _ = self.index.search(user_vec.numpy(), min(self.index.count, n + len(seen)))
-            candidates = found[0][(found[0] >= 0) & ~np.isin(found[0], seen)][:n]
-        cooccurrence = one_user_scores(self.neighbours, model_history[-serve.cooccurrence_recent :]) if self.neighbours is not None else None
-        candidates, origins = self._other_sources(candidates, seen, cooccurrence)
+        searched = [i for i, r in enumerate(requests) if r.source != "popular"]
+        found = None
+        if searched:
+            depth = min(self.index.count, n + max(len(requests[i].seen) for i in searched))
+            found, _ = self.index.search(user["user_vec"][searched].numpy(), depth)
+        rows = {i: row for row, i in enumerate(searched)}
+        candidates, origins, cooccurrences = [], [], []
+        for i, r in enumerate(requests):
+            if r.source == "popular":
+                towers = self._popular(n, r.seen)
+            else:
+                ids = found[rows[i]]  # type: ignore[index]
+                towers = ids[(ids >= 0) & ~np.isin(ids, r.seen)][:n]
+            cooccurrence = one_user_scores(self.neighbours, r.model_history[-serve.cooccurrence_recent :]) if self.neighbours is not None else None
+            merged, codes = self._other_sources(towers, r.seen, cooccurrence)
+            candidates.append(merged)
+            origins.append(codes)
+            cooccurrences.append(cooccurrence)
         t2 = time.perf_counter()
-        recent_count = min(len(model_history), serve.cooccurrence_recent)
-        items = self._rank(user, candidates, k, origins, cooccurrence, recent_count)
+        items = self._rank_many(user, requests, candidates, origins, cooccurrences)
         t3 = time.perf_counter()
-        timings = {"prepare": t0 - started, "user_tower": t1 - t0, "retrieve": t2 - t1, "rank": t3 - t2, "total": t3 - started}
-        return Result(items, warnings, source, {stage: round(1000 * s, 3) for stage, s in timings.items()})
+        shared = {"user_tower": t1 - t0, "retrieve": t2 - t1, "rank": t3 - t2}
+        results = []
+        for r, ranked in zip(requests, items):
+            timings = {"prepare": r.prepare_s, **shared, "total": r.prepare_s + t3 - t0}
+            results.append(Result(ranked, r.warnings, r.source, {stage: round(1000 * v, 3) for stage, v in timings.items()} | {"batch": len(requests)}))
+        return results
 
     # -- live events ---------------------------------------------------------------------
     def check_events(self, events: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -357,13 +399,15 @@ class Recommender:
             (found.append(faiss_id) if faiss_id is not None else unknown.append(raw))
         return np.asarray(found, dtype=np.int64), unknown
 
-    def _history_content(self, faiss_ids: np.ndarray) -> torch.Tensor | None:
-        """The mean stored content vector of the history's items ``(1, C)`` (``recsys.history.mean_content``; 0 when empty), None without content."""
+    def _history_contents(self, histories: Sequence[np.ndarray]) -> torch.Tensor | None:
+        """The mean stored content vector of each history's items ``(B, C)`` (``recsys.history.mean_content``; 0 when empty), None without content."""
         if self.index.content_vecs is None:
             return None
-        if len(faiss_ids) == 0:
-            return torch.zeros(1, self.index.content_vecs.shape[1])
-        return torch.from_numpy(self.index.content(faiss_ids).mean(0, keepdims=True))
+        out = np.zeros((len(histories), self.index.content_vecs.shape[1]), dtype=np.float32)
+        for row, faiss_ids in enumerate(histories):
+            if len(faiss_ids):
+                out[row] = self.index.content(faiss_ids).mean(0)
+        return torch.from_numpy(out)
 
     def _other_sources(self, candidates: np.ndarray, seen: np.ndarray, cooccurrence: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
         """The towers' candidates plus the co-occurrence and popular quotas (``recsys.candidates``) -> faiss ids and source codes.
@@ -391,50 +435,62 @@ class Recommender:
         popular = self.behaviour.popular[: n + len(seen)]  # at most len(seen) of them are dropped: no O(n_items) pass
         return popular[~np.isin(popular, seen)][:n]
 
-    def _rank(
+    def _rank_many(
         self,
         user: dict[str, torch.Tensor],
-        candidates: np.ndarray,
-        k: int,
-        origins: np.ndarray | None = None,
-        cooccurrence: tuple[np.ndarray, np.ndarray] | None = None,
-        recent_count: int = 0,
-    ) -> list[Recommendation]:
-        """All candidates through rank() in one batch, from their stored vectors, blended, top-k."""
-        if len(candidates) == 0:
-            return []
-        origins = np.zeros(len(candidates), dtype=np.int64) if origins is None else origins
+        requests: Sequence[Prepared],
+        candidates: Sequence[np.ndarray],
+        origins: Sequence[np.ndarray],
+        cooccurrences: Sequence[tuple[np.ndarray, np.ndarray] | None],
+    ) -> list[list[Recommendation]]:
+        """Every request's candidates through rank() in one batch (padded to the longest), from their stored vectors, blended, top-k each."""
+        width = max((len(c) for c in candidates), default=0)
+        if width == 0:
+            return [[] for _ in requests]
+        serve = self.cfg.serve
+        padded = np.stack([np.pad(c, (0, width - len(c)), mode="edge") if len(c) else np.zeros(width, dtype=np.int64) for c in candidates])  # (B, W) faiss ids
+        valid = torch.from_numpy(np.stack([np.arange(width) < len(c) for c in candidates]))
+        flat = padded.reshape(-1)
+        feature = None
+        if serve.blend_cooccurrence > 0 and any(c is not None for c in cooccurrences):  # cooccurrence_feature; items added live (and never co-clicked) have 0
+            feature = torch.zeros(padded.shape)
+            for row, (pair, r) in enumerate(zip(cooccurrences, requests)):
+                if pair is None or len(pair[0]) == 0:
+                    continue
+                items, scores = pair
+                at = np.searchsorted(items, padded[row]).clip(max=len(items) - 1)
+                hit = items[at] == padded[row]
+                feature[row] = torch.from_numpy(np.where(hit, scores[at], 0.0) / max(min(len(r.model_history), serve.cooccurrence_recent), 1)).float()
         with torch.inference_mode():
-            feature = None
-            if cooccurrence is not None and self.cfg.serve.blend_cooccurrence > 0:  # cooccurrence_feature; items added live (and never co-clicked) have 0
-                items, scores = cooccurrence
-                at = np.searchsorted(items, candidates).clip(max=max(len(items) - 1, 0))
-                found = (items[at] == candidates) if len(items) else np.zeros(len(candidates), dtype=bool)
-                feature = torch.from_numpy(np.where(found, scores[at] if len(items) else 0.0, 0.0) / max(recent_count, 1)).float().unsqueeze(0)
-            content_vec = self.index.content(candidates)
+            content_vec = self.index.content(flat)
             scores, predictions = score_candidates(
                 self.model,
                 user,
-                torch.from_numpy(self.index.item_idx(candidates)).unsqueeze(0),
-                torch.from_numpy(self.index.vectors(candidates)).unsqueeze(0),
-                torch.from_numpy(content_vec).unsqueeze(0) if content_vec is not None else None,
-                self.cfg.serve,
+                torch.from_numpy(self.index.item_idx(flat).reshape(padded.shape)),
+                torch.from_numpy(self.index.vectors(flat)).reshape(*padded.shape, -1),
+                torch.from_numpy(content_vec).reshape(*padded.shape, -1) if content_vec is not None else None,
+                serve,
                 feature,
             )
-            scores, predictions = scores[0], {name: values[0] for name, values in predictions.items()}
-            top = torch.topk(scores, min(k, len(candidates))).indices
-        columns = {
-            "score": scores[top],
-            "p_click": predictions["p_click"][top],
-            "p_conversion": predictions["p_cvr"][top] if "p_cvr" in predictions else None,
-            "p_ctcvr": predictions["p_ctcvr"][top] if "p_ctcvr" in predictions else None,
-            "rating": predictions["rating"][top] if "rating" in predictions else None,
-            "retrieval_score": predictions["retrieval_score"][top],
-        }
-        values = {name: (col.tolist() if col is not None else [None] * len(top)) for name, col in columns.items()}
-        item_ids = self.index.item_ids(candidates[top.numpy()])
-        sources = [SOURCES[code] for code in origins[top.numpy()]]
-        return [Recommendation(item_id, *(values[c][i] for c in ("score", *TASK_COLUMNS)), candidate_source=sources[i]) for i, item_id in enumerate(item_ids)]
+            scores = scores.masked_fill(~valid, float("-inf"))
+            top = torch.topk(scores, min(max(r.k for r in requests), width), dim=1).indices
+        out = []
+        for row, r in enumerate(requests):
+            keep = top[row][: min(r.k, len(candidates[row]))]
+            columns = {
+                "score": scores[row, keep],
+                "p_click": predictions["p_click"][row, keep],
+                "p_conversion": predictions["p_cvr"][row, keep] if "p_cvr" in predictions else None,
+                "p_ctcvr": predictions["p_ctcvr"][row, keep] if "p_ctcvr" in predictions else None,
+                "rating": predictions["rating"][row, keep] if "rating" in predictions else None,
+                "retrieval_score": predictions["retrieval_score"][row, keep],
+            }
+            values = {name: (col.tolist() if col is not None else [None] * len(keep)) for name, col in columns.items()}
+            chosen = keep.numpy()
+            item_ids = self.index.item_ids(padded[row][chosen])
+            sources = [SOURCES[code] for code in origins[row][chosen]]
+            out.append([Recommendation(item_id, *(values[c][i] for c in ("score", *TASK_COLUMNS)), candidate_source=sources[i]) for i, item_id in enumerate(item_ids)])
+        return out
 
     # -- similar items -------------------------------------------------------------------
     def similar(self, item_id: Any, k: int) -> list[tuple[Any, float]]:

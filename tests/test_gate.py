@@ -189,3 +189,26 @@ def test_users_and_items_new_since_the_live_run_reach_it_as_unknown_with_the_can
     assert rating["live"] == pytest.approx(m.rmse(test["rating"].to_numpy(), scores["rating"]), abs=1e-6)
     assert rating["drop"] == pytest.approx(rating["candidate"] - rating["live"], abs=1e-12)  # lower is better: drop = candidate - live
     assert verdict["metrics"]["retrieval.recall@20"]["live"] is not None  # the live model ranked the grown catalogue
+
+
+def test_the_weighted_resample_metrics_equal_the_metrics_of_the_drawn_rows():
+    from training.evaluate import row_metrics
+    from training.gate import _weighted_metrics
+    from training.retrieval import mean_over_users
+
+    rng = np.random.default_rng(0)
+    n, users = 400, 60
+    click = (rng.random(n) < 0.4).astype(np.float32)
+    conversion = click * (rng.random(n) < 0.5)
+    labels = {"click": click, "conversion": conversion, "ctcvr": conversion, "rating": np.where(click > 0, rng.integers(1, 6, n), np.nan).astype(np.float32)}
+    scores = {"p_click": rng.random(n), "p_cvr": rng.random(n), "p_ctcvr": rng.random(n), "rating": rng.random(n) * 4 + 1}
+    recall = np.where(rng.random(users) < 0.2, np.nan, rng.random(users))
+    retrieval = type("R", (), {"per_user": {"recall@20": recall}})()
+    measured = ["click.auc", "conversion.auc", "ctcvr.auc", "rating.rmse", "retrieval.recall@20"]
+    values = _weighted_metrics(labels, (scores, retrieval), measured)
+    rows, drawn_users = rng.integers(0, n, n), rng.integers(0, users, users)
+    got = values(np.bincount(rows, minlength=n), np.bincount(drawn_users, minlength=users))
+    direct = row_metrics(labels, scores, rows)
+    assert got["click.auc"] == pytest.approx(direct["click"]["auc"]) and got["conversion.auc"] == pytest.approx(direct["conversion"]["auc"])
+    assert got["ctcvr.auc"] == pytest.approx(direct["ctcvr"]["auc"]) and got["rating.rmse"] == pytest.approx(direct["rating"]["rmse"])
+    assert got["retrieval.recall@20"] == pytest.approx(mean_over_users(recall[drawn_users]))

@@ -192,3 +192,15 @@ def test_bootstrap_is_reproducible_for_a_seed_and_skips_nan_resamples():
     first = metrics.bootstrap_interval(stat, 8, n_boot=50, seed=3)
     assert first == metrics.bootstrap_interval(stat, 8, n_boot=50, seed=3)
     assert all(math.isfinite(v) for v in first)
+
+
+def test_resampled_auc_equals_the_auc_of_the_drawn_rows_ties_included():
+    rng = np.random.default_rng(3)
+    labels = rng.random(500) < 0.3
+    scores = np.round(rng.random(500), 2)  # many ties
+    presorted = metrics.ResampledAUC(labels, scores)
+    assert presorted(np.ones(500, dtype=np.int64)) == pytest.approx(metrics.auc(labels, scores), abs=1e-12)
+    for _ in range(5):
+        drawn = rng.integers(0, 500, 500)
+        assert presorted(np.bincount(drawn, minlength=500)) == pytest.approx(metrics.auc(labels[drawn], scores[drawn]), abs=1e-12)
+    assert np.isnan(presorted(np.where(labels, 1, 0)))  # one class drawn

@@ -583,3 +583,40 @@ def test_other_candidate_sources_fill_their_quotas_with_unseen_new_items_and_say
     assert set(by_source["cooccurrence"]) <= {"it1", "it2", "it9", "it10", "it11", "it12", "it13"}
     body = TestClient(create_app(run.root)).post("/recommend", json={"user_id": "u3", "k": 7}).json()
     assert sorted(item["candidate_source"] for item in body["items"]) == sorted(item.candidate_source for item in items)
+
+
+# -- micro-batching --------------------------------------------------------------------------
+def test_a_batch_of_requests_gets_what_each_would_get_alone(planted):
+    recommender = planted.client.app.state.service.recommender
+    asks = [
+        {"user_id": "ua01", "k": 3}, {"user_id": "ub02", "k": 5}, {"history": ["a03", "b-added"], "k": 4},
+        {"user_id": "stranger", "k": 2}, {"k": 6}, {"user_id": "ub01", "history": ["a01"], "k": 1},
+    ]  # fmt: skip
+    alone = [recommender.recommend(**ask) for ask in asks]
+    together = recommender.recommend_many([recommender.prepare(**ask) for ask in asks])
+    for one, batched in zip(alone, together):
+        assert [i.item_id for i in batched.items] == [i.item_id for i in one.items]
+        assert [i.candidate_source for i in batched.items] == [i.candidate_source for i in one.items]
+        assert [i.score for i in batched.items] == pytest.approx([i.score for i in one.items], abs=1e-5)
+        assert [i.p_conversion for i in batched.items] == pytest.approx([i.p_conversion for i in one.items], abs=1e-5)
+        assert batched.source == one.source and batched.warnings == one.warnings
+    assert together[0].timings_ms["batch"] == len(asks)
+
+
+def test_concurrent_requests_through_the_batcher_are_batched_and_each_gets_its_own_answer(planted):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.batcher import MicroBatcher
+
+    recommender = planted.client.app.state.service.recommender
+    users = [f"u{g}{n:02d}" for g in "ab" for n in range(1, 9)]
+    expected = {user: [i.item_id for i in recommender.recommend(user_id=user, k=3).items] for user in users}
+    batcher = MicroBatcher(max_batch=8, wait_ms=20)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda user: (user, batcher.submit(recommender, recommender.prepare(user_id=user, k=3))), users * 3))
+    finally:
+        batcher.close()
+    assert all([i.item_id for i in result.items] == expected[user] for user, result in results)
+    assert batcher.requests == len(results) and batcher.batches < len(results)  # some ran together
+    assert max(result.timings_ms["batch"] for _, result in results) > 1

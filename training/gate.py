@@ -163,15 +163,44 @@ def paired_drops(
     # One bootstrap "row" per test row, then one per retrieval user; grouped by user, a resample of users draws both.
     n_rows = row_users.size
     groups = np.concatenate([row_users.astype(np.int64), retrieval_users])
+    weighted = {model: _weighted_metrics(labels, scored[model], measured) for model in scored}  # sorted once: each resample is O(n)
 
     def resampled_drops(idx: np.ndarray) -> dict[str, float]:
-        rows, users = idx[idx < n_rows], idx[idx >= n_rows] - n_rows
-        live, candidate = values("live", rows, users), values("candidate", rows, users)
+        row_weights = np.bincount(idx[idx < n_rows], minlength=n_rows)
+        user_weights = np.bincount(idx[idx >= n_rows] - n_rows, minlength=retrieval_users.size)
+        live, candidate = (weighted[model](row_weights, user_weights) for model in ("live", "candidate"))
         return {name: _drop(name, live[name], candidate[name]) for name in measured}
 
     point = {model: values(model, None, None) for model in scored}
     bounds = m.bootstrap_intervals(resampled_drops, groups.size, groups=groups, n_boot=bootstrap, level=2 * LEVEL - 1, seed=seed)
     return point, bounds
+
+
+def _weighted_metrics(labels: dict[str, np.ndarray], scored: tuple[dict[str, np.ndarray], RetrievalResult], measured: list[str]) -> Any:
+    """``(row_weights, user_weights) -> {metric: value}`` for one model: the metrics of the resample drawing each row and
+    retrieval user that often (equal to ``row_metrics`` and ``mean_over_users`` of the drawn rows; tested)."""
+    scores, retrieval = scored
+    click = labels["click"]
+    aucs = {"click.auc": (m.ResampledAUC(click, scores["p_click"]), None)}
+    if "conversion" in labels:
+        clicked = np.flatnonzero(click > 0.5)
+        aucs["conversion.auc"] = (m.ResampledAUC(labels["conversion"][clicked], scores["p_cvr"][clicked]), clicked)
+        aucs["ctcvr.auc"] = (m.ResampledAUC(labels["ctcvr"], scores["p_ctcvr"]), None)
+    rated = np.flatnonzero(np.isfinite(labels["rating"])) if "rating" in labels else None
+    squared = (scores["rating"][rated] - labels["rating"][rated]) ** 2 if rated is not None else None
+    recall = retrieval.per_user[f"recall@{RECALL_K}"]
+    finite = np.isfinite(recall)
+
+    def values(row_weights: np.ndarray, user_weights: np.ndarray) -> dict[str, float]:
+        out = {name: auc(row_weights if rows is None else row_weights[rows]) for name, (auc, rows) in aucs.items()}
+        if squared is not None:
+            w = row_weights[rated]
+            out["rating.rmse"] = float(np.sqrt((w * squared).sum() / w.sum())) if w.sum() else float("nan")
+        w = user_weights[finite]
+        out[f"retrieval.recall@{RECALL_K}"] = float((w * recall[finite]).sum() / w.sum()) if w.sum() else float("nan")
+        return {name: out[name] for name in measured}
+
+    return values
 
 
 def parse_max_drop(specs: list[str] | None) -> dict[str, float]:

@@ -1,0 +1,85 @@
+"""Micro-batching of concurrent /recommend requests: one user-tower pass, one FAISS search and one
+ranker pass for every request that is waiting, instead of one of each per request.
+
+Request threads check and resolve their own request (``Recommender.prepare``: a bad one fails
+alone) and hand it to one worker thread, which takes the first waiting request, then every other
+already waiting (up to ``serve.batch_max``; ``serve.batch_wait_ms`` > 0 also waits that long for
+more), runs ``Recommender.recommend_many`` and hands each thread its result. At low load a batch
+is one request and nothing waits; under load the per-call overheads (Python, torch dispatch, FAISS
+setup) are paid once per batch. Requests of a batch share one recommender: after a reload, the
+requests prepared on the old one finish on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from serving.recommender import Prepared, Recommender, Result
+
+log = logging.getLogger("recsys.serving")
+
+
+class MicroBatcher:
+    """One worker thread that runs waiting requests together (``submit`` blocks until its result is ready)."""
+
+    def __init__(self, max_batch: int, wait_ms: float = 0.0):
+        self.max_batch = max_batch
+        self.wait_s = wait_ms / 1000
+        self.batches = 0
+        self.requests = 0
+        self._queue: queue.SimpleQueue[tuple[Recommender, Prepared, Future] | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._run, name="recommend-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, recommender: Recommender, request: Prepared) -> Result:
+        future: Future[Result] = Future()
+        self._queue.put((recommender, request, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join(timeout=10)
+
+    def _take(self) -> list[tuple[Recommender, Prepared, Future]] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.perf_counter() + self.wait_s
+        while len(batch) < self.max_batch:
+            try:
+                remaining = deadline - time.perf_counter()
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # close after this batch
+                break
+            batch.append(item)
+        return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            groups: dict[int, list[tuple[Recommender, Prepared, Future]]] = {}
+            for entry in batch:
+                groups.setdefault(id(entry[0]), []).append(entry)  # one recommender per pass (a reload may have swapped it)
+            for entries in groups.values():
+                self._serve(entries)
+
+    def _serve(self, entries: list[tuple[Recommender, Prepared, Future]]) -> None:
+        recommender = entries[0][0]
+        try:
+            results: list[Any] = recommender.recommend_many([request for _, request, _ in entries])
+        except BaseException as exc:  # noqa: BLE001 (each waiting request gets the error: the service answers it like an unbatched one)
+            for _, _, future in entries:
+                future.set_exception(exc)
+            return
+        self.batches += 1
+        self.requests += len(entries)
+        for (_, _, future), result in zip(entries, results):
+            future.set_result(result)
