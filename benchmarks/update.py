@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--days", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=5, help="epochs of every run (fixed: no valid day)")
-    parser.add_argument("--update-epochs", type=int, default=0, help="epochs of each update (0 = --epochs)")
+    parser.add_argument("--update-epochs", type=int, default=1, help="epochs of each update (0 = --epochs)")
     parser.add_argument("--replay", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")

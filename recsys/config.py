@@ -191,7 +191,7 @@ class UpdateConfig(_Section):
     """``recsys update``: warm-start a trained run on new logs."""
 
     replay: float = Field(0.2, ge=0, le=1)  # share of BASE's rows trained on again with the new ones (against forgetting); the rest are history only
-    epochs: int = Field(0, ge=0)  # epochs of the update's training (0 = train.epochs); early stopping still applies
+    epochs: int = Field(1, ge=0)  # epochs of the update's training (0 = train.epochs); 1: on the drifting stream of benchmarks/update.py one epoch matched a full retrain, 5 overfit the day and were refused by the gate
     gate: bool = True  # compare the update with BASE on the new test rows (training.gate) and refuse it when significantly worse
     max_drop: str = ""  # the gate's tolerances, "click.auc=0.002,retrieval.recall@20=0.005" ("" = the gate's defaults)
     follow_min_events: int = Field(1, ge=1)  # --follow: a new generation starts once this many events past the live run's data are logged
