@@ -36,7 +36,7 @@ from recsys.events import EVENTS_DIR, EventLog, event_schema, read_events
 from recsys.rundir import PUBLISHED_FILE, RunDir
 from serving.batcher import MicroBatcher
 from serving.live import LiveHistories
-from serving.recommender import INT64_PATTERN, DuplicateItem, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
+from serving.recommender import INT64_PATTERN, DuplicateItem, EventAhead, NewItem, Recommender, RequestError, UnknownItem, decode_image_base64
 
 log = logging.getLogger("recsys.serve")
 access_log = logging.getLogger("recsys.access")
@@ -84,10 +84,12 @@ class Contract:
     user_ids_int: bool
     item_ids_int: bool
     max_k: int
+    rating_range: tuple[float, float] | None = None  # events' ratings lie in it (None: the run has no rating head)
 
     @classmethod
     def of(cls, recommender: Recommender) -> "Contract":
-        return cls(recommender.user_ids_are_int, recommender.item_ids_are_int, recommender.cfg.serve.max_k)
+        ratings = tuple(recommender.rating_range) if "rating" in recommender.model.spec.tasks else None
+        return cls(recommender.user_ids_are_int, recommender.item_ids_are_int, recommender.cfg.serve.max_k, ratings)  # type: ignore[arg-type]
 
 
 def id_type(integer: bool) -> Any:
@@ -145,13 +147,26 @@ def request_models(contract: Contract) -> RequestModels:
 
     Binary = Annotated[int, Field(strict=True, ge=0, le=1), BeforeValidator(_integral)]
 
+    lo, hi = contract.rating_range or (None, None)
+    Rating = Annotated[float, Field(ge=lo, le=hi, allow_inf_nan=False, description="on the run's rating scale")]
+
     class EventRequest(Strict):
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={"anyOf": [{"properties": {"conversion": {"enum": [0, None]}}}, {"properties": {"click": {"enum": [1, None]}}}]},
+        )  # a conversion follows a click: no conversion, or a click (absent means 1); as anyOf, not "not", so generators need not filter
         user_id: UserId  # type: ignore[valid-type]
         item_id: ItemId  # type: ignore[valid-type]
         timestamp: Annotated[int, Field(strict=True, ge=0, le=MAX_JSON_INT, description="unix seconds"), BeforeValidator(_integral)]
         click: Binary | None = None  # type: ignore[valid-type]  # absent: 1 (an interaction)
         conversion: Binary | None = None  # type: ignore[valid-type]
-        rating: Annotated[float, Field(allow_inf_nan=False)] | None = None
+        rating: Rating | None = None  # type: ignore[valid-type]
+
+        @model_validator(mode="after")
+        def _conversion_follows_click(self) -> "EventRequest":
+            if self.conversion == 1 and self.click == 0:
+                raise ValueError("conversion is 1 but click is 0: a conversion follows a click")
+            return self
 
     class EventsRequest(Strict):
         events: list[EventRequest] = Field(min_length=1, max_length=MAX_EVENTS)
@@ -352,7 +367,7 @@ def error_status(exc: RecsysError) -> int:
     """The HTTP status of a library error: the request's fault (4xx) or the service's state (503)."""
     if isinstance(exc, UnknownItem):
         return 404
-    if isinstance(exc, DuplicateItem):
+    if isinstance(exc, (DuplicateItem, EventAhead)):
         return 409
     if isinstance(exc, (RequestError, DataError)):
         return 422
@@ -566,7 +581,7 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         added = [AddedItem(item_id=recommender.item_key(item.item_id), faiss_id=f) for item, f in zip(body.items, faiss_ids)]
         return AddItemsResponse(added=added, count=recommender.index.count, warnings=warnings)
 
-    @app.post("/events", response_model=EventsResponse, dependencies=[Depends(require_admin)], responses=errors(401, 403, 413, 422, 503))
+    @app.post("/events", response_model=EventsResponse, dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 404, 409, 413, 422, 503))  # 404: an unknown item; 409: a timestamp ahead of the clock
     def events(body: EventsRequest) -> EventsResponse:  # type: ignore[valid-type]
         accepted = service.log_events([event.model_dump() for event in body.events])
         metrics.events.inc(accepted)

@@ -52,6 +52,10 @@ class UnknownItem(RequestError):
     """An item id the index does not hold."""
 
 
+class EventAhead(RequestError):
+    """An event timestamped further ahead of the service's clock than serve.events_max_future_s."""
+
+
 class DuplicateItem(RequestError):
     """An item id that is already indexed (ids are stable: an item cannot be re-added)."""
 
@@ -376,10 +380,10 @@ class Recommender:
                 raise RequestError(f"{where}.user_id {event['user_id']!r} is not a user id of this run: {ID_RULE}")
             item = self._require_item_key(event["item_id"], f"{where}.item_id")
             if self.index.faiss_id(item) is None:
-                raise RequestError(f"{where}.item_id {event['item_id']!r} is not in the index: add it with POST /items first")
+                raise UnknownItem(f"{where}.item_id {event['item_id']!r} is not in the index: add it with POST /items first")
             timestamp = event["timestamp"]
             if timestamp > now + serve.events_max_future_s:
-                raise RequestError(f"{where}.timestamp {timestamp} lies {timestamp - now:.0f} s in the future (serve.events_max_future_s = {serve.events_max_future_s})")
+                raise EventAhead(f"{where}.timestamp {timestamp} lies {timestamp - now:.0f} s in the future (serve.events_max_future_s = {serve.events_max_future_s})")
             click = 1 if event.get("click") is None else event["click"]
             conversion, rating = event.get("conversion"), event.get("rating")
             if conversion == 1 and click == 0:

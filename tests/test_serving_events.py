@@ -109,10 +109,10 @@ def test_every_accepted_event_is_in_the_log_with_its_values(planted):
 
 
 BAD_EVENTS = [
-    ({"item_id": "nope"}, 422, "events[1].item_id 'nope' is not in the index"),
-    ({"timestamp": NOW + 10 * 86_400}, 422, "events[1].timestamp"),
-    ({"click": 0, "conversion": 1}, 422, "events[1].conversion is 1 but click is 0"),
-    ({"rating": 7.0}, 422, "events[1].rating 7.0 lies outside"),
+    ({"item_id": "nope"}, 404, "events[1].item_id 'nope' is not in the index"),  # as GET /items/nope/similar: no such item
+    ({"timestamp": NOW + 10 * 86_400}, 409, "events[1].timestamp"),  # conflicts with the service's clock (the schema cannot say "now")
+    ({"click": 0, "conversion": 1}, 422, "conversion is 1 but click is 0"),  # the schema says so too ("not")
+    ({"rating": 7.0}, 422, "less than or equal to 5"),  # the schema's bound: the run's rating range
     ({"timestamp": "yesterday"}, 422, "timestamp"),
     ({"click": 2}, 422, "click"),
     ({"click": True}, 422, "click"),
