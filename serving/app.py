@@ -276,11 +276,10 @@ class Metrics:
         self.requests.labels(endpoint, method, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
-    def stage_times(self, timings_ms: dict[str, float]) -> None:
+    def stage_times(self, timings_ms: dict[str, float], batch: int = 1) -> None:
+        self.batch_size.observe(batch)
         for stage, ms in timings_ms.items():
-            if stage == "batch":
-                self.batch_size.observe(ms)
-            elif stage != "total":
+            if stage != "total":
                 self.stages.labels(stage).observe(ms / 1000)
 
     def render(self) -> bytes:
@@ -565,7 +564,7 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         live = service.live.items(user) if user is not None else []
         prepared = recommender.prepare(user_id=body.user_id, history=body.history, k=body.k, live=live)  # a bad request fails here, alone
         result = batcher.submit(recommender, prepared) if batcher is not None else recommender.recommend_many([prepared])[0]
-        metrics.stage_times(result.timings_ms)
+        metrics.stage_times(result.timings_ms, result.batch)
         return RecommendResponse(items=[RecommendedItem(**vars(item)) for item in result.items], warnings=result.warnings, source=result.source)
 
     @app.get("/items/{item_id}/similar", response_model=SimilarResponse, responses=errors(404, 422))

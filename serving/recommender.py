@@ -77,7 +77,8 @@ class Result:
     items: list[Recommendation]
     warnings: list[str]
     source: str  # "user", "history" or "popular"
-    timings_ms: dict[str, float] = field(default_factory=dict)  # user_tower, retrieve, rank, total
+    timings_ms: dict[str, float] = field(default_factory=dict)  # prepare, user_tower, retrieve, rank, total
+    batch: int = 1  # requests that ran their stages together (serving.batcher)
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ class Recommender:
         """The batched stages for prepared requests: one user-tower pass, one FAISS search, one ranker pass over every candidate.
 
         Each request's result is the one it would get alone (the batch only shares the calls); its
-        timings are the batch's stages, plus its own ``prepare`` and the ``batch`` size.
+        timings are the batch's stages plus its own ``prepare``; ``batch`` says how many ran together.
         """
         serve = self.cfg.serve
         t0 = time.perf_counter()
@@ -356,7 +357,7 @@ class Recommender:
         results = []
         for r, ranked in zip(requests, items):
             timings = {"prepare": r.prepare_s, **shared, "total": r.prepare_s + t3 - t0}
-            results.append(Result(ranked, r.warnings, r.source, {stage: round(1000 * v, 3) for stage, v in timings.items()} | {"batch": len(requests)}))
+            results.append(Result(ranked, r.warnings, r.source, {stage: round(1000 * v, 3) for stage, v in timings.items()}, len(requests)))
         return results
 
     # -- live events ---------------------------------------------------------------------
