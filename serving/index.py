@@ -132,6 +132,15 @@ class ReadersWriterLock:
                 self._changed.notify_all()
 
 
+def _with_room(buffer: np.ndarray, used: int, extra: int) -> np.ndarray:
+    """``buffer`` when its rows can take ``extra`` more after ``used``, else a copy of its first ``used`` rows with twice the room."""
+    if used + extra <= len(buffer):
+        return buffer
+    grown = np.empty((max(used + extra, 2 * len(buffer)), *buffer.shape[1:]), dtype=buffer.dtype)
+    grown[:used] = buffer[:used]
+    return grown
+
+
 class ItemIndex:
     """Item vectors under stable FAISS ids, with their ``item_idx`` / ``item_id``; thread-safe."""
 
@@ -218,13 +227,42 @@ class ItemIndex:
 
     # -- ids ---------------------------------------------------------------------------
     def _set_ids(self, ids: pl.DataFrame) -> None:
+        """Build the id maps from ``ids`` (at load). Adds extend them in place (``_extend_ids``), O(new items)."""
         self.ids = ids
         faiss_ids = ids["faiss_id"].to_numpy()
-        self._row_of = np.full(int(faiss_ids.max(initial=-1)) + 1, -1, dtype=np.int64)  # faiss_id -> row of ids
-        self._row_of[faiss_ids] = np.arange(len(faiss_ids))
-        self._item_idx = ids["item_idx"].to_numpy()
+        self._row_of_buf = np.full(int(faiss_ids.max(initial=-1)) + 1, -1, dtype=np.int64)  # faiss_id -> row of ids (spare room past the view)
+        self._row_of_buf[faiss_ids] = np.arange(len(faiss_ids))
+        self._row_of = self._row_of_buf
+        self._item_idx_buf = ids["item_idx"].to_numpy().copy()
+        self._item_idx = self._item_idx_buf
         self._item_ids = ids["item_id"].to_list()
         self._faiss_id_of = dict(zip(self._item_ids, faiss_ids.tolist()))
+        self._content_buf = self.content_vecs
+
+    def _extend_ids(self, added: pl.DataFrame, new_ids: np.ndarray, item_ids: Sequence[Any], item_idx: np.ndarray, content_vecs: np.ndarray | None) -> None:
+        """Append items to the id maps and content vectors without copying what is there (buffers grow by doubling).
+
+        Readers take no lock: each array is filled before the view that exposes it is swapped in,
+        and the content vectors before the row map that points into them.
+        """
+        start, count = len(self._item_ids), len(new_ids)
+        if content_vecs is not None:
+            self._content_buf = _with_room(self._content_buf, start, count)
+            self._content_buf[start : start + count] = content_vecs
+            self.content_vecs = self._content_buf[: start + count]
+        self._item_idx_buf = _with_room(self._item_idx_buf, start, count)
+        self._item_idx_buf[start : start + count] = item_idx
+        self._item_ids.extend(item_ids)  # readers index it by rows they were given: never past the old end until the row map says so
+        self._item_idx = self._item_idx_buf[: start + count]
+        top = max(len(self._row_of), int(new_ids.max()) + 1)
+        if top > len(self._row_of_buf):
+            grown = np.full(max(top, 2 * len(self._row_of_buf)), -1, dtype=np.int64)
+            grown[: len(self._row_of)] = self._row_of
+            self._row_of_buf = grown
+        self._row_of_buf[new_ids] = np.arange(start, start + count)
+        self._row_of = self._row_of_buf[:top]
+        self._faiss_id_of.update(zip(item_ids, new_ids.tolist()))
+        self.ids = pl.concat([self.ids, added], rechunk=False)
 
     @property
     def count(self) -> int:
@@ -313,19 +351,16 @@ class ItemIndex:
             raise ValueError(f"items already indexed or repeated: {sorted(map(str, set(duplicates)))[:5]}")
 
     def _next_ids(self, count: int) -> np.ndarray:
-        start = int(self.ids["faiss_id"].max()) + 1
+        start = len(self._row_of)  # the largest faiss id + 1
         return np.arange(start, start + count, dtype=np.int64)
 
     def _add(self, vectors: np.ndarray, new_ids: np.ndarray, item_ids: Sequence[Any], item_idx: np.ndarray | None, content_vecs: np.ndarray | None) -> None:
         """The in-memory add: FAISS, the id map and the content vectors change together, under the write lock."""
         idx = np.zeros(len(item_ids), dtype=np.int64) if item_idx is None else np.asarray(item_idx, dtype=np.int64)
-        added = pl.DataFrame({"faiss_id": new_ids, "item_idx": idx, "item_id": list(item_ids)})
-        ids = pl.concat([self.ids, added.cast(self.ids.schema)])
+        added = pl.DataFrame({"faiss_id": new_ids, "item_idx": idx, "item_id": list(item_ids)}).cast(self.ids.schema)
         with self._lock.writing():
             self.index.add_with_ids(vectors, new_ids)
-            if content_vecs is not None:
-                self.content_vecs = np.concatenate([self.content_vecs, np.asarray(content_vecs, dtype=np.float32)])
-            self._set_ids(ids)
+            self._extend_ids(added, new_ids, item_ids, idx, None if content_vecs is None else np.asarray(content_vecs, dtype=np.float32))
 
     def replay(self, batches: Sequence[AddedBatch], source: Path) -> int:
         """Add logged batches that the index files do not hold yet; returns how many items came in.
