@@ -260,3 +260,26 @@ def test_content_vectors_travel_with_their_items_through_add_save_and_load(tmp_p
     np.testing.assert_array_equal(loaded.content(np.array([3, *new])), np.concatenate([content[2:3], added_content]))
     with pytest.raises(ValueError, match="content_vecs"):
         loaded.add(rng.normal(size=(1, 8)).astype(np.float32), ["no-content"])  # an index with content refuses an item without
+
+
+def test_many_adds_grow_the_maps_in_place_and_every_item_keeps_its_id_index_and_content(tmp_path):
+    rng = np.random.default_rng(5)
+    vectors, content = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    ids = np.arange(1, 5)
+    index = ItemIndex.build(vectors, ids, ids, [f"it{i}" for i in ids], IndexConfig(kind="flat"), content_vecs=content)
+    expected = {f"it{i}": (int(i), int(i), content[i - 1]) for i in ids}  # item -> faiss id, item_idx, content
+    for batch in range(6):  # 1, 2, 4, 8, ... items: the buffers double more than once
+        names = [f"b{batch}-{j}" for j in range(2**batch)]
+        extra = rng.normal(size=(len(names), 3)).astype(np.float32)
+        new = index.add(rng.normal(size=(len(names), 8)).astype(np.float32), names, content_vecs=extra)
+        expected.update({name: (int(f), 0, c) for name, f, c in zip(names, new, extra)})
+    assert index.count == len(expected) == len(index.ids)
+    faiss_ids = np.array([index.faiss_id(name) for name in expected])
+    assert faiss_ids.tolist() == [f for f, _, _ in expected.values()] and len(set(faiss_ids.tolist())) == len(expected)
+    assert index.item_ids(faiss_ids) == list(expected)
+    assert index.item_idx(faiss_ids).tolist() == [i for _, i, _ in expected.values()]
+    np.testing.assert_array_equal(index.content(faiss_ids), np.stack([c for _, _, c in expected.values()]))
+    index.save(tmp_path / "index")  # and what is saved is every item, in order
+    loaded = ItemIndex.load(tmp_path / "index")
+    assert loaded.item_ids(faiss_ids) == list(expected)
+    np.testing.assert_array_equal(loaded.content(faiss_ids), index.content(faiss_ids))
