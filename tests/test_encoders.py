@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from features.encoders import (
+    BF16_MAX_TIME_RATIO,
     BF16_MIN_COSINE,
     IMAGE_CORRUPT,
     IMAGE_MISSING,
@@ -20,6 +21,7 @@ from features.encoders import (
     TextEncoder,
     build_image_encoder,
     build_text_encoder,
+    calibrate_precision,
 )
 from recsys.config import EmbedConfig
 from recsys.errors import ConfigError
@@ -129,9 +131,25 @@ def test_bf16_is_used_exactly_when_calibration_keeps_cosine_against_fp32(tiny_be
     precision = encoder.precision
     fp32 = TextEncoder(str(tiny_bert), bf16=False, threads=1).encode_texts(texts)
     bf16 = torch.tensor(encoder.encode_texts(texts))
-    assert precision is not None and precision.bf16 == (precision.min_cosine >= BF16_MIN_COSINE)
+    faster = precision is not None and precision.bf16_items_per_s >= precision.fp32_items_per_s / BF16_MAX_TIME_RATIO
+    assert precision is not None and precision.bf16 == (precision.min_cosine >= BF16_MIN_COSINE and faster)
     if precision.bf16:
         assert float((bf16 * torch.tensor(fp32)).sum(1).min()) >= BF16_MIN_COSINE
+
+
+@pytest.mark.parametrize(("bf16_delay", "noise", "chosen"), [(0.0, 0.0, True), (0.05, 0.0, False), (0.0, 0.5, False)], ids=["accurate-and-faster", "slower", "inaccurate"])
+def test_bf16_is_chosen_only_when_accurate_and_faster(bf16_delay, noise, chosen) -> None:
+    import time
+
+    vectors = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+    def forward(bf16: bool) -> torch.Tensor:
+        time.sleep(0.02 if not bf16 else 0.005 + bf16_delay)  # fp32 20 ms; bf16 5 ms, or 55 ms when "slow"
+        return torch.nn.functional.normalize(vectors + noise * torch.ones_like(vectors) * torch.arange(16), dim=-1) if bf16 else vectors
+
+    precision = calibrate_precision(forward, sample=8, enabled=True)
+    assert precision.bf16 is chosen, precision.reason
+    assert ("x fp32's time" in precision.reason) and (precision.bf16_items_per_s > precision.fp32_items_per_s) == (bf16_delay == 0.0)
 
 
 def test_bf16_switched_off_in_config_encodes_in_fp32(tiny_bert: Path) -> None:
