@@ -292,18 +292,18 @@ def _write_rows(out: Path, user_ids: pl.Series, item_ids: pl.Series, rows: dict[
     write_parquet(truth_frame, out / "truth.parquet")
 
 
+def _arguments(seed: int, users: int, items: int, n_rows: int, images: bool, task_correlation: float) -> dict[str, Any]:
+    """The generator's arguments, as truth.json and stream.json record them."""
+    return {"seed": seed, "users": users, "items": items, "interactions": n_rows, "images": images, "task_correlation": task_correlation}
+
+
 def _truth_summary(
     seed: int, users: int, items: int, n_rows: int, images: bool, task_correlation: float,
     params: SynthParams, tables: _Tables, stats: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """The body of truth.json: arguments, every knob, the random tables, the vocabularies and the label stats."""
     return {
-        "seed": seed,
-        "users": users,
-        "items": items,
-        "interactions": n_rows,
-        "images": images,
-        "task_correlation": task_correlation,
+        **_arguments(seed, users, items, n_rows, images, task_correlation),
         "params": asdict(params),
         "tables": {k: np.asarray(v).tolist() for k, v in asdict(tables).items()},
         "topics": {t: {"category": TOPIC_CATEGORY[t], "words": list(TOPIC_WORDS[t])} for t in TOPICS},

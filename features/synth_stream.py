@@ -47,6 +47,7 @@ from features.synth import (
     _arrival_times,
     _auc,
     _catalogue,
+    _arguments,
     _check_args,
     _draw_items,
     _draw_users,
@@ -166,12 +167,7 @@ def synthesize_stream(
         older = _oracle(rows["user"], rows["item"], replace(user_draw, latent=remembered[day]), item_draw, tables, params)
         check |= {f"{name}_day": day, f"{name}_click_auc": _auc(older["p_click"], click)}
     summary = {  # stream.json: no paths or timings, so the same arguments write the same bytes
-        "seed": seed,
-        "users": users,
-        "items": items,
-        "interactions": n_rows,
-        "images": images,
-        "task_correlation": task_correlation,
+        **_arguments(seed, users, items, n_rows, images, task_correlation),
         "stream": asdict(stream),
         "params": asdict(params),
         "days": per_day,

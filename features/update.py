@@ -31,7 +31,7 @@ import polars as pl
 
 from features.dataset import Dataset, load_dataset
 from features.pipeline import (
-    HISTORY_RULE, _add_negatives, _feature_meta, _history_bounds, _labelled_events, _Stages, _write_splits,
+    HISTORY_RULE, _add_negatives, _feature_meta, _history_bounds, _items_table, _labelled_events, _Stages, _write_splits,
 )  # fmt: skip
 from recsys.errors import DataError, RunError
 from recsys.rundir import RunDir, read_json, write_json, write_parquet
@@ -63,7 +63,7 @@ def prepare_update(run: RunDir, base: RunDir, replay: float, seed: int = 0) -> d
         write_parquet(users_table, run.data / "users.parquet")
     with stages("labels and split"):
         new, split_mode = _labelled_events(ds, items_vocab, users_vocab, cfg)
-        cut = _data_cut(base)
+        cut = data_cut(base)
         if new.height and new["timestamp"].max() <= cut:
             raise DataError(f"{ds.root / 'interactions.parquet'}: every timestamp is at or before BASE's data cut ({cut}, {base.root}): NEW must hold the interactions since BASE's data")
         if base_meta["tasks"].get("rating") and "rating" not in new.columns:  # no rated row in NEW: the head stays, its rows unrated
@@ -124,7 +124,7 @@ def prepare_update(run: RunDir, base: RunDir, replay: float, seed: int = 0) -> d
     return summary
 
 
-def _data_cut(run: RunDir) -> int:
+def data_cut(run: RunDir) -> int:
     """The latest timestamp of a run's prepared data."""
     return max(int(pl.scan_parquet(run.data / f"{split}.parquet").select(pl.col("timestamp").max()).collect().item() or 0) for split in ("train", "valid", "test") if (run.data / f"{split}.parquet").is_file())
 
@@ -197,8 +197,6 @@ def _features_like_base(raw: pl.DataFrame, base: pl.DataFrame, id_column: str, k
 
 def _grown_items(ds: Dataset, vocab: pl.DataFrame, base: pl.DataFrame) -> pl.DataFrame:
     """Every item of the grown vocabulary: NEW's text and image, features in BASE's coding."""
-    from features.pipeline import _items_table
-
     table, _ = _items_table(ds, vocab)  # text, absolute image paths; its own feature codes are replaced below
     kinds = dict(ds.item_features)
     raw = ds.items.select("item_id", *kinds).collect()
@@ -240,4 +238,4 @@ def _base_events(base: RunDir, columns: list[str], replay: float, seed: int) -> 
         context=pl.Series(~replayed),
         sampled=pl.col("sampled").fill_null(False) if "sampled" in past.columns else pl.lit(False),
     )
-    return past.select([c for c in [*columns, "context"] if c in past.columns or c == "context"])
+    return past.select(*(c for c in columns if c in past.columns), "context")

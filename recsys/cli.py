@@ -102,25 +102,12 @@ def cmd_gate(run: RunDir, args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    if args.source_kind == "synth" and args.days is not None:
-        drift = {} if args.drift is None else {"drift": args.drift}
-        summary = _call(
-            "features.synth_stream:synthesize_stream",
-            Path(args.out),
-            days=args.days,
-            users=args.users,
-            items=args.items,
-            interactions=args.interactions,
-            seed=args.seed,
-            images=not args.no_images,
-            task_correlation=args.task_correlation,
-            **drift,
-        )
-    elif args.source_kind == "synth":
-        if args.drift is not None:
+    if args.source_kind == "synth":
+        if args.drift is not None and args.days is None:
             raise ConfigError("--drift moves preferences from day to day: it needs --days D (the stream mode)")
+        stream = {"days": args.days, **({} if args.drift is None else {"drift": args.drift})} if args.days is not None else {}
         summary = _call(
-            "features.synth:synthesize",
+            "features.synth_stream:synthesize_stream" if stream else "features.synth:synthesize",
             Path(args.out),
             users=args.users,
             items=args.items,
@@ -128,6 +115,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             seed=args.seed,
             images=not args.no_images,
             task_correlation=args.task_correlation,
+            **stream,
         )
     elif args.source_kind == "window":
         summary = _call("features.window:assemble_window", Path(args.source), Path(args.out), train=args.train, test=args.test, valid=args.valid)

@@ -25,19 +25,7 @@ def _np(values: ArrayLike, dtype: type = np.float64) -> np.ndarray:
 # -- classification --------------------------------------------------------------------
 def auc(labels: ArrayLike, scores: ArrayLike) -> float:
     """ROC AUC by the Mann-Whitney U statistic; tied scores count one half; nan when one class is absent."""
-    y = _np(labels) > 0.5
-    s = _np(scores)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s)  # one sort; ties are found on the sorted scores (3x faster than np.unique's inverse at 30k rows)
-    ordered = s[order]
-    edges = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
-    starts, ends = np.concatenate([[0], edges]), np.concatenate([edges, [ordered.size]])
-    average_rank = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # 1-based mean rank of each tie group, per sorted row
-    rank_sum_pos = average_rank[y[order]].sum()
-    return float((rank_sum_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return ResampledAUC(labels, scores).once()
 
 
 class ResampledAUC:
@@ -54,6 +42,16 @@ class ResampledAUC:
         ordered = s[self.order]
         self.positive = y[self.order]
         self.starts = np.concatenate([[0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1]) if ordered.size else np.zeros(0, np.int64)
+
+    def once(self) -> float:
+        """AUC of the rows as they are (each drawn once), by the rank sum of the positives: ``auc``."""
+        n_pos = int(self.positive.sum())
+        n_neg = self.positive.size - n_pos
+        if n_pos == 0 or n_neg == 0:
+            return float("nan")
+        ends = np.concatenate([self.starts[1:], [self.order.size]])
+        average_rank = np.repeat((self.starts + ends + 1) / 2.0, ends - self.starts)  # 1-based mean rank of each tie group, per sorted row
+        return float((average_rank[self.positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
     def __call__(self, weights: np.ndarray) -> float:
         """AUC of the resample drawing row i ``weights[i]`` times; nan when it has one class."""

@@ -180,16 +180,12 @@ def pending_events(live: RunDir) -> tuple[int, int | None]:
     events_dir = live.root / "events"
     if not events_dir.is_dir():
         return 0, None
+    from features.update import data_cut
     from recsys.events import read_events
 
-    cut = _data_cut(live)
+    cut = data_cut(live)
     news = read_events(events_dir).filter(pl.col("timestamp") > cut)
     return news.height, (int(news["received_ms"].max()) if news.height else None)
-
-
-def _data_cut(run: RunDir) -> int:
-    splits = [run.data / f"{s}.parquet" for s in ("train", "valid", "test")]
-    return max(int(pl.scan_parquet(p).select(pl.col("timestamp").max()).collect().item() or 0) for p in splits if p.is_file())
 
 
 def publish(directory: Path, run: RunDir, generation: int, newest_event_ms: int | None) -> dict[str, Any]:
