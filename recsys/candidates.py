@@ -24,18 +24,44 @@ import warnings
 import numpy as np
 import torch
 
+from recsys.config import ServeConfig
+
 SOURCES = ("towers", "cooccurrence", "popular")  # candidate source codes 0, 1, 2
+DENSE_SCORES = 65_536  # one_user_scores sums into a dense n_items row up to this catalogue size
 
 
 class ItemNeighbours:
     """Each item's ``k`` most co-clicked items: ``ids (n_items, k)`` item_idx (0 = none) and cosine ``weights (n_items, k)``."""
 
-    def __init__(self, ids: torch.Tensor, weights: torch.Tensor):
-        self.ids, self.weights = ids, weights
+    def __init__(self, ids: torch.Tensor, weights: torch.Tensor, kind: str = "cosine"):
+        self.ids, self.weights, self.kind = ids, weights, kind  # kind: "cosine" or "ease", which blend weight its scores take
 
     @property
     def n_items(self) -> int:
         return self.ids.shape[0]
+
+    @classmethod
+    def from_top(cls, weights: torch.Tensor, k: int, kind: str = "ease") -> "ItemNeighbours":
+        """Each row of a dense item x item ``weights (n_items, n_items)`` (row i: how much knowing i adds to each j) kept at its ``k`` entries largest in magnitude.
+
+        Negative weights are kept too: EASE's say that knowing i makes j less likely, and dropping them costs ranking quality.
+        """
+        n_items = weights.shape[0]
+        weights = weights.float()
+        _, columns = torch.topk(weights.abs(), min(k, n_items), dim=1)
+        values = weights.gather(1, columns)
+        keep = values != 0
+        ids = torch.where(keep, columns, torch.zeros_like(columns))
+        out = torch.where(keep, values, torch.zeros_like(values))
+        if ids.shape[1] < k:
+            ids, out = torch.nn.functional.pad(ids, (0, k - ids.shape[1])), torch.nn.functional.pad(out, (0, k - out.shape[1]))
+        ids[0], out[0] = 0, 0.0  # padding knows nothing
+        return cls(ids, out, kind)
+
+    @classmethod
+    def from_ease(cls, user_idx: np.ndarray, item_idx: np.ndarray, n_items: int, k: int, l2: float) -> "ItemNeighbours":
+        """EASE's item-item weights (``ease_weights``) of the clicked (user, item) pairs, each item keeping its ``k`` largest."""
+        return cls.from_top(ease_weights(click_gram(user_idx, item_idx, n_items, torch.float64), l2), k)
 
     @classmethod
     def from_clicks(cls, user_idx: np.ndarray, item_idx: np.ndarray, n_items: int, k: int, max_per_user: int = 200) -> "ItemNeighbours":
@@ -84,6 +110,49 @@ class ItemNeighbours:
         return out
 
 
+def item_neighbours(user_idx: np.ndarray, item_idx: np.ndarray, n_items: int, serve: ServeConfig) -> ItemNeighbours:
+    """The co-occurrence source's table as ``serve`` asks (``serve.item_item``), from clicked (user, item) pairs, oldest first."""
+    if item_item_kind(n_items, serve) == "ease":
+        return ItemNeighbours.from_ease(user_idx, item_idx, n_items, serve.ease_neighbours, serve.ease_lambda)
+    return ItemNeighbours.from_clicks(user_idx, item_idx, n_items, serve.cooccurrence_neighbours)
+
+
+def item_item_wanted(n_items: int, serve: ServeConfig) -> bool:
+    """Whether the co-occurrence source is used at all: its quota or its kind's blend weight is on."""
+    return serve.cooccurrence_candidates > 0 or serve.item_item_blend(item_item_kind(n_items, serve)) > 0
+
+
+def item_item_kind(n_items: int, serve: ServeConfig) -> str:
+    """``serve.item_item`` resolved: ``auto`` is ``ease`` for catalogues up to ``serve.ease_max_items`` (row 0, padding, not counted)."""
+    if serve.item_item != "auto":
+        return serve.item_item
+    return "ease" if n_items - 1 <= serve.ease_max_items else "cosine"
+
+
+def click_gram(user_idx: np.ndarray, item_idx: np.ndarray, n_items: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``X^T X`` of the distinct clicked (user, item) pairs -> dense ``(n_items, n_items)``: users who clicked both items."""
+    users, items = np.asarray(user_idx, dtype=np.int64), np.asarray(item_idx, dtype=np.int64)
+    pairs = np.unique(np.stack([users, items], axis=1), axis=0) if len(users) else np.zeros((0, 2), dtype=np.int64)
+    n_users = int(pairs[:, 0].max()) + 1 if len(pairs) else 1
+    by_item = torch.sparse_coo_tensor(torch.from_numpy(pairs[:, ::-1].T.copy()), torch.ones(len(pairs), dtype=dtype), (n_items, n_users), check_invariants=True)
+    return torch.sparse.mm(by_item, by_item.t().to_dense())
+
+
+def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:
+    """EASE (Steck, WWW 2019): ``B = I - P diag(1 / diag(P))``, ``P = (G + l2 I)^-1`` of a Gram ``G = X^T X``, ``diag(B) = 0`` -> float32.
+
+    Solved in float64, in place of ``gram``: two dense n_items x n_items matrices at the peak (16 n_items^2 bytes).
+    ``B[i, j]`` is what knowing item i adds to item j's score; a user's score of j is the sum over the items they know.
+    """
+    gram = gram.double()
+    gram.diagonal().add_(l2)
+    precision = torch.linalg.inv(gram)  # P
+    del gram
+    weights = precision.div_(-precision.diagonal().clone())  # column j / -P_jj: B off the diagonal
+    weights.fill_diagonal_(0.0)  # 1 - P_jj / P_jj
+    return weights.float()
+
+
 def add_source(taken: torch.Tensor, scores: torch.Tensor, excluded: torch.Tensor, quota: int) -> torch.Tensor:
     """The ``quota`` best-scored items per row that are neither ``excluded (U, n)`` nor in ``taken (U, N)`` (-1 = empty) -> ``(U, quota)``, -1 where fewer score above 0."""
     if quota <= 0:
@@ -99,12 +168,47 @@ def add_source(taken: torch.Tensor, scores: torch.Tensor, excluded: torch.Tensor
     return columns
 
 
-def recent_items(history: torch.Tensor, count: int) -> torch.Tensor:
-    """``history (U, L)`` left-aligned, 0-padded, oldest first -> each row's last ``count`` items ``(U, count)``, 0-padded."""
-    length = (history != 0).sum(1, keepdim=True)
-    position = length - count + torch.arange(count)  # (U, count) columns of the last items
-    picked = history.gather(1, position.clamp(0, history.shape[1] - 1))
-    return torch.where(position >= 0, picked, torch.zeros_like(picked))
+def distinct_recent(items: np.ndarray, count: int) -> np.ndarray:
+    """A user's clicked ``items`` (oldest first) as the co-occurrence source reads them: each item once, at its
+    latest click, oldest first, the last ``count`` of them (0 = all)."""
+    items = np.asarray(items, dtype=np.int64)
+    return distinct_recent_csr(np.zeros(len(items), dtype=np.int64), items, 1, count)[1]
+
+
+def distinct_recent_csr(user_idx: np.ndarray, item_idx: np.ndarray, n_users: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``distinct_recent`` of every user at once: clicked pairs sorted by user, oldest first within a user -> CSR (ptr (n_users + 1,), items)."""
+    users, items = np.asarray(user_idx, dtype=np.int64), np.asarray(item_idx, dtype=np.int64)
+    position = np.arange(len(users))
+    order = np.lexsort((position, items, users))  # each (user, item) group, its clicks in time order
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = (users[order][1:] != users[order][:-1]) | (items[order][1:] != items[order][:-1])
+    kept = np.sort(order[last])  # each distinct pair at its latest click, back in (user, time) order
+    users, items = users[kept], items[kept]
+    ptr = np.searchsorted(users, np.arange(n_users + 1))
+    if count:
+        from_end = ptr[users + 1] - 1 - np.arange(len(users))  # 0 for a user's latest item
+        users, items = users[from_end < count], items[from_end < count]
+        ptr = np.searchsorted(users, np.arange(n_users + 1))
+    return ptr.astype(np.int64), items
+
+
+class KnownItems:
+    """Every user's ``distinct_recent`` clicked items, CSR by user_idx; ``batch(user_idx)`` pads them for ``ItemNeighbours.scores``."""
+
+    def __init__(self, user_idx: np.ndarray, item_idx: np.ndarray, n_users: int, count: int):
+        """``user_idx``/``item_idx``: clicked pairs sorted by user, oldest first within a user."""
+        self.ptr, self.items = distinct_recent_csr(user_idx, item_idx, n_users, count)
+
+    def of(self, user: int) -> np.ndarray:
+        return self.items[self.ptr[user] : self.ptr[user + 1]] if 0 <= user < len(self.ptr) - 1 else np.zeros(0, dtype=np.int64)
+
+    def batch(self, user_idx: torch.Tensor) -> torch.Tensor:
+        """``(U,)`` user_idx -> ``(U, R)`` item_idx, left-aligned, 0-padded (R: the longest of them, at least 1)."""
+        rows = [self.of(int(u)) for u in user_idx]
+        out = np.zeros((len(rows), max([1] + [len(r) for r in rows])), dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return torch.from_numpy(out)
 
 
 def cooccurrence_feature(neighbours: ItemNeighbours, recent: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -146,11 +250,16 @@ def merge_sources(
 def one_user_scores(neighbours: ItemNeighbours, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``ItemNeighbours.scores`` of one user without an ``n_items`` row: ``recent (R,)`` item_idx -> (item_idx (u,) sorted, summed cosine (u,)).
 
-    Costs O(R k), not O(n_items): the service's path, one request at a time.
+    Costs O(R k), not O(n_items), on large catalogues: the service's path, one request at a time
+    (on catalogues up to DENSE_SCORES items, one O(n_items) bincount instead of sorting the R k entries).
     """
     recent = recent[(recent > 0) & (recent < neighbours.n_items)]
     ids, weights = neighbours.ids[recent].numpy().ravel(), neighbours.weights[recent].numpy().ravel()
     keep = ids > 0
+    if neighbours.n_items <= DENSE_SCORES:
+        dense = np.bincount(ids[keep], weights=weights[keep], minlength=neighbours.n_items)
+        items = np.flatnonzero(np.bincount(ids[keep], minlength=neighbours.n_items))  # as np.unique(ids[keep])
+        return items, dense[items]
     items, inverse = np.unique(ids[keep], return_inverse=True)
     return items, np.bincount(inverse, weights=weights[keep], minlength=len(items))
 

@@ -22,8 +22,9 @@ def blend(predictions: dict[str, torch.Tensor], serve: ServeConfig, rating_range
         terms.append((serve.blend_ctcvr, predictions["p_ctcvr"]))
     if "rating" in predictions:
         terms.append((serve.blend_rating, (predictions["rating"] - lo) / max(hi - lo, 1e-9)))
-    if "cooccurrence" in predictions:
-        terms.append((serve.blend_cooccurrence, predictions["cooccurrence"]))
+    for kind in ("cosine", "ease"):
+        if f"item_item_{kind}" in predictions:
+            terms.append((serve.item_item_blend(kind), predictions[f"item_item_{kind}"]))
     total = sum(w for w, _ in terms)
     if total <= 0:
         return predictions["p_click"]
@@ -38,12 +39,13 @@ def score_candidates(
     content_vec: torch.Tensor | None,
     serve: ServeConfig,
     cooccurrence: torch.Tensor | None = None,
+    item_item: str = "cosine",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Blended scores ``(U, N)`` and head predictions of ``U`` users (``model.user_state`` rows) x their ``N`` candidates each.
 
     ``item_idx (U, N)``, ``item_vec (U, N, d)``, ``content_vec (U, N, C)`` or None; one user row
-    (U = 1) is the service's case. ``cooccurrence (U, N)`` in [0, 1]
-    (``recsys.candidates.cooccurrence_feature``) joins the blend with ``serve.blend_cooccurrence``.
+    (U = 1) is the service's case. ``cooccurrence (U, N)`` (``recsys.candidates.cooccurrence_feature``
+    of a table of kind ``item_item``) joins the blend with ``serve.item_item_blend(item_item)``.
     """
     users, n = item_idx.shape
     rows = torch.arange(users).repeat_interleave(n)  # each user's state once per candidate
@@ -53,6 +55,6 @@ def score_candidates(
     )
     predictions = model.rank(user_rows if users > 1 else user, item)
     if cooccurrence is not None:
-        predictions["cooccurrence"] = cooccurrence.reshape(-1)
+        predictions[f"item_item_{item_item}"] = cooccurrence.reshape(-1)
     scores = blend(predictions, serve, model.spec.rating_range)
     return scores.reshape(users, n), {k: v.reshape(users, n) for k, v in predictions.items()}

@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.candidates import SOURCES, ItemNeighbours, one_user_scores, top_new
+from recsys.candidates import SOURCES, ItemNeighbours, distinct_recent, item_item_kind, item_item_wanted, item_neighbours, one_user_scores, top_new
 from recsys.config import Config
 from recsys.errors import RecsysError, RunError
 from recsys.events import COLUMNS as EVENT_COLUMNS
@@ -88,6 +88,7 @@ class Prepared:
     k: int
     user_idx: int
     model_history: np.ndarray  # item_idx of the clicked history with an id row, oldest first
+    item_item_history: np.ndarray  # item_idx the co-occurrence source reads: every click (stored, live, request), distinct, the last serve.cooccurrence_recent
     content_history: np.ndarray  # faiss ids of the last history_len clicked items (added items included)
     seen: np.ndarray  # faiss ids never recommended back
     source: str  # "user", "history" or "popular"
@@ -220,11 +221,14 @@ class Recommender:
         self._add_lock = threading.Lock()
         self.neighbours: ItemNeighbours | None = None  # the co-occurrence source, from every click the run knows
         serve = cfg.serve
-        if serve.cooccurrence_candidates > 0 or serve.blend_cooccurrence > 0:
+        if item_item_wanted(model.spec.n_items, serve):
             started = time.perf_counter()
             users = np.repeat(np.arange(len(behaviour.seen_ptr) - 1), np.diff(behaviour.seen_ptr))  # seen_items: by user, oldest first
-            self.neighbours = ItemNeighbours.from_clicks(users, behaviour.seen_items, model.spec.n_items, serve.cooccurrence_neighbours)
-            log.info("co-occurrence source: %d items x %d neighbours in %.2f s", model.spec.n_items, serve.cooccurrence_neighbours, time.perf_counter() - started)
+            self.neighbours = item_neighbours(users, behaviour.seen_items, model.spec.n_items, serve)
+            log.info(
+                "co-occurrence source (%s): %d items x %d neighbours in %.2f s",
+                item_item_kind(model.spec.n_items, serve), model.spec.n_items, serve.cooccurrence_neighbours, time.perf_counter() - started,
+            )  # fmt: skip
 
     @classmethod
     def load(cls, run: RunDir | str | Path) -> "Recommender":
@@ -310,8 +314,13 @@ class Recommender:
         clicked_idx = self.index.item_idx(clicked)  # 0 for items added at serving time: no id row
         model_history = clicked_idx[clicked_idx > 0]
         fresh = np.concatenate([live_ids, request_ids])
+        item_item_history = np.zeros(0, dtype=np.int64)
+        if self.neighbours is not None:  # all the user's clicks, as the evaluation reads train + valid (not the towers' last history_len)
+            fresh_idx = clicked_idx[len(stored) :]
+            item_item_history = distinct_recent(np.concatenate([self._seen(user_idx), fresh_idx[fresh_idx > 0]]), serve.cooccurrence_recent)
         return Prepared(
-            k=k, user_idx=user_idx, model_history=model_history, content_history=clicked[-self.history_len :],  # added items count through their content
+            k=k, user_idx=user_idx, model_history=model_history, item_item_history=item_item_history,
+            content_history=clicked[-self.history_len :],  # added items count through their content
             seen=np.union1d(self._seen(user_idx), fresh), source="user" if user_idx else ("history" if len(fresh) else "popular"),
             warnings=warnings, prepare_s=time.perf_counter() - started,
         )  # fmt: skip
@@ -345,7 +354,7 @@ class Recommender:
             else:
                 ids = found[rows[i]]  # type: ignore[index]
                 towers = ids[(ids >= 0) & ~np.isin(ids, r.seen)][:n]
-            cooccurrence = one_user_scores(self.neighbours, r.model_history[-serve.cooccurrence_recent :]) if self.neighbours is not None else None
+            cooccurrence = one_user_scores(self.neighbours, r.item_item_history) if self.neighbours is not None else None
             merged, codes = self._other_sources(towers, r.seen, cooccurrence)
             candidates.append(merged)
             origins.append(codes)
@@ -457,7 +466,8 @@ class Recommender:
         valid = torch.from_numpy(np.stack([np.arange(width) < len(c) for c in candidates]))
         flat = padded.reshape(-1)
         feature = None
-        if serve.blend_cooccurrence > 0 and any(c is not None for c in cooccurrences):  # cooccurrence_feature; items added live (and never co-clicked) have 0
+        kind = "cosine" if self.neighbours is None else self.neighbours.kind
+        if serve.item_item_blend(kind) > 0 and any(c is not None for c in cooccurrences):  # cooccurrence_feature; items added live (and never co-clicked) have 0
             feature = torch.zeros(padded.shape)
             for row, (pair, r) in enumerate(zip(cooccurrences, requests)):
                 if pair is None or len(pair[0]) == 0:
@@ -465,7 +475,7 @@ class Recommender:
                 items, scores = pair
                 at = np.searchsorted(items, padded[row]).clip(max=len(items) - 1)
                 hit = items[at] == padded[row]
-                feature[row] = torch.from_numpy(np.where(hit, scores[at], 0.0) / max(min(len(r.model_history), serve.cooccurrence_recent), 1)).float()
+                feature[row] = torch.from_numpy(np.where(hit, scores[at], 0.0) / max(len(r.item_item_history), 1)).float()
         with torch.inference_mode():
             content_vec = self.index.content(flat)
             scores, predictions = score_candidates(
@@ -476,6 +486,7 @@ class Recommender:
                 torch.from_numpy(content_vec).reshape(*padded.shape, -1) if content_vec is not None else None,
                 serve,
                 feature,
+                kind,
             )
             scores = scores.masked_fill(~valid, float("-inf"))
             top = torch.topk(scores, min(max(r.k for r in requests), width), dim=1).indices

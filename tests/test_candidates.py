@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.candidates import ItemNeighbours, cooccurrence_feature, merge_sources, recent_items
+from recsys.candidates import ItemNeighbours, cooccurrence_feature, merge_sources
 
 # user 1 clicks items 1, 2, 3; user 2 clicks 1, 2; user 3 clicks 3 and 4 (4 twice: counted once)
 USERS, ITEMS = np.array([1, 1, 1, 2, 2, 3, 3, 3]), np.array([1, 2, 3, 1, 2, 3, 4, 4])
@@ -41,11 +41,6 @@ def test_scores_sum_the_cosines_of_the_recent_items_and_the_feature_is_their_mea
     assert feature[0].tolist() == pytest.approx([1 / math.sqrt(2) / 2, 0.0])
 
 
-def test_recent_items_are_each_rows_last_items_oldest_first():
-    history = torch.tensor([[1, 2, 3, 0, 0], [4, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
-    assert recent_items(history, 2).tolist() == [[2, 3], [0, 4], [0, 0]]
-
-
 def test_each_source_fills_its_quota_with_unseen_items_no_earlier_source_proposed():
     table = ItemNeighbours.from_clicks(USERS, ITEMS, n_items=6, k=2)
     excluded = torch.zeros(2, 6, dtype=torch.bool)
@@ -61,3 +56,64 @@ def test_each_source_fills_its_quota_with_unseen_items_no_earlier_source_propose
     assert codes[1].tolist() == [0, 0, 1, 1, 2]
     plain, plain_codes = merge_sources(torch.tensor([[2, -1]]), excluded[:1])
     assert plain.tolist() == [[2, -1]] and plain_codes.tolist() == [[0, -1]]
+
+
+def _ease_by_hand(users: np.ndarray, items: np.ndarray, n_items: int, l2: float) -> np.ndarray:
+    x = np.zeros((users.max() + 1, n_items))
+    x[users, items] = 1.0
+    precision = np.linalg.inv(x.T @ x + l2 * np.eye(n_items))
+    b = -precision / np.diag(precision)
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
+def test_ease_table_holds_the_closed_form_weights_negative_ones_included():
+    table = ItemNeighbours.from_ease(USERS, ITEMS, n_items=6, k=6, l2=0.5)
+    dense = torch.zeros(6, 6).scatter_add_(1, table.ids, table.weights).numpy()
+    dense[:, 0] = 0.0  # the "no neighbour" slot
+    expected = _ease_by_hand(USERS, ITEMS, 6, 0.5)
+    expected[0], expected[:, 0] = 0.0, 0.0  # padding row and column
+    np.testing.assert_allclose(dense, expected, rtol=1e-5, atol=1e-6)
+    assert table.kind == "ease" and (table.weights < 0).any()  # knowing 3 makes 1 and 2 less likely, and so on
+
+
+def test_a_short_ease_table_keeps_each_items_weights_largest_in_magnitude():
+    full = _ease_by_hand(USERS, ITEMS, 6, 0.5)
+    table = ItemNeighbours.from_ease(USERS, ITEMS, n_items=6, k=2, l2=0.5)
+    for item in range(1, 5):
+        magnitudes = np.sort(np.abs(full[item]))[::-1][:2]  # items 1 and 2 are twins: ties, so compare magnitudes
+        np.testing.assert_allclose(np.sort(table.weights[item].abs().numpy())[::-1], magnitudes, rtol=1e-5)
+        np.testing.assert_allclose(table.weights[item].numpy(), full[item, table.ids[item].numpy()], rtol=1e-5)
+
+
+def test_the_item_item_kind_is_ease_up_to_its_catalogue_limit():
+    from recsys.candidates import item_item_kind
+    from recsys.config import ServeConfig
+
+    serve = ServeConfig(ease_max_items=10)
+    assert item_item_kind(11, serve) == "ease" and item_item_kind(12, serve) == "cosine"  # row 0 is padding, not an item
+    assert item_item_kind(12, ServeConfig(item_item="ease", ease_max_items=10)) == "ease"
+
+
+def test_a_users_known_items_are_distinct_at_their_latest_click_oldest_first():
+    from recsys.candidates import KnownItems, distinct_recent
+
+    assert distinct_recent(np.array([3, 1, 3, 2, 1, 5]), 0).tolist() == [3, 2, 1, 5]
+    assert distinct_recent(np.array([3, 1, 3, 2, 1, 5]), 2).tolist() == [1, 5]
+    known = KnownItems(np.array([1, 1, 1, 3, 3]), np.array([4, 2, 4, 7, 7]), n_users=5, count=0)
+    assert [known.of(u).tolist() for u in range(5)] == [[], [2, 4], [], [7], []]
+    assert known.batch(torch.tensor([3, 1, 0])).tolist() == [[7, 0], [2, 4], [0, 0]]
+    assert known.of(99).tolist() == []  # a user beyond the known ones knows nothing
+
+
+def test_one_user_scores_are_the_same_dense_or_sparse(monkeypatch):
+    import recsys.candidates as candidates
+
+    table = ItemNeighbours.from_ease(USERS, ITEMS, n_items=6, k=3, l2=0.5)
+    recent = np.array([3, 4, 0])
+    dense_items, dense_scores = candidates.one_user_scores(table, recent)
+    monkeypatch.setattr(candidates, "DENSE_SCORES", 0)
+    sparse_items, sparse_scores = candidates.one_user_scores(table, recent)
+    assert dense_items.tolist() == sparse_items.tolist()
+    np.testing.assert_allclose(dense_scores, sparse_scores, rtol=1e-6)
+    np.testing.assert_allclose(dense_scores, table.scores(torch.tensor([[3, 4]]))[0, dense_items].numpy(), rtol=1e-5)

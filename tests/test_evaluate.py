@@ -390,10 +390,12 @@ def test_other_candidate_sources_bring_a_co_clicked_item_to_the_second_stage(tmp
     run = _hand_set_run(tmp_path / "run", train=train, valid=[(1, 4, 20, 1, False)])
     test = _rows([(1, 2, 30, 1, False), (1, 6, 31, 1, False)])
     model = HandSetUserVectors(USER_VECTORS, n_items=7, history_len=3)
-    serve = ServeConfig(candidates=3, cooccurrence_candidates=2, popular_candidates=1)
-    neighbours, propose = served_sources(known_clicks(run), 7, serve)
+    serve = ServeConfig(candidates=3, cooccurrence_candidates=2, popular_candidates=1, item_item="cosine")
+    source, propose = served_sources(known_clicks(run), 7, serve)
+    neighbours = source.neighbours
     # item 1: users {1, 2}; item 4: {1}; item 6: {2} -> cosine(1, 6) = cosine(1, 4) = 1 / sqrt(2); 4 and 6 share nobody
     assert neighbours.ids[1, :2].tolist() in ([4, 6], [6, 4]) and neighbours.weights[1, :2].tolist() == pytest.approx([2**-0.5] * 2)
+    assert source.known.of(1).tolist() == [1, 4] and source.known.of(2).tolist() == [1, 6]  # every known click, train then valid
     seen: list[list[int]] = []
 
     def highest_index_first(users, history, candidates):

@@ -237,13 +237,21 @@ def test_recommend_for_a_known_user_returns_k_items_with_every_prediction(client
 def test_recommend_scores_are_the_configured_blend_sorted_descending(client, template_run):
     items = client.post("/recommend", json={"user_id": "u5", "k": 10}).json()["items"]
     recommender = Recommender.load(template_run)
-    history = recommender.behaviour.history[recommender.user_row["u5"]]  # it6..it10: u5's last 5 clicks
-    cooccurrence = dict(zip(*(a.tolist() for a in one_user_scores(recommender.neighbours, history))))
-    assert any(cooccurrence.get(int(item["item_id"][2:]), 0) > 0 for item in items)  # the co-occurrence term is not 0 everywhere
-    for item in items:  # defaults: w_click 1, w_ctcvr 1, w_rating 0.5, w_retrieval 1, w_cooccurrence 10; rating from [1, 5] and cosine from [-1, 1] to [0, 1]
-        mean_cosine = cooccurrence.get(int(item["item_id"][2:]), 0.0) / len(history)  # to the user's recent items
-        expected = (item["p_click"] + item["p_ctcvr"] + 0.5 * (item["rating"] - 1) / 4 + (item["retrieval_score"] + 1) / 2 + 10 * mean_cosine) / 13.5
-        assert item["score"] == pytest.approx(expected, rel=1e-5)
+    behaviour, n_items = recommender.behaviour, recommender.model.spec.n_items
+    assert recommender.neighbours.kind == "ease"  # a small catalogue: EASE's item-item weights, read over every click of the user
+    users = np.repeat(np.arange(len(behaviour.seen_ptr) - 1), np.diff(behaviour.seen_ptr))
+    x = np.zeros((users.max() + 1, n_items))
+    x[users, behaviour.seen_items] = 1.0
+    precision = np.linalg.inv(x.T @ x + 300.0 * np.eye(n_items))  # EASE by hand, lambda = serve.ease_lambda
+    b = -precision / np.diag(precision)
+    np.fill_diagonal(b, 0.0)
+    clicked = np.unique(recommender._seen(recommender.user_row["u5"]))
+    ease = b[clicked].sum(0) / len(clicked)  # summed over u5's clicked items, divided by their number
+    assert any(abs(ease[int(item["item_id"][2:])]) > 1e-4 for item in items)  # the item-item term is not 0 everywhere
+    for item in items:  # defaults: w_click 1, w_ctcvr 1, w_rating 0.5, w_retrieval 1, w_ease 1000; rating from [1, 5] and cosine from [-1, 1] to [0, 1]
+        term = 1000.0 * ease[int(item["item_id"][2:])]
+        expected = (item["p_click"] + item["p_ctcvr"] + 0.5 * (item["rating"] - 1) / 4 + (item["retrieval_score"] + 1) / 2 + term) / 1003.5
+        assert item["score"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
     scores = [item["score"] for item in items]
     assert scores == sorted(scores, reverse=True)
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys import candidates
+
 
 @dataclass(frozen=True)
 class MFSpec:
@@ -223,14 +225,5 @@ def item_knn_weights(known: torch.Tensor, neighbours: int) -> torch.Tensor:
 
 
 def ease_weights(known: torch.Tensor, l2: float) -> torch.Tensor:
-    """EASE: ``B = I - P diag(1 / diag(P))``, ``P = (X^T X + l2 I)^-1``, ``diag(B) = 0`` -> ``(n_items, n_items)`` float32.
-
-    Solved in float64: two dense n_items x n_items matrices at the peak (16 n_items^2 bytes).
-    """
-    gram = cooccurrence(known, torch.float64)
-    gram.diagonal().add_(l2)
-    precision = torch.linalg.inv(gram)  # P
-    del gram
-    weights = precision.div_(-precision.diagonal().clone())  # column j / -P_jj: B off the diagonal
-    weights.fill_diagonal_(0.0)  # 1 - P_jj / P_jj
-    return weights.float()
+    """EASE (``recsys.candidates.ease_weights``) of the known matrix ``X`` -> ``(n_items, n_items)`` float32."""
+    return candidates.ease_weights(cooccurrence(known, torch.float64), l2)

@@ -27,7 +27,7 @@ from recsys.config import EvalConfig, ServeConfig
 from recsys.errors import RunError
 from recsys.history import mean_content, padded_history
 from recsys.model import RecsysModel, catalogue_states, load_model
-from recsys.candidates import ItemNeighbours, cooccurrence_feature, merge_sources, recent_items
+from recsys.candidates import ItemNeighbours, KnownItems, cooccurrence_feature, item_item_wanted, item_neighbours, merge_sources
 from recsys.ranking import score_candidates
 from recsys.rundir import RunDir, read_json, write_json, write_parquet
 from training import baseline, report
@@ -263,8 +263,16 @@ def all_item_vectors(model: RecsysModel, content: Content) -> torch.Tensor:
     return all_item_states(model, content)[0]
 
 
+@dataclass(frozen=True)
+class ItemItemSource:
+    """The co-occurrence source of the evaluation: the table and every user's known items it reads (train + valid clicks)."""
+
+    neighbours: ItemNeighbours
+    known: KnownItems
+
+
 def served_reranker(
-    model: RecsysModel, item_vecs: torch.Tensor, content_vecs: torch.Tensor | None, serve: ServeConfig, neighbours: ItemNeighbours | None = None, users_per_step: int = 64
+    model: RecsysModel, item_vecs: torch.Tensor, content_vecs: torch.Tensor | None, serve: ServeConfig, neighbours: ItemItemSource | None = None, users_per_step: int = 64
 ):
     """The service's second stage for ``rank_catalogue``: each user's candidates ordered by the blended ranker score."""
 
@@ -275,24 +283,31 @@ def served_reranker(
             user = model.user_state(user_idx[rows], history[rows], mean_content(content_vecs, history[rows]))
             cand = candidates[rows]
             cooccurrence = None
-            if neighbours is not None and serve.blend_cooccurrence > 0:
-                cooccurrence = cooccurrence_feature(neighbours, recent_items(history[rows], serve.cooccurrence_recent), cand)
-            scores, _ = score_candidates(model, user, cand, item_vecs[cand], None if content_vecs is None else content_vecs[cand], serve, cooccurrence)
+            kind = "cosine" if neighbours is None else neighbours.neighbours.kind
+            if neighbours is not None and serve.item_item_blend(kind) > 0:
+                cooccurrence = cooccurrence_feature(neighbours.neighbours, neighbours.known.batch(user_idx[rows]), cand)
+            scores, _ = score_candidates(model, user, cand, item_vecs[cand], None if content_vecs is None else content_vecs[cand], serve, cooccurrence, kind)
             ordered[rows] = cand.gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
         return ordered
 
     return rerank
 
 
-def served_sources(known: pl.DataFrame, n_items: int, serve: ServeConfig) -> tuple[ItemNeighbours | None, Any]:
+def served_sources(known: pl.DataFrame, n_items: int, serve: ServeConfig) -> tuple[ItemItemSource | None, Any]:
     """The service's other candidate sources for ``rank_catalogue``, from train + valid clicks only (``known``).
 
-    Returns the co-occurrence table (None when neither its quota nor its blend weight is on) and
+    Returns the co-occurrence source (None when neither its quota nor its blend weight is on) and
     the proposer that adds the co-occurrence and popular quotas to the towers' candidates (None when both are 0).
+    A user's co-occurrence scores read their known clicks (``serve.cooccurrence_recent`` distinct items, 0 = all),
+    as the service reads the stored, live and request clicks: not the towers' ``history_len`` window.
     """
-    wanted = serve.cooccurrence_candidates > 0 or serve.blend_cooccurrence > 0
+    wanted = item_item_wanted(n_items, serve)
     ordered = known.sort(["user_idx", "timestamp"], maintain_order=True)
-    neighbours = ItemNeighbours.from_clicks(ordered["user_idx"].to_numpy(), ordered["item_idx"].to_numpy(), n_items, serve.cooccurrence_neighbours) if wanted else None
+    neighbours = None
+    if wanted:
+        users, items = ordered["user_idx"].to_numpy(), ordered["item_idx"].to_numpy()
+        n_users = int(users.max()) + 1 if len(users) else 1
+        neighbours = ItemItemSource(item_neighbours(users, items, n_items, serve), KnownItems(users, items, n_users, serve.cooccurrence_recent))
     if serve.cooccurrence_candidates == 0 and serve.popular_candidates == 0:
         return neighbours, None
     popularity = torch.from_numpy(np.bincount(known["item_idx"].to_numpy(), minlength=n_items)[:n_items])
@@ -301,7 +316,7 @@ def served_sources(known: pl.DataFrame, n_items: int, serve: ServeConfig) -> tup
     def propose(user_idx: torch.Tensor, history: torch.Tensor, found: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
         excluded = torch.nn.functional.pad(exclude, (1, 0), value=True)  # column j + 1 = item_idx j + 1; item 0 never
         towers = torch.where(found >= 0, found + 1, found)
-        scores = neighbours.scores(recent_items(history, serve.cooccurrence_recent)) if serve.cooccurrence_candidates else None
+        scores = neighbours.neighbours.scores(neighbours.known.batch(user_idx)) if serve.cooccurrence_candidates else None
         merged, _ = merge_sources(towers, excluded, scores, serve.cooccurrence_candidates, popularity, serve.popular_candidates)
         return torch.where(merged >= 0, merged - 1, merged)
 
