@@ -14,11 +14,15 @@ from torch import nn
 
 
 class TargetAttention(nn.Module):
-    """``query (B, E)``, ``keys (B or 1, L, E)``, ``mask (B or 1, L)`` -> pooled history ``(B, E)`` and weights ``(B, L)``.
+    """``query (B, E)``, ``keys (G, L, E)``, ``mask (G, L)`` -> pooled history ``(B, E)`` and weights ``(B, L)``.
+
+    ``G`` is B (a history per query), 1 (one history against every query) or a divisor of B: G
+    users with B / G candidates each, the queries grouped by user (user 0's first). The grouped
+    form never copies a history per candidate, and projects each history once.
 
     The first layer of the scoring MLP over ``[h, q, h * q, h - q]`` is applied as
     ``h A + q B + (h * q) C`` (the same function: A, B, C absorb the difference term), so no
-    ``(B, L, 4E)`` input is ever built: the history side costs two ``(B L, E) x (E, hidden)`` products.
+    ``(B, L, 4E)`` input is ever built.
     """
 
     def __init__(self, dim: int, hidden: int = 32):
@@ -29,9 +33,13 @@ class TargetAttention(nn.Module):
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, length = query.shape[0], keys.shape[1]
-        keys, mask = keys.expand(batch, length, -1), mask.expand(batch, length)  # one user's history against many candidates
-        hidden = self.key_proj(keys) + self.query_proj(query).unsqueeze(1) + self.product_proj(keys * query.unsqueeze(1))  # (B, L, hidden)
-        logits = self.out(torch.relu(hidden)).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, L)
+        batch, (groups, length, dim) = query.shape[0], keys.shape
+        if groups not in (1, batch) and batch % groups:
+            raise ValueError(f"TargetAttention: {batch} queries cannot be grouped over {groups} histories")
+        per = batch // groups if groups > 1 else batch  # queries per history
+        q = query.reshape(groups, per, 1, dim)  # (G, n, 1, E)
+        hidden = self.key_proj(keys).unsqueeze(1) + self.query_proj(q) + self.product_proj(keys.unsqueeze(1) * q)  # (G, n, L, hidden)
+        logits = self.out(torch.relu(hidden)).squeeze(-1).masked_fill(~mask.unsqueeze(1), float("-inf"))  # (G, n, L)
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-padding rows: softmax of -inf is nan -> 0
-        return torch.bmm(weights.unsqueeze(1), keys).squeeze(1), weights
+        pooled = torch.matmul(weights, keys)  # (G, n, L) x (G, L, E)
+        return pooled.reshape(batch, dim), weights.reshape(batch, length)

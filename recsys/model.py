@@ -336,7 +336,8 @@ class RecsysModel(nn.Module):
         """Scores ``(B,)`` for the heads that are on: ``p_click``, ``p_cvr``, ``p_ctcvr``, ``rating``; and ``retrieval_score``, the towers' cosine.
 
         ``user`` from ``user_state``, ``item`` from ``item_state``; a single user row broadcasts
-        against B candidates.
+        against B candidates, and U user rows against B = U n candidates grouped by user (user 0's
+        n first): each user's history is then attended without a copy per candidate.
         """
         return self._rank(user, item)[0]
 
@@ -344,20 +345,21 @@ class RecsysModel(nn.Module):
         user_vec, item_vec = user["user_vec"], item["item_vec"]
         if self.spec.config.ranker_stop_gradient:
             user_vec, item_vec = user_vec.detach(), item_vec.detach()
-        user_vec, item_vec = torch.broadcast_tensors(user_vec, item_vec)
-        batch = item_vec.shape[0]
+        batch = max(item_vec.shape[0], user_vec.shape[0])
+        per_pair = lambda t: t.repeat_interleave(batch // t.shape[0], dim=0) if 1 < t.shape[0] < batch else t.expand(batch, *t.shape[1:])  # noqa: E731
+        user_vec, item_vec = per_pair(user_vec), per_pair(item_vec)
         # Unit vectors have elements ~ 1/sqrt(d): rescale so the ranker's inputs are O(1).
         scale = user_vec.shape[-1] ** 0.5
         parts = [user_vec * scale, item_vec * scale, user_vec * item_vec * scale]
         if self.sees_features:
             attended, _ = self.attention(self.attention_query(item_vec), user["history_keys"], user["history_mask"])
-            item_part = item["item_part"].expand(batch, -1)
+            item_part = per_pair(item["item_part"])
             dropout = self.spec.config.ranker_id_dropout
             if self.training and dropout > 0:  # rows whose candidate id the ranker does not see: it must rank by content, as for cold items
                 emb = self.spec.config.embedding_dim
                 hidden = (torch.rand(batch, 1) < dropout).to(item_part.dtype)
                 item_part = torch.cat([item_part[:, :emb] * (1 - hidden), item_part[:, emb:]], dim=1)
-            parts += [(user_vec * item_vec).sum(-1, keepdim=True), user["user_part"].expand(batch, -1), item_part, attended]
+            parts += [(user_vec * item_vec).sum(-1, keepdim=True), per_pair(user["user_part"]), item_part, attended]
             x = self.ranker_norm(torch.cat(parts, dim=-1))
         else:
             x = torch.cat(parts, dim=-1)

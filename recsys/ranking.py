@@ -48,12 +48,10 @@ def score_candidates(
     of a table of kind ``item_item``) joins the blend with ``serve.item_item_blend(item_item)``.
     """
     users, n = item_idx.shape
-    rows = torch.arange(users).repeat_interleave(n)  # each user's state once per candidate
-    user_rows = {k: v[rows] if v.shape[0] == users else v for k, v in user.items()}
     item = model.item_state(
         item_idx.reshape(-1), item_vec=item_vec.reshape(users * n, -1), content_vec=None if content_vec is None else content_vec.reshape(users * n, -1)
     )
-    predictions = model.rank(user_rows if users > 1 else user, item)
+    predictions = model.rank(user, item)  # U users against their n candidates each, grouped by user
     if cooccurrence is not None:
         predictions[f"item_item_{item_item}"] = cooccurrence.reshape(-1)
     scores = blend(predictions, serve, model.spec.rating_range)

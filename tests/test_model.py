@@ -441,6 +441,35 @@ def test_target_attention_gives_padding_no_weight_and_follows_the_candidate():
     assert torch.count_nonzero(none) == 0 and torch.count_nonzero(w) == 0  # an empty history pools to zero
 
 
+def test_target_attention_over_grouped_candidates_equals_a_history_copied_per_candidate():
+    from recsys.attention import TargetAttention
+
+    torch.manual_seed(1)
+    attention = TargetAttention(4)
+    keys, mask = torch.randn(3, 5, 4), torch.rand(3, 5) > 0.3
+    query = torch.randn(6, 4)  # 3 users x 2 candidates, user 0's first
+    grouped, grouped_weights = attention(query, keys, mask)
+    copied, copied_weights = attention(query, keys.repeat_interleave(2, 0), mask.repeat_interleave(2, 0))
+    torch.testing.assert_close(grouped, copied)
+    torch.testing.assert_close(grouped_weights, copied_weights)
+    with pytest.raises(ValueError, match="grouped"):
+        attention(torch.randn(7, 4), keys, mask)
+
+
+def test_rank_of_users_against_their_candidates_equals_the_rows_one_by_one():
+    model = make_model()
+    model.eval()
+    batch = make_batch(n=6)
+    with torch.no_grad():
+        users = model.user_state(batch["user_idx"][:3], batch["history"][:3])
+        items = model.item_state(batch["item_idx"], text=batch.get("text"), text_mask=batch.get("text_mask"), image=batch.get("image"), image_mask=batch.get("image_mask"))
+        grouped = model.rank(users, items)  # users 0, 1, 2 against items (0, 1), (2, 3), (4, 5)
+        for u in range(3):
+            one = model.rank({k: v[u : u + 1] for k, v in users.items()}, {k: v[2 * u : 2 * u + 2] for k, v in items.items()})
+            for head, scores in one.items():
+                torch.testing.assert_close(grouped[head][2 * u : 2 * u + 2], scores)
+
+
 # -- cold items ------------------------------------------------------------------------------
 def test_items_without_training_interactions_ignore_their_untrained_id_row():
     model = make_model()
