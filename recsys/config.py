@@ -188,7 +188,8 @@ class EvalConfig(_Section):
     bootstrap: int = 200
     max_eval_users: int = 0  # 0 = all test users in the retrieval metrics
     exclude: Literal["train_valid", "train"] = "train_valid"  # items never ranked for a user: their train and valid clicks, or (as MMRec and most papers) train only
-    baseline_mf: bool = True  # also train BPR-MF / biased MF (seconds) and report them under "baseline_mf"
+    baseline_mf: bool = True  # also train BPR-MF / biased MF and report them under "baseline_mf"
+    baseline_max_samples: int = Field(20_000_000, ge=1)  # BPR-MF / biased MF: at most this many sample steps (fewer epochs, then one epoch on a sample; said in the report)
     baselines: tuple[Literal["most_popular", "item_knn", "ease", "bpr_mf"], ...] = ("most_popular", "item_knn", "ease", "bpr_mf")  # ranked with the model's retrieval protocol under "baselines" ("" = none)
     knn_neighbours: int = Field(50, ge=1)  # item_knn: most similar items each item keeps
     knn_max_items: int = Field(20_000, ge=1)  # item_knn: skipped above this many catalogue items (dense items x items weights, 4 bytes each)

@@ -187,6 +187,31 @@ def test_item_item_baselines_above_their_item_limit_are_skipped_with_a_note(tmp_
     assert "recall@10" in out["item_knn"]["retrieval"] and "recall@10" in out["most_popular"]["retrieval"]  # 60 is not above 60
 
 
+def test_bpr_mf_finds_the_planted_groups_and_its_budget_bounds_the_work(tmp_path):
+    run, test, spec = _planted_run(tmp_path / "run")
+    train = pl.read_parquet(run.data / "train.parquet")
+    cfg = EvalConfig(ks=(10,), baselines=("bpr_mf",))
+    model, schedule = baseline.train_bpr(train, spec)
+    assert (schedule.epochs, schedule.rows) == (30, train.height)  # within the default budget: every epoch on every row
+    from training.retrieval import rank_catalogue, retrieval_section
+
+    recall = retrieval_section(rank_catalogue(run, model, model.item_vectors(), test, cfg), (10,))["recall@10"]
+    assert recall > 2.5 * 10 / (spec.n_items - 7), recall  # far above a uniform ranking
+    _, few = baseline.train_bpr(train, spec, max_samples=3 * train.height + 5)
+    assert (few.epochs, few.rows, few.of_rows) == (3, train.height, train.height) and "3 epoch(s)" in few.note
+    _, sampled = baseline.train_bpr(train, spec, max_samples=train.height // 2)
+    assert (sampled.epochs, sampled.rows) == (1, train.height // 2) and "sample of" in sampled.note
+
+
+def test_a_schedule_visits_its_rows_once_per_epoch():
+    schedule = baseline.Schedule.fit(10, epochs=3, max_samples=100)
+    steps = list(schedule.batches(4, "test", seed=0))
+    assert len(steps) == 9 and [len(s) for s in steps[:3]] == [4, 4, 2]
+    for epoch in range(3):
+        assert sorted(torch.cat(steps[3 * epoch : 3 * epoch + 3]).tolist()) == list(range(10))
+    assert baseline.Schedule.fit(0, 30, 10).rows == 0
+
+
 # -- in `recsys evaluate` -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sampled_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunDir, dict, int]:
@@ -218,6 +243,8 @@ def test_bpr_mf_is_trained_once_for_baseline_mf_and_baselines(sampled_run):
     assert trainings == 1
     assert metrics["baselines"]["bpr_mf"]["retrieval"] == metrics["baseline_mf"]["retrieval"]
     assert metrics["baseline_mf"].keys() == {"retrieval", "rating", "seconds"}  # baseline_mf stays as it was
+    assert metrics["baseline_training"]["bpr_mf"]["epochs"] == 30 and metrics["baseline_training"]["rating_mf"]["epochs"] == 15
+    assert metrics["baselines"]["bpr_mf"]["training"] == metrics["baseline_training"]["bpr_mf"]
 
 
 def test_aucs_against_sampled_negatives_are_labelled_so_in_metrics_and_report(sampled_run):

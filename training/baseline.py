@@ -17,6 +17,10 @@
   trained on train only, as ``baseline_mf`` always was.
 - Rating (``eval.baseline_mf``): biased MF, ``mu + b_u + b_i + p_u . q_i``, least squares on the
   rated train rows.
+- Both factorisations take closed-form gradients applied by row-wise Adagrad to the batch's rows
+  (``RowwiseAdagrad``), so a step costs its batch, not the tables; each trains within
+  ``eval.baseline_max_samples`` sample steps (``Schedule``: fewer epochs, then one epoch on a
+  sample, said in metrics.json ``baseline_training`` and the report), with a progress bar.
 
 No content, no side features: what ids and co-occurrence alone give, as a yardstick for the model.
 Each retrieval baseline is an object with ``spec``, ``user_vectors`` and ``item_vectors`` whose
@@ -25,13 +29,15 @@ dot product is its score, so ``rank_catalogue`` ranks, excludes and counts exact
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from recsys import candidates
 
@@ -45,14 +51,70 @@ class MFSpec:
     history_len: int
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How much a factorisation baseline trains: ``epochs`` passes over ``rows`` of its ``of_rows`` training rows.
+
+    Above ``max_samples`` sample steps in all (``eval.baseline_max_samples``) it trains fewer epochs,
+    down to one, and above that many rows, one epoch on a seeded sample of ``max_samples`` rows:
+    the cost is bounded by the budget, not by the log, and ``note`` says so in metrics.json and the report.
+    """
+
+    epochs: int
+    rows: int
+    of_rows: int
+
+    @classmethod
+    def fit(cls, n_rows: int, epochs: int, max_samples: int) -> "Schedule":
+        if n_rows * epochs <= max_samples:
+            return cls(epochs, n_rows, n_rows)
+        return cls(max(1, min(epochs, max_samples // max(n_rows, 1))), min(n_rows, max_samples), n_rows)
+
+    @property
+    def note(self) -> str:
+        if self.rows < self.of_rows:
+            return f"trained 1 epoch on a sample of {self.rows:,} of its {self.of_rows:,} rows (eval.baseline_max_samples)"
+        return f"trained {self.epochs} epoch(s) on {self.rows:,} rows"
+
+    def summary(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "rows": self.rows, "of_rows": self.of_rows, "note": self.note}
+
+    def batches(self, batch_size: int, desc: str, seed: int) -> Iterator[torch.Tensor]:
+        """Each step's row positions (into the ``of_rows`` rows), shuffled per epoch, with a progress bar over all steps."""
+        generator = torch.Generator().manual_seed(seed)
+        steps = self.epochs * -(-self.rows // batch_size)
+        with tqdm(total=steps, desc=desc, unit="step", leave=False, mininterval=1.0) as progress:
+            for _ in range(self.epochs):
+                order = torch.randperm(self.of_rows, generator=generator)[: self.rows]
+                for start in range(0, self.rows, batch_size):
+                    yield order[start : start + batch_size]
+                    progress.update()
+
+
+class RowwiseAdagrad:
+    """Row-wise Adagrad on plain tensors (one accumulator per row, as the model's fused TorchRec optimizer):
+    a step costs the batch's rows, never the whole table, so the factorisation baselines scale like the model's training."""
+
+    def __init__(self, table: torch.Tensor, lr: float, eps: float = 1e-8):
+        self.table, self.lr, self.eps = table, lr, eps
+        self.state = torch.zeros(table.shape[0])
+
+    def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """``grad (B, dim)`` of the rows ``rows (B,)``; repeated rows have their gradients summed first."""
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        summed = torch.zeros(len(unique), grad.shape[1]).index_add_(0, inverse, grad)
+        self.state[unique] += summed.pow(2).mean(1)
+        self.table[unique] -= self.lr * summed / (self.state[unique].sqrt() + self.eps).unsqueeze(1)
+
+
 class BPRMF(nn.Module):
-    """User and item factors; score = ``p_u . q_i``. Row 0 (unknown) stays zero."""
+    """User and item factors; score = ``p_u . q_i``. Row 0 (unknown) stays as initialised (never trained)."""
 
     def __init__(self, spec: MFSpec, dim: int = 32):
         super().__init__()
         self.spec = spec
-        self.users = nn.Embedding(spec.n_users, dim)
-        self.items = nn.Embedding(spec.n_items, dim)
+        self.users = nn.Embedding(spec.n_users, dim).requires_grad_(False)
+        self.items = nn.Embedding(spec.n_items, dim).requires_grad_(False)
         nn.init.normal_(self.users.weight, std=0.1)
         nn.init.normal_(self.items.weight, std=0.1)
 
@@ -65,47 +127,65 @@ class BPRMF(nn.Module):
         return self.items.weight.detach()
 
 
-def train_bpr(train: pl.DataFrame, spec: MFSpec, dim: int = 32, epochs: int = 30, batch_size: int = 4096, lr: float = 0.01, l2: float = 1e-4, seed: int = 0) -> BPRMF:
-    """BPR-MF on the clicked rows of ``train`` (columns user_idx, item_idx, click)."""
+@torch.no_grad()
+def train_bpr(
+    train: pl.DataFrame, spec: MFSpec, dim: int = 32, epochs: int = 30, batch_size: int = 4096, lr: float = 0.05, l2: float = 1e-4, seed: int = 0,
+    max_samples: int = 20_000_000,
+) -> tuple[BPRMF, Schedule]:  # fmt: skip
+    """BPR-MF on the clicked rows of ``train`` (columns user_idx, item_idx, click), within ``max_samples`` sample steps (``Schedule``).
+
+    Loss per batch: ``-mean(log sigmoid(p_u . (q_i - q_j))) + l2 (|p_u|^2 + |q_i|^2 + |q_j|^2) / B``, one
+    uniform negative j per positive; its gradients in closed form, applied by ``RowwiseAdagrad``.
+    """
     torch.manual_seed(seed)
     clicked = train.filter(pl.col("click") == 1)
     users = torch.from_numpy(clicked["user_idx"].to_numpy().astype(np.int64))
     positives = torch.from_numpy(clicked["item_idx"].to_numpy().astype(np.int64))
     model = BPRMF(spec, dim)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        order = torch.randperm(len(users))
-        for start in range(0, len(users), batch_size):
-            rows = order[start : start + batch_size]
-            u, i = model.users(users[rows]), model.items(positives[rows])
-            j = model.items(torch.randint(1, spec.n_items, (len(rows),)))  # uniform negatives over the catalogue
-            loss = -F.logsigmoid((u * (i - j)).sum(-1)).mean() + l2 * (u.pow(2).sum() + i.pow(2).sum() + j.pow(2).sum()) / len(rows)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    user_opt, item_opt = RowwiseAdagrad(model.users.weight, lr), RowwiseAdagrad(model.items.weight, lr)
+    schedule = Schedule.fit(len(users), epochs, max_samples)
+    for rows in schedule.batches(batch_size, "evaluate: BPR-MF baseline", seed):
+        n = len(rows)
+        uu, ii, jj = users[rows], positives[rows], torch.randint(1, spec.n_items, (n,))  # uniform negatives over the catalogue
+        u, i, j = model.users.weight[uu], model.items.weight[ii], model.items.weight[jj]
+        g = (-torch.sigmoid(-(u * (i - j)).sum(-1)) / n).unsqueeze(1)  # d loss / d x of each pair, x = p_u . (q_i - q_j)
+        decay = 2 * l2 / n
+        user_opt.step(uu, g * (i - j) + decay * u)
+        item_opt.step(torch.cat([ii, jj]), torch.cat([g * u + decay * i, -g * u + decay * j]))
+    return model.eval(), schedule
 
 
 class BiasedMF(nn.Module):
-    """``rating = mu + b_u + b_i + p_u . q_i`` (unknown ids: their zero-initialised rows)."""
+    """``rating = mu + b_u + b_i + p_u . q_i`` (unknown ids: their zero-initialised rows).
+
+    Each side is one table ``(n, 1 + dim)``: the bias in column 0, the factors after it.
+    """
 
     def __init__(self, n_users: int, n_items: int, mean: float, dim: int = 16):
         super().__init__()
         self.mean = mean
-        self.user_bias, self.item_bias = nn.Embedding(n_users, 1), nn.Embedding(n_items, 1)
-        self.users, self.items = nn.Embedding(n_users, dim), nn.Embedding(n_items, dim)
-        for table in (self.user_bias, self.item_bias):
-            nn.init.zeros_(table.weight)
+        self.users = nn.Embedding(n_users, 1 + dim).requires_grad_(False)
+        self.items = nn.Embedding(n_items, 1 + dim).requires_grad_(False)
         for table in (self.users, self.items):
             nn.init.normal_(table.weight, std=0.01)
+            table.weight[:, 0] = 0.0
 
     def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:  # (B,), (B,) -> (B,)
-        u, i = user_idx.clamp(0, self.users.num_embeddings - 1), item_idx.clamp(0, self.items.num_embeddings - 1)
-        return self.mean + self.user_bias(u).squeeze(-1) + self.item_bias(i).squeeze(-1) + (self.users(u) * self.items(i)).sum(-1)
+        u = self.users(user_idx.clamp(0, self.users.num_embeddings - 1))
+        i = self.items(item_idx.clamp(0, self.items.num_embeddings - 1))
+        return self.mean + u[:, 0] + i[:, 0] + (u[:, 1:] * i[:, 1:]).sum(-1)
 
 
-def train_rating_mf(train: pl.DataFrame, n_users: int, n_items: int, dim: int = 16, epochs: int = 15, batch_size: int = 1024, lr: float = 0.01, l2: float = 0.1, seed: int = 0) -> BiasedMF | None:
-    """Biased MF on the rated rows of ``train``; None when nothing is rated."""
+@torch.no_grad()
+def train_rating_mf(
+    train: pl.DataFrame, n_users: int, n_items: int, dim: int = 16, epochs: int = 15, batch_size: int = 1024, lr: float = 0.2, l2: float = 0.1, seed: int = 0,
+    max_samples: int = 20_000_000,
+) -> tuple[BiasedMF, Schedule] | None:  # fmt: skip
+    """Biased MF on the rated rows of ``train`` within ``max_samples`` sample steps (``Schedule``); None when nothing is rated.
+
+    Loss per batch: ``mean((r_hat - r)^2) + l2 mean(|p_u|^2 + |q_i|^2 + b_u^2 + b_i^2)``; closed-form
+    gradients, ``RowwiseAdagrad``.
+    """
     rated = train.filter(pl.col("rating").is_not_null()) if "rating" in train.columns else train.clear()
     if rated.height == 0:
         return None
@@ -114,18 +194,18 @@ def train_rating_mf(train: pl.DataFrame, n_users: int, n_items: int, dim: int = 
     items = torch.from_numpy(rated["item_idx"].to_numpy().astype(np.int64))
     target = torch.from_numpy(rated["rating"].cast(pl.Float32).to_numpy().copy())
     model = BiasedMF(n_users, n_items, float(target.mean()), dim)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        order = torch.randperm(len(target))
-        for start in range(0, len(target), batch_size):
-            rows = order[start : start + batch_size]
-            u, i = users[rows], items[rows]
-            penalty = model.users(u).pow(2).sum(-1) + model.items(i).pow(2).sum(-1) + model.user_bias(u).squeeze(-1) ** 2 + model.item_bias(i).squeeze(-1) ** 2
-            loss = F.mse_loss(model(u, i), target[rows]) + l2 * penalty.mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    user_opt, item_opt = RowwiseAdagrad(model.users.weight, lr), RowwiseAdagrad(model.items.weight, lr)
+    schedule = Schedule.fit(len(target), epochs, max_samples)
+    for rows in schedule.batches(batch_size, "evaluate: biased-MF baseline", seed):
+        n = len(rows)
+        uu, ii = users[rows].clamp(0, n_users - 1), items[rows].clamp(0, n_items - 1)
+        u, i = model.users.weight[uu], model.items.weight[ii]
+        error = (2 * (model.mean + u[:, 0] + i[:, 0] + (u[:, 1:] * i[:, 1:]).sum(-1) - target[rows]) / n).unsqueeze(1)
+        decay = 2 * l2 / n
+        bias = torch.ones(n, 1)
+        user_opt.step(uu, error * torch.cat([bias, i[:, 1:]], 1) + decay * u)
+        item_opt.step(ii, error * torch.cat([bias, u[:, 1:]], 1) + decay * i)
+    return model.eval(), schedule
 
 
 # -- popularity and item-item baselines --------------------------------------------------

@@ -275,6 +275,8 @@ def baseline_rows(metrics: dict[str, Any], ks: list[int]) -> list[tuple[str, lis
         values = [retrieval.get(f"{metric}@{k}") for metric in ("recall", "ndcg") for k in ks]
         seconds = entry.get("seconds")
         note = f"skipped: {entry['skipped']}" if "skipped" in entry else (f"{seconds:.1f} s" if isinstance(seconds, (int, float)) else "")
+        if "training" in entry:  # the factorisation baselines' budget (eval.baseline_max_samples)
+            note = f"{note}; {entry['training']['note']}" if note else entry["training"]["note"]
         rows.append((BASELINE_LABELS.get(name, name), values, note))
     return rows
 
