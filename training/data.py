@@ -10,7 +10,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -196,13 +197,27 @@ def trained_rows(path: str | Path) -> pl.LazyFrame:
     return lazy.filter(~pl.col("context")).drop("context") if "context" in lazy.collect_schema().names() else lazy
 
 
-def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = True, rank: int = 0, world_size: int = 1) -> TrainingData:
+def train_split(path: Path, history_len: int, tasks: dict[str, bool], memory_budget_mb: int) -> Split | StreamedSplit:
+    """The train split in memory when its padded rows fit ``memory_budget_mb`` (0: always), else a ``StreamedSplit`` within it."""
+    rows = trained_rows(path).select(pl.len()).collect().item()
+    fit = memory_budget_mb * 2**20 // bytes_per_row(history_len) if memory_budget_mb else rows
+    if rows <= fit:
+        return read_split(path, history_len, tasks, trained_rows(path).collect())
+    log.info("train: %d rows x %d B > train.memory_budget_mb = %d: read in chunks, about %d rows in memory", rows, bytes_per_row(history_len), memory_budget_mb, fit)
+    return StreamedSplit(path, history_len, tasks, rows_in_memory=max(fit, 1))
+
+
+def load_training_data(
+    run: RunDir, use_text: bool = True, use_image: bool = True, rank: int = 0, world_size: int = 1, memory_budget_mb: int = 0
+) -> TrainingData:
     """Everything the training job reads: meta, train/valid splits, feature tables, content.
 
     With ``world_size > 1`` the splits are this rank's part (``read_rank_part``):
     train rows ``rank, rank + N, ...`` (interleaved, so each rank spans the whole time range; the
     last ``n % N`` rows are left out), valid a contiguous range padded to equal length
     (``is_padding`` marks the repeats) for ``training.distributed.process_group.gather_to_rank0``.
+    In one process, a train split beyond ``memory_budget_mb`` is streamed (``train_split``); each
+    rank of the sharded job holds its part (1/N of the rows) in memory.
     """
     meta_path = run.require(run.data / "meta.json", "prepare")
     meta = json.loads(meta_path.read_text())
@@ -213,7 +228,7 @@ def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = Tru
         train = read_split(train_path, history_len, tasks, read_rank_part(train_path, rank, world_size, "drop", interleave=True))
         valid = read_split(valid_path, history_len, tasks, read_rank_part(valid_path, rank, world_size, "pad")) if valid_rows else None
     else:
-        train = read_split(train_path, history_len, tasks, trained_rows(train_path).collect())
+        train = train_split(train_path, history_len, tasks, memory_budget_mb)
         valid = read_split(valid_path, history_len, tasks) if valid_rows else None
     data = TrainingData(
         meta=meta, train=train, valid=valid, content=read_content(run, int(meta["n_items"]), use_text, use_image), valid_rows=valid_rows
@@ -232,19 +247,28 @@ def load_training_data(run: RunDir, use_text: bool = True, use_image: bool = Tru
 def batches(split: Split, batch_size: int, content: dict[str, torch.Tensor], seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Row batches of ``split`` (shuffled by ``seed`` when given), each with its items' content rows.
 
+    A ``StreamedSplit`` yields its own (chunk by chunk, shuffled within windows).
+
     With content, also each row's history content summed per modality (``history_{m}_sum``
     (B, dim) and ``history_{m}_present`` (B,), the count of history items with that modality):
     what the user tower's history content is computed from (``RecsysModel._history_content_from_sums``).
     """
+    if isinstance(split, StreamedSplit):  # read chunk by chunk
+        yield from split.batches(batch_size, content, seed if seed is not None else 0)
+        return
     n = len(split["click"])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(n)
     for start in range(0, n, batch_size):
-        rows = order[start : start + batch_size]
-        batch = {name: column[rows] for name, column in split.items()}
-        for name, matrix in content.items():
-            batch[name] = matrix[batch["item_idx"]]
-        batch.update(history_content_sums(batch["history"], content))
-        yield batch
+        yield make_batch(split, order[start : start + batch_size], content)
+
+
+def make_batch(split: Split, rows: torch.Tensor, content: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows ``rows`` of ``split`` with their items' content rows and their histories' content sums."""
+    batch = {name: column[rows] for name, column in split.items()}
+    for name, matrix in content.items():
+        batch[name] = matrix[batch["item_idx"]]
+    batch.update(history_content_sums(batch["history"], content))
+    return batch
 
 
 def history_content_sums(history: torch.Tensor, content: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -256,3 +280,92 @@ def history_content_sums(history: torch.Tensor, content: dict[str, torch.Tensor]
             sums[f"history_{modality}_sum"] = F.embedding_bag(history, content[modality], mode="sum", per_sample_weights=present)
             sums[f"history_{modality}_present"] = present.sum(1)
     return sums
+
+
+# -- a train split beyond the memory budget ------------------------------------------------------
+# A training split read from its parquet file chunk by chunk, for splits larger than ``train.memory_budget_mb``.
+# 
+# The in-memory split (``training.data.read_split``) holds every row's padded ``(L,)`` history:
+# ``8 L + 32`` bytes a row, 432 at L = 50, so ~4 GB at 10M rows. A ``StreamedSplit`` holds only the
+# 1-D columns the retrieval objective counts from (user_idx, item_idx, click: 20 bytes a row) and
+# reads the rest per epoch, a window of ``WINDOW_CHUNKS`` chunks at a time:
+# 
+# - the file's rows are cut into chunks of ``chunk_rows`` consecutive rows (slices of the file:
+#   polars reads only the row groups a slice touches);
+# - each epoch visits the chunks in a seeded random order, ``WINDOW_CHUNKS`` at once; the rows of a
+#   window (plus the rows left over from the last one, fewer than a batch) are shuffled, seeded,
+#   and cut into batches, so a batch mixes rows of several parts of the file;
+# - an update's ``context`` rows (BASE's rows kept only as history) are dropped as each chunk is read.
+# 
+# Every trained row is in exactly one batch per epoch, every batch but the last is full, and the
+# order depends only on the seed (tested). Memory: the 1-D columns plus about
+# ``WINDOW_CHUNKS x chunk_rows`` padded rows and their batch copies, whatever the file's length.
+WINDOW_CHUNKS = 4  # chunks shuffled together
+COUNTED = ("user_idx", "item_idx", "click")  # the columns held whole (what RetrievalObjective and the trained-item mask count)
+
+
+def bytes_per_row(history_len: int) -> int:
+    """Memory of one in-memory training row: the int64 history, ids, labels and a batch copy's share."""
+    return 8 * history_len + 32
+
+
+class StreamedSplit:
+    """A split file read in chunks (module docstring). ``split["click"]`` etc. are the whole 1-D columns;
+    ``len(split)`` the trained rows; ``batches`` one epoch's batches."""
+
+    def __init__(self, path: str | Path, history_len: int, tasks: dict[str, bool], rows_in_memory: int):
+        self.path, self.history_len, self.tasks = Path(path), history_len, tasks
+        scan = pl.scan_parquet(self.path)
+        names = scan.collect_schema().names()
+        missing = [c for c in ("history", *COUNTED) if c not in names]
+        if missing:
+            raise DataError(f"{self.path}: missing column(s) {', '.join(missing)}; rerun `recsys prepare`")
+        self.has_context = "context" in names
+        self.file_rows = scan.select(pl.len()).collect().item()
+        self.chunk_rows = max(1, rows_in_memory // WINDOW_CHUNKS)
+        counted = (scan.filter(~pl.col("context")) if self.has_context else scan).select(COUNTED).collect()
+        self.columns: Split = {
+            "user_idx": torch.from_numpy(counted["user_idx"].to_numpy().astype("int64")),
+            "item_idx": torch.from_numpy(counted["item_idx"].to_numpy().astype("int64")),
+            "click": torch.from_numpy(counted["click"].to_numpy().astype("float32")),
+        }
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.file_rows // self.chunk_rows)
+
+    def __len__(self) -> int:
+        return len(self.columns["click"])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.columns
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.columns:
+            raise KeyError(f"{name!r}: a streamed split holds only {', '.join(COUNTED)} whole; read its batches instead")
+        return self.columns[name]
+
+    def _chunk(self, index: int) -> Split:
+        frame = pl.scan_parquet(self.path).slice(index * self.chunk_rows, self.chunk_rows)
+        if self.has_context:
+            frame = frame.filter(~pl.col("context")).drop("context")
+        return read_split(self.path, self.history_len, self.tasks, frame.collect())
+
+    def batches(self, batch_size: int, content: dict[str, torch.Tensor], seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch: every trained row once, in batches of ``batch_size`` (the last may be smaller), in an order set by ``seed``."""
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(self.n_chunks, generator=generator).tolist()
+        carry: Split | None = None
+        for start in range(0, len(order), WINDOW_CHUNKS):
+            parts = [self._chunk(i) for i in order[start : start + WINDOW_CHUNKS]]
+            window = _concat(([carry] if carry is not None else []) + parts)
+            n = len(window["click"])
+            shuffled = torch.randperm(n, generator=generator)
+            full = n - n % batch_size if start + WINDOW_CHUNKS < len(order) else n  # the epoch's last window yields its remainder too
+            for at in range(0, full, batch_size):
+                yield make_batch(window, shuffled[at : at + batch_size], content)
+            carry = {name: column[shuffled[full:]] for name, column in window.items()} if full < n else None
+
+
+def _concat(splits: list[Split]) -> Split:
+    return {name: torch.cat([s[name] for s in splits]) for name in splits[0]}

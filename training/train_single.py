@@ -173,7 +173,7 @@ def load_checkpoint(ckpt_dir: Path, model, weighting, dense_opt) -> dict[str, An
 def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Train on RUN/data (+ RUN/content) in this process; write RUN/model/ and RUN/train_log.jsonl; return the summary."""
     started = time.perf_counter()
-    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image)
+    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, memory_budget_mb=cfg.train.memory_budget_mb)
     model = build_model(data, cfg)
     fuse_tables(model, cfg.train.embedding_lr)
     weighting = task_weighting(model.tasks, cfg)
@@ -231,6 +231,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
     summary = {
         **epochs_summary(state, resumed_from),
         "train_rows": len(data.train["click"]),
+        "train_read": "in memory" if isinstance(data.train, dict) else f"in chunks of {data.train.chunk_rows} rows (train.memory_budget_mb)",
         "valid_rows": len(data.valid["click"]) if data.valid else 0,
         "tasks": list(model.tasks),
         "modalities": {"text": model.use_text, "image": model.use_image},

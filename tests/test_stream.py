@@ -1,0 +1,81 @@
+"""training.data.StreamedSplit: a train split beyond train.memory_budget_mb, read chunk by chunk."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from training.data import StreamedSplit, batches, bytes_per_row, read_split, train_split
+
+TASKS = {"click": True, "conversion": True, "rating": False}
+HISTORY_LEN = 4
+
+
+def _file(path, n: int, context: int = 0, row_group: int = 7):
+    rng = np.random.default_rng(0)
+    frame = pl.DataFrame({
+        "user_idx": np.arange(n) % 13 + 1,
+        "item_idx": np.arange(n) + 1,  # a row's identity
+        "history": [rng.integers(1, 50, rng.integers(0, HISTORY_LEN + 1)).tolist() for _ in range(n)],
+        "click": (np.arange(n) % 3 == 0).astype(np.int8),
+        "conversion": np.zeros(n, dtype=np.int8),
+        "context": np.arange(n) < context,  # an update's BASE rows: history only
+    })  # fmt: skip
+    frame.write_parquet(path, row_group_size=row_group)
+    return frame
+
+
+@pytest.mark.parametrize("n, batch, rows_in_memory", [(101, 8, 20), (64, 8, 16), (30, 50, 8), (5, 2, 400)])
+def test_an_epoch_yields_every_trained_row_once_in_full_batches_but_the_last(tmp_path, n, batch, rows_in_memory):
+    frame = _file(tmp_path / "t.parquet", n, context=3)
+    split = StreamedSplit(tmp_path / "t.parquet", HISTORY_LEN, TASKS, rows_in_memory)
+    got = list(split.batches(batch, {}, seed=1))
+    items = torch.cat([b["item_idx"] for b in got]).tolist()
+    assert sorted(items) == list(range(4, n + 1))  # each trained row once; the 3 context rows never
+    assert all(len(b["click"]) == batch for b in got[:-1]) and 0 < len(got[-1]["click"]) <= batch
+    reference = read_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, frame.filter(~pl.col("context")).drop("context"))
+    position = {item: row for row, item in enumerate(reference["item_idx"].tolist())}
+    for b in got:  # every column travels with its row
+        rows = torch.tensor([position[i] for i in b["item_idx"].tolist()])
+        for name in ("user_idx", "history", "click", "conversion"):
+            assert torch.equal(b[name], reference[name][rows]), name
+    assert len(split) == n - 3 and torch.equal(split["item_idx"].sort().values, torch.arange(4, n + 1))
+
+
+def test_the_order_is_set_by_the_seed_and_mixes_chunks(tmp_path):
+    _file(tmp_path / "t.parquet", 200)
+    split = StreamedSplit(tmp_path / "t.parquet", HISTORY_LEN, TASKS, rows_in_memory=80)  # chunks of 20 rows, windows of 4
+    order = lambda seed: torch.cat([b["item_idx"] for b in split.batches(16, {}, seed)]).tolist()  # noqa: E731
+    assert order(3) == order(3) and order(3) != order(4)
+    first = next(iter(split.batches(16, {}, seed=3)))["item_idx"]
+    assert len(set(((first - 1) // 20).tolist())) > 1  # one batch holds rows of several chunks
+
+
+def test_a_split_beyond_the_budget_is_streamed_and_one_within_it_is_read_whole(tmp_path):
+    _file(tmp_path / "t.parquet", 100)
+    whole = train_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, memory_budget_mb=1)
+    assert isinstance(whole, dict) and len(whole["click"]) == 100
+    assert isinstance(train_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, memory_budget_mb=0), dict)  # 0: always whole
+    streamed = train_split(tmp_path / "t.parquet", 2**20 // 8, TASKS, memory_budget_mb=1)  # 8 MB a row: nothing fits
+    assert isinstance(streamed, StreamedSplit) and bytes_per_row(2**20 // 8) > 2**20
+    with pytest.raises(KeyError, match="streamed split holds only"):
+        streamed["history"]
+    assert sum(len(b["click"]) for b in batches(streamed, 32, {}, seed=0)) == 100  # batches() reads it chunk by chunk
+
+
+def test_training_on_a_streamed_split_learns_as_in_memory(tmp_path):
+    from tests.test_train import make_run, read_log
+    from training.train import train
+
+    aucs, read = {}, {}
+    for name, budget in (("memory", 0), ("streamed", 1)):
+        run = make_run(tmp_path / name, overrides=["train.epochs=4", f"train.memory_budget_mb={budget}"])
+        rows = pl.concat([pl.read_parquet(run.data / "train.parquet")] * 15)  # 18k rows x 80 B: above 1 MB
+        rows = rows.sample(fraction=1.0, shuffle=True, seed=0)  # not 15 copies one after another: a window would hold one copy's rows many times
+        rows.write_parquet(run.data / "train.parquet", row_group_size=2000)
+        summary = train(run)
+        aucs[name], read[name] = read_log(run)[summary["best_epoch"] - 1]["valid_auc"]["click"], summary["train_read"]
+    assert read["memory"] == "in memory" and read["streamed"].startswith("in chunks of"), read
+    assert aucs["streamed"] > 0.8 and abs(aucs["streamed"] - aucs["memory"]) < 0.05, aucs
