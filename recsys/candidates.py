@@ -4,17 +4,21 @@ Production retrieval merges several generators and lets the ranker order the uni
 two besides the towers, each with its own quota (``serve.cooccurrence_candidates``,
 ``serve.popular_candidates``; 0 = off):
 
-- **co-occurrence** (item-to-item): for each of the user's last ``serve.cooccurrence_recent``
-  history items, its ``serve.cooccurrence_neighbours`` most co-clicked items (cosine of the
-  items' user sets, ``ItemNeighbours``); a candidate's score is the sum over the recent items.
-  The service builds the table at load from every click it knows; the evaluation builds its
-  own from train + valid clicks only, so no test event shapes it.
+- **co-occurrence** (item-to-item): an item x item table ``ItemNeighbours`` read over the items the
+  user clicked (``distinct_recent``: each once, at its latest click; the last
+  ``serve.cooccurrence_recent``, 0 = all). Its kind is ``serve.item_item``: EASE's closed form
+  (``ease_weights``; each item keeps its ``serve.ease_neighbours`` weights largest in magnitude,
+  negative ones too) on catalogues up to ``serve.ease_max_items``, else the cosine of the items'
+  user sets (each item's ``serve.cooccurrence_neighbours`` most co-clicked items). A candidate's
+  score is the sum of its weights from the user's items. The service builds the table at load
+  from every click it knows; the evaluation builds its own from train + valid clicks only, so no
+  test event shapes it.
 - **popular**: the most clicked items the user has not seen.
 
 Each source fills its quota with items that no earlier source (towers, then co-occurrence, then
 popular) proposed and the user has not seen; the code of the source that proposed an item is
-kept (``SOURCES``), and the co-occurrence score of every candidate can enter the blend
-(``serve.blend_cooccurrence``).
+kept (``SOURCES``), and the co-occurrence score of every candidate, divided by the number of the
+user's items, can enter the blend (``serve.blend_ease`` or ``serve.blend_cooccurrence``).
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from recsys.config import ServeConfig
 
 SOURCES = ("towers", "cooccurrence", "popular")  # candidate source codes 0, 1, 2
 DENSE_SCORES = 65_536  # one_user_scores sums into a dense n_items row up to this catalogue size
+SCORE_BLOCK = 4_000_000  # ItemNeighbours.scores: (user, item, neighbour) entries gathered at once
 
 
 class ItemNeighbours:
-    """Each item's ``k`` most co-clicked items: ``ids (n_items, k)`` item_idx (0 = none) and cosine ``weights (n_items, k)``."""
+    """Each item's ``k`` neighbours: ``ids (n_items, k)`` item_idx (0 = none) and ``weights (n_items, k)`` (cosines, or EASE's signed weights)."""
 
     def __init__(self, ids: torch.Tensor, weights: torch.Tensor, kind: str = "cosine"):
         self.ids, self.weights, self.kind = ids, weights, kind  # kind: "cosine" or "ease", which blend weight its scores take
@@ -101,11 +106,17 @@ class ItemNeighbours:
         return cls(ids, weights)
 
     def scores(self, recent: torch.Tensor) -> torch.Tensor:
-        """``recent (U, R)`` item_idx, 0-padded -> ``(U, n_items)``: each item's summed cosine to the recent items (0 for none)."""
+        """``recent (U, R)`` item_idx, 0-padded -> ``(U, n_items)``: each item's weights from the recent items, summed (0 for none).
+
+        Summed over blocks of R so that at most SCORE_BLOCK (user, item, neighbour) entries are held at once.
+        """
         recent = recent.clamp(0, self.n_items - 1)
         out = torch.zeros(recent.shape[0], self.n_items)
-        ids, weights = self.ids[recent], self.weights[recent] * (recent != 0).unsqueeze(-1)  # (U, R, k)
-        out.scatter_add_(1, ids.flatten(1), weights.flatten(1))
+        step = max(1, SCORE_BLOCK // max(recent.shape[0] * self.ids.shape[1], 1))
+        for start in range(0, recent.shape[1], step):
+            part = recent[:, start : start + step]
+            ids, weights = self.ids[part], self.weights[part] * (part != 0).unsqueeze(-1)  # (U, r, k)
+            out.scatter_add_(1, ids.flatten(1), weights.flatten(1))
         out[:, 0] = 0.0  # "no neighbour" slots
         return out
 
@@ -134,8 +145,10 @@ def click_gram(user_idx: np.ndarray, item_idx: np.ndarray, n_items: int, dtype: 
     users, items = np.asarray(user_idx, dtype=np.int64), np.asarray(item_idx, dtype=np.int64)
     pairs = np.unique(np.stack([users, items], axis=1), axis=0) if len(users) else np.zeros((0, 2), dtype=np.int64)
     n_users = int(pairs[:, 0].max()) + 1 if len(pairs) else 1
-    by_item = torch.sparse_coo_tensor(torch.from_numpy(pairs[:, ::-1].T.copy()), torch.ones(len(pairs), dtype=dtype), (n_items, n_users), check_invariants=True)
-    return torch.sparse.mm(by_item, by_item.t().to_dense())
+    by_item = torch.sparse_coo_tensor(torch.from_numpy(pairs[:, ::-1].T.copy()), torch.ones(len(pairs), dtype=dtype), (n_items, n_users), check_invariants=True).coalesce()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": the product is exact
+        return torch.sparse.mm(by_item, by_item.t().coalesce()).to_dense()  # sparse x sparse: never a dense users x items matrix
 
 
 def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:
@@ -212,7 +225,8 @@ class KnownItems:
 
 
 def cooccurrence_feature(neighbours: ItemNeighbours, recent: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Mean co-occurrence cosine of each candidate ``(U, N)`` item_idx to the user's ``recent (U, R)`` items -> ``(U, N)`` in [0, 1]."""
+    """Each candidate's ``(U, N)`` summed weight from the user's ``recent (U, R)`` items, divided by their number -> ``(U, N)``
+    (a mean cosine in [0, 1] for a cosine table; signed for EASE)."""
     scores = neighbours.scores(recent)
     count = (recent != 0).sum(1, keepdim=True).clamp(min=1)
     return scores.gather(1, candidates.clamp(min=0)) / count

@@ -345,8 +345,10 @@ class RecsysModel(nn.Module):
         user_vec, item_vec = user["user_vec"], item["item_vec"]
         if self.spec.config.ranker_stop_gradient:
             user_vec, item_vec = user_vec.detach(), item_vec.detach()
-        batch = max(item_vec.shape[0], user_vec.shape[0])
-        per_pair = lambda t: t.repeat_interleave(batch // t.shape[0], dim=0) if 1 < t.shape[0] < batch else t.expand(batch, *t.shape[1:])  # noqa: E731
+        users, batch = user_vec.shape[0], max(user_vec.shape[0], item_vec.shape[0])
+        if item_vec.shape[0] not in (1, batch) or batch % users:
+            raise ValueError(f"rank: {users} user rows against {item_vec.shape[0]} candidates (either may be 1; else the candidates grouped by user, a multiple)")
+        per_pair = lambda t: t if t.shape[0] == batch else t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t.repeat_interleave(batch // t.shape[0], dim=0)  # noqa: E731
         user_vec, item_vec = per_pair(user_vec), per_pair(item_vec)
         # Unit vectors have elements ~ 1/sqrt(d): rescale so the ranker's inputs are O(1).
         scale = user_vec.shape[-1] ** 0.5

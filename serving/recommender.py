@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.candidates import SOURCES, ItemNeighbours, distinct_recent, item_item_kind, item_item_wanted, item_neighbours, one_user_scores, top_new
+from recsys.candidates import SOURCES, ItemNeighbours, distinct_recent, item_item_wanted, item_neighbours, one_user_scores, top_new
 from recsys.config import Config
 from recsys.errors import RecsysError, RunError
 from recsys.events import COLUMNS as EVENT_COLUMNS
@@ -144,7 +144,7 @@ def load_behaviour(run: RunDir, n_users: int, history_len: int) -> Behaviour:
     positives = (
         pl.concat(frames)
         .filter((pl.col("user_idx") > 0) & (pl.col("user_idx") < n_users))
-        .sort(["user_idx", "timestamp"])
+        .sort(["user_idx", "timestamp"], maintain_order=True)  # equal timestamps in split and file order, as the evaluation reads them
         .collect()
     )
     user_idx = positives["user_idx"].to_numpy()
@@ -227,7 +227,7 @@ class Recommender:
             self.neighbours = item_neighbours(users, behaviour.seen_items, model.spec.n_items, serve)
             log.info(
                 "co-occurrence source (%s): %d items x %d neighbours in %.2f s",
-                item_item_kind(model.spec.n_items, serve), model.spec.n_items, serve.cooccurrence_neighbours, time.perf_counter() - started,
+                self.neighbours.kind, model.spec.n_items, self.neighbours.ids.shape[1], time.perf_counter() - started,
             )  # fmt: skip
 
     @classmethod

@@ -117,3 +117,13 @@ def test_one_user_scores_are_the_same_dense_or_sparse(monkeypatch):
     assert dense_items.tolist() == sparse_items.tolist()
     np.testing.assert_allclose(dense_scores, sparse_scores, rtol=1e-6)
     np.testing.assert_allclose(dense_scores, table.scores(torch.tensor([[3, 4]]))[0, dense_items].numpy(), rtol=1e-5)
+
+
+def test_scores_summed_over_blocks_of_recent_items_are_the_same(monkeypatch):
+    import recsys.candidates as candidates
+
+    table = ItemNeighbours.from_ease(USERS, ITEMS, n_items=6, k=4, l2=0.5)
+    recent = torch.tensor([[1, 2, 3, 4], [4, 0, 0, 0]])
+    whole = table.scores(recent)
+    monkeypatch.setattr(candidates, "SCORE_BLOCK", 1)  # one recent item at a time
+    torch.testing.assert_close(table.scores(recent), whole)

@@ -468,6 +468,8 @@ def test_rank_of_users_against_their_candidates_equals_the_rows_one_by_one():
             one = model.rank({k: v[u : u + 1] for k, v in users.items()}, {k: v[2 * u : 2 * u + 2] for k, v in items.items()})
             for head, scores in one.items():
                 torch.testing.assert_close(grouped[head][2 * u : 2 * u + 2], scores)
+        with pytest.raises(ValueError, match="user rows against"):
+            model.rank({k: v[:4] for k, v in model.user_state(batch["user_idx"], batch["history"]).items()}, items)  # 4 users, 6 candidates
 
 
 # -- cold items ------------------------------------------------------------------------------

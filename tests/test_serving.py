@@ -580,7 +580,7 @@ def test_recsys_serve_answers_over_http_on_loopback(template_run):
 
 
 def test_other_candidate_sources_fill_their_quotas_with_unseen_new_items_and_say_so(tmp_path):
-    run = make_tiny_run(tmp_path / "run", ["serve.candidates=2", "serve.cooccurrence_candidates=3", "serve.popular_candidates=2", "serve.blend_cooccurrence=1"])
+    run = make_tiny_run(tmp_path / "run", ["serve.candidates=2", "serve.cooccurrence_candidates=3", "serve.popular_candidates=2", "serve.blend_ease=1"])
     build_index(run)
     recommender = Recommender.load(run)
     items = recommender.recommend(user_id="u3", k=7).items  # u3 clicked it3..it8; the union has 2 + 3 + 2 candidates

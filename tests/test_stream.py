@@ -46,7 +46,8 @@ def test_an_epoch_yields_every_trained_row_once_in_full_batches_but_the_last(tmp
 
 def test_the_order_is_set_by_the_seed_and_mixes_chunks(tmp_path):
     _file(tmp_path / "t.parquet", 200)
-    split = StreamedSplit(tmp_path / "t.parquet", HISTORY_LEN, TASKS, rows_in_memory=80)  # chunks of 20 rows, windows of 4
+    split = StreamedSplit(tmp_path / "t.parquet", HISTORY_LEN, TASKS, rows_in_memory=160)  # chunks of 20 rows, windows of 4
+    assert split.chunk_rows == 20 and split.n_chunks == 10
     order = lambda seed: torch.cat([b["item_idx"] for b in split.batches(16, {}, seed)]).tolist()  # noqa: E731
     assert order(3) == order(3) and order(3) != order(4)
     first = next(iter(split.batches(16, {}, seed=3)))["item_idx"]

@@ -298,8 +298,9 @@ def history_content_sums(history: torch.Tensor, content: dict[str, torch.Tensor]
 # - an update's ``context`` rows (BASE's rows kept only as history) are dropped as each chunk is read.
 # 
 # Every trained row is in exactly one batch per epoch, every batch but the last is full, and the
-# order depends only on the seed (tested). Memory: the 1-D columns plus about
-# ``WINDOW_CHUNKS x chunk_rows`` padded rows and their batch copies, whatever the file's length.
+# order depends only on the seed (tested). Memory: the 1-D columns (20 bytes a row) plus at most
+# ``2 x WINDOW_CHUNKS x chunk_rows`` padded rows (the budget's rows) while a window is joined,
+# whatever the file's length.
 WINDOW_CHUNKS = 4  # chunks shuffled together
 COUNTED = ("user_idx", "item_idx", "click")  # the columns held whole (what RetrievalObjective and the trained-item mask count)
 
@@ -310,7 +311,7 @@ def bytes_per_row(history_len: int) -> int:
 
 
 class StreamedSplit:
-    """A split file read in chunks (module docstring). ``split["click"]`` etc. are the whole 1-D columns;
+    """A split file read in chunks (the comment above). ``split["click"]`` etc. are the whole 1-D columns;
     ``len(split)`` the trained rows; ``batches`` one epoch's batches."""
 
     def __init__(self, path: str | Path, history_len: int, tasks: dict[str, bool], rows_in_memory: int):
@@ -322,7 +323,7 @@ class StreamedSplit:
             raise DataError(f"{self.path}: missing column(s) {', '.join(missing)}; rerun `recsys prepare`")
         self.has_context = "context" in names
         self.file_rows = scan.select(pl.len()).collect().item()
-        self.chunk_rows = max(1, rows_in_memory // WINDOW_CHUNKS)
+        self.chunk_rows = max(1, rows_in_memory // (2 * WINDOW_CHUNKS))  # a window is held twice while its chunks are joined
         counted = (scan.filter(~pl.col("context")) if self.has_context else scan).select(COUNTED).collect()
         self.columns: Split = {
             "user_idx": torch.from_numpy(counted["user_idx"].to_numpy().astype("int64")),
@@ -359,6 +360,7 @@ class StreamedSplit:
         for start in range(0, len(order), WINDOW_CHUNKS):
             parts = [self._chunk(i) for i in order[start : start + WINDOW_CHUNKS]]
             window = _concat(([carry] if carry is not None else []) + parts)
+            del parts
             n = len(window["click"])
             shuffled = torch.randperm(n, generator=generator)
             full = n - n % batch_size if start + WINDOW_CHUNKS < len(order) else n  # the epoch's last window yields its remainder too

@@ -128,10 +128,17 @@ def label_sampled_aucs(metrics_out: dict[str, Any]) -> None:
             metrics_out[task]["auc_sampled"] = metrics_out[task]["auc"]
 
 
+def baseline_rows(run: RunDir) -> pl.DataFrame:
+    """The train rows the factorisation baselines read: ids and labels only (not the histories, 8 x history_len bytes a row)."""
+    path = run.data / "train.parquet"
+    names = pl.scan_parquet(path).collect_schema().names()
+    return pl.read_parquet(path, columns=[c for c in ("user_idx", "item_idx", "click", "rating") if c in names])
+
+
 def bpr_retrieval(run: RunDir, spec: baseline.MFSpec, test: pl.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
     """BPR-MF trained on the train split and ranked with the model's protocol: ``{"retrieval": ..., "seconds": ...}``."""
     started = time.perf_counter()
-    bpr, schedule = baseline.train_bpr(pl.read_parquet(run.data / "train.parquet"), spec, max_samples=cfg.baseline_max_samples)
+    bpr, schedule = baseline.train_bpr(baseline_rows(run), spec, max_samples=cfg.baseline_max_samples)
     ranking = rank_catalogue(run, bpr, bpr.item_vectors(), test, cfg)
     return {"retrieval": retrieval_section(ranking, cfg.ks), "training": schedule.summary(), "seconds": round(time.perf_counter() - started, 2)}
 
@@ -140,7 +147,7 @@ def baseline_mf(run: RunDir, spec: baseline.MFSpec, test: pl.DataFrame, bpr: dic
     """metrics.json ``baseline_mf``: BPR-MF retrieval (``bpr_retrieval``) and biased-MF ratings, scored like the model."""
     started = time.perf_counter()
     out: dict[str, Any] = {"retrieval": bpr["retrieval"]}
-    train_rows = pl.read_parquet(run.data / "train.parquet")
+    train_rows = baseline_rows(run)
     fitted = baseline.train_rating_mf(train_rows, spec.n_users, spec.n_items, max_samples=max_samples) if "rating" in test.columns else None
     if fitted is not None:
         rating_mf, schedule = fitted
