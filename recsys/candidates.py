@@ -32,6 +32,7 @@ from recsys.config import ServeConfig
 
 SOURCES = ("towers", "cooccurrence", "popular")  # candidate source codes 0, 1, 2
 DENSE_SCORES = 65_536  # one_user_scores sums into a dense n_items row up to this catalogue size
+DENSE_BLOCK_ENTRIES = 20_000_000  # users x items of one dense block while counting co-occurrences (~80 MB of float32)
 SCORE_BLOCK = 4_000_000  # ItemNeighbours.scores: (user, item, neighbour) entries gathered at once
 
 
@@ -145,10 +146,33 @@ def click_gram(user_idx: np.ndarray, item_idx: np.ndarray, n_items: int, dtype: 
     users, items = np.asarray(user_idx, dtype=np.int64), np.asarray(item_idx, dtype=np.int64)
     pairs = np.unique(np.stack([users, items], axis=1), axis=0) if len(users) else np.zeros((0, 2), dtype=np.int64)
     n_users = int(pairs[:, 0].max()) + 1 if len(pairs) else 1
-    by_item = torch.sparse_coo_tensor(torch.from_numpy(pairs[:, ::-1].T.copy()), torch.ones(len(pairs), dtype=dtype), (n_items, n_users), check_invariants=True).coalesce()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": the product is exact
-        return torch.sparse.mm(by_item, by_item.t().coalesce()).to_dense()  # sparse x sparse: never a dense users x items matrix
+    known = torch.sparse_coo_tensor(torch.from_numpy(pairs.T.copy()), torch.ones(len(pairs)), (n_users, n_items), check_invariants=True)
+    return gram_matrix(known.coalesce(), dtype)
+
+
+def compressed_rows(known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_start (n_users + 1,), items (nnz,))`` of a sparse user x item X: user u's items are ``items[row_start[u]:row_start[u + 1]]``."""
+    users, items = known.coalesce().indices()  # coalesced: sorted by user, then item
+    return torch.searchsorted(users, torch.arange(known.shape[0] + 1)), items
+
+
+def gram_matrix(known: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``X^T X`` ``(n_items, n_items)`` of a sparse binary user x item X: users who know both items.
+
+    Summed over blocks of users, each at most DENSE_BLOCK_ENTRIES dense: never a dense users x items
+    matrix, nor a sparse product with an entry per co-clicked pair.
+    """
+    n_users, n_items = known.shape
+    row_start, items = compressed_rows(known)
+    gram = torch.zeros(n_items, n_items, dtype=dtype)
+    users_per_block = max(1, DENSE_BLOCK_ENTRIES // max(n_items, 1))
+    for start in range(0, n_users, users_per_block):
+        stop = min(start + users_per_block, n_users)
+        lo, hi = int(row_start[start]), int(row_start[stop])
+        users = torch.repeat_interleave(torch.arange(stop - start), row_start[start + 1 : stop + 1] - row_start[start:stop])
+        by_item = torch.sparse_coo_tensor(torch.stack([items[lo:hi], users]), torch.ones(hi - lo), (n_items, stop - start), check_invariants=False)  # X_block^T; valid by construction
+        gram += torch.sparse.mm(by_item, by_item.T.to_dense())  # integer counts: exact in float32 below 2^24
+    return gram
 
 
 def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:

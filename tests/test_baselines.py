@@ -12,6 +12,7 @@ import torch
 
 from recsys.config import EvalConfig
 from recsys.rundir import RunDir, read_json, write_json
+from recsys import candidates
 from training import baseline
 from training.baseline import ItemItem, MFSpec, MostPopular, ease_weights, item_knn_weights, known_matrix
 from training.evaluate import baselines, evaluate
@@ -64,8 +65,8 @@ def test_cooccurrence_summed_over_blocks_of_users_is_x_transpose_x(monkeypatch):
     pairs = _pairs(list(zip(rng.integers(0, 50, 300).tolist(), rng.integers(1, 20, 300).tolist())))
     known = known_matrix(pairs, 53, 20)  # users 50..52 know nothing: the last block is empty
     x = known.to_dense()
-    monkeypatch.setattr(baseline, "DENSE_BLOCK_ENTRIES", 7 * 20)  # blocks of 7 users
-    assert torch.equal(baseline.cooccurrence(known), x.T @ x)
+    monkeypatch.setattr(candidates, "DENSE_BLOCK_ENTRIES", 7 * 20)  # blocks of 7 users
+    assert torch.equal(candidates.gram_matrix(known), x.T @ x)
 
 
 # -- item-kNN -------------------------------------------------------------------------------

@@ -209,7 +209,6 @@ def train_rating_mf(
 
 
 # -- popularity and item-item baselines --------------------------------------------------
-DENSE_BLOCK_ENTRIES = 20_000_000  # users x items of one dense block while counting co-occurrences (~80 MB of float32)
 
 
 class MostPopular:
@@ -242,7 +241,7 @@ class ItemItem:
 
     def __init__(self, spec: MFSpec, known: torch.Tensor, weights: torch.Tensor):
         self.spec = spec
-        self.row_start, self.known_items = compressed_rows(known)
+        self.row_start, self.known_items = candidates.compressed_rows(known)
         self.weights = weights  # (n_items, n_items) float32: W[i, j] = how much knowing i adds to j
 
     def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
@@ -267,27 +266,6 @@ def known_matrix(known_pairs: pl.DataFrame, n_users: int, n_items: int) -> torch
     return torch.sparse_coo_tensor(indices, torch.ones(pairs.height), (n_users, n_items), check_invariants=True).coalesce()
 
 
-def compressed_rows(known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(row_start (n_users + 1,), items (nnz,))`` of X: user u's items are ``items[row_start[u]:row_start[u + 1]]``."""
-    users, items = known.coalesce().indices()  # coalesced: sorted by user, then item
-    return torch.searchsorted(users, torch.arange(known.shape[0] + 1)), items
-
-
-def cooccurrence(known: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``X^T X`` ``(n_items, n_items)``: users who know both items; summed over blocks of users, each at most DENSE_BLOCK_ENTRIES dense."""
-    n_users, n_items = known.shape
-    row_start, items = compressed_rows(known)
-    gram = torch.zeros(n_items, n_items, dtype=dtype)
-    users_per_block = max(1, DENSE_BLOCK_ENTRIES // max(n_items, 1))
-    for start in range(0, n_users, users_per_block):
-        stop = min(start + users_per_block, n_users)
-        lo, hi = int(row_start[start]), int(row_start[stop])
-        users = torch.repeat_interleave(torch.arange(stop - start), row_start[start + 1 : stop + 1] - row_start[start:stop])
-        by_item = torch.sparse_coo_tensor(torch.stack([items[lo:hi], users]), torch.ones(hi - lo), (n_items, stop - start), check_invariants=False)  # X_block^T; valid by construction
-        gram += torch.sparse.mm(by_item, by_item.T.to_dense())  # integer counts: exact in float32 below 2^24
-    return gram
-
-
 def item_knn_weights(known: torch.Tensor, neighbours: int) -> torch.Tensor:
     """Cosine item-item similarity of X's columns, each row keeping its ``neighbours`` largest entries -> ``(n_items, n_items)``.
 
@@ -296,7 +274,7 @@ def item_knn_weights(known: torch.Tensor, neighbours: int) -> torch.Tensor:
     """
     n_items = known.shape[1]
     norms = torch.sparse.sum(known, dim=0).to_dense().sqrt().clamp_min(1.0)  # (n_items,); items nobody knows have zero rows anyway
-    cosine = cooccurrence(known)
+    cosine = candidates.gram_matrix(known)
     cosine /= norms[:, None]
     cosine /= norms[None, :]
     cosine.fill_diagonal_(0.0)
@@ -306,4 +284,4 @@ def item_knn_weights(known: torch.Tensor, neighbours: int) -> torch.Tensor:
 
 def ease_weights(known: torch.Tensor, l2: float) -> torch.Tensor:
     """EASE (``recsys.candidates.ease_weights``) of the known matrix ``X`` -> ``(n_items, n_items)`` float32."""
-    return candidates.ease_weights(cooccurrence(known, torch.float64), l2)
+    return candidates.ease_weights(candidates.gram_matrix(known, torch.float64), l2)
