@@ -221,7 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    _call("training.experiment:ablation", Path(args.data), Path(args.out), config=args.config, overrides=args.set or [])
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    _call("training.experiment:ablation", Path(args.data), Path(args.out), config=args.config, overrides=args.set or [], variants=variants)
     return 0
 
 
@@ -335,11 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("experiment", help="experiment grids")
     exp_sub = exp.add_subparsers(dest="experiment", required=True)
-    abl = exp_sub.add_parser("ablation", help="MMoE/shared-bottom/single-task x id/text/image/both")
+    abl = exp_sub.add_parser("ablation", help="ranker kind, content, ranker input, stop-gradient and task weights, one axis at a time")
     abl.add_argument("--data", required=True)
     abl.add_argument("--out", required=True)
     abl.add_argument("--config", default=None)
     abl.add_argument("--set", action="append", metavar="KEY=VALUE")
+    abl.add_argument("--variants", default="", help="comma-separated names of training.experiment.GRID (default: all; the first is the base)")
     abl.set_defaults(func=cmd_experiment)
 
     demo = sub.add_parser("demo", help="synthetic data -> run -> recommendations -> report")

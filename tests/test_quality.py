@@ -22,13 +22,11 @@ import pytest
 from features.embed import embed
 from features.pipeline import prepare
 from features.synth import synthesize
-from recsys import metrics as m
 from recsys.config import load_config
-from recsys.model import load_model
 from recsys.rundir import RunDir, read_json
-from training.ceiling import ceiling_scores, fit_ceiling
-from training.evaluate import evaluate, load_content, score_rows
+from training.evaluate import evaluate
 from training.train import train
+from training.truth import truth_quality
 
 
 def trained_run(root: Path, users: int, items: int, interactions: int, overrides: list[str]) -> tuple[RunDir, Path]:
@@ -43,42 +41,7 @@ def trained_run(root: Path, users: int, items: int, interactions: int, overrides
 
 
 def quality(run: RunDir, dataset: Path) -> dict[str, float]:
-    """Test-split AUC efficiencies and rating RMSE ratios of the model and of the data-limited ceiling, cold and warm items apart."""
-    model = load_model(run.model)
-    test = pl.read_parquet(run.data / "test.parquet")
-    scores, _ = score_rows(model, test, load_content(run, model))
-    truth = test.select("user_id", "item_id", "timestamp").join(
-        pl.read_parquet(dataset / "truth.parquet"), on=["user_id", "item_id", "timestamp"], how="left", maintain_order="left"
-    )
-    click = test["click"].to_numpy().astype(float)
-    conversion = test["conversion"].fill_null(0).to_numpy().astype(float)
-    rating = test["rating"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-    clicked, rated = click > 0, np.isfinite(rating)
-    trained_items = np.zeros(model.spec.n_items, bool)
-    trained_items[pl.read_parquet(run.data / "train.parquet")["item_idx"].to_numpy()] = True
-    cold = ~trained_items[test["item_idx"].to_numpy()]
-
-    def efficiency(labels, model_scores, oracle_scores, rows=slice(None)):
-        return (m.auc(labels[rows], model_scores[rows]) - 0.5) / (m.auc(labels[rows], oracle_scores[rows]) - 0.5)
-
-    p_click = truth["p_click"].to_numpy()
-    train = pl.read_parquet(run.data / "train.parquet", columns=["user_id", "item_id", "click", "conversion", "rating", "sampled"])
-    ceiling = ceiling_scores(fit_ceiling(train, pl.read_parquet(dataset / "truth_items.parquet")), test)
-    return {
-        "click": efficiency(click, scores["p_click"], p_click),
-        "conversion": efficiency(conversion, scores["p_cvr"], truth["p_conversion"].to_numpy(), clicked),
-        "ctcvr": efficiency(click * conversion, scores["p_ctcvr"], truth["p_ctcvr"].to_numpy()),
-        "rating_rmse_ratio": m.rmse(rating[rated], scores["rating"][rated]) / m.rmse(rating[rated], truth["rating_mean"].to_numpy()[rated]),
-        "click_cold": efficiency(click, scores["p_click"], p_click, cold),
-        "click_warm": efficiency(click, scores["p_click"], p_click, ~cold),
-        # against what the content can tell at best (no id residual, average popularity)
-        "click_cold_content": efficiency(click, scores["p_click"], truth["p_click_content"].to_numpy(), cold),
-        "cold_rows": int(cold.sum()),
-        "ceiling_click": efficiency(click, ceiling["p_click"], p_click),
-        "ceiling_conversion": efficiency(conversion, ceiling["p_cvr"], truth["p_conversion"].to_numpy(), clicked),
-        "ceiling_ctcvr": efficiency(click * conversion, ceiling["p_ctcvr"], truth["p_ctcvr"].to_numpy()),
-        "ceiling_rating_rmse_ratio": m.rmse(rating[rated], ceiling["rating"][rated]) / m.rmse(rating[rated], truth["rating_mean"].to_numpy()[rated]),
-    }
+    return truth_quality(run, dataset)
 
 
 @pytest.fixture(scope="module")
