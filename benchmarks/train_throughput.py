@@ -140,6 +140,74 @@ def measure(args, fused: bool, batches) -> dict:
             "dense_gflops_achieved": flops * steps / seconds / 1e9}
 
 
+def profile_step(args, batches) -> dict:
+    """Where the fused step's time goes: wall time per phase and per module's forward, and self time per kind of op.
+
+    Phases (perf_counter around each; CPU ops are synchronous): forward, losses, backward (which
+    includes the tables' fused row-wise Adagrad, applied inside it), the dense Adam step. Forward
+    per top-level module by forward hooks. Op kinds from torch.profiler's self CPU time: the
+    fbgemm table kernels, matmuls, and every other tensor op; what is left of the wall time is
+    Python and dispatch.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model, weighting, optimizers = build(args, fused=True)
+    log_q = torch.zeros(args.items)
+    for batch in batches[: args.warmup]:
+        train_step(model, weighting, optimizers, batch, log_q)
+    modules = {"tables": model.embedding_tables, "user_tower": model.user_tower, "item_tower": model.item_tower, "ranker_mmoe": model.ranker}
+    modules.update({"target_attention": model.attention, "content_proj": model.content_proj} if model.sees_features else {})
+    forward_s: dict[str, float] = dict.fromkeys(modules, 0.0)
+    starts: dict[str, float] = {}
+    handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(lambda m, i, name=name: starts.__setitem__(name, time.perf_counter())))
+        handles.append(module.register_forward_hook(lambda m, i, o, name=name: forward_s.__setitem__(name, forward_s[name] + time.perf_counter() - starts[name])))
+    phases = dict.fromkeys(("forward", "losses", "backward", "dense_optimizer"), 0.0)
+    timed = batches[args.warmup :]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in timed:
+            t0 = time.perf_counter()
+            outputs = model(batch)
+            t1 = time.perf_counter()
+            loss = weighting(task_losses(outputs, batch)) + retrieval_loss(outputs, batch, log_q, 0.05)
+            t2 = time.perf_counter()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t3 = time.perf_counter()
+            for opt in optimizers:
+                opt.step()
+            t4 = time.perf_counter()
+            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[name] += seconds
+    for handle in handles:
+        handle.remove()
+    steps = len(timed)
+    forward_s["other (KJT construction, glue)"] = phases["forward"] - sum(forward_s.values())
+    kinds = {"fbgemm_tables": 0.0, "matmul": 0.0, "other_tensor_ops": 0.0}
+    for event in prof.key_averages():
+        if event.key.startswith("fbgemm::"):
+            kinds["fbgemm_tables"] += event.self_cpu_time_total
+        elif event.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+            kinds["matmul"] += event.self_cpu_time_total
+        elif event.key.startswith("aten::"):
+            kinds["other_tensor_ops"] += event.self_cpu_time_total
+    wall_ms = sum(phases.values()) / steps * 1e3
+    ops_ms = {k: v / 1e3 / steps for k, v in kinds.items()}
+    ops_ms["python_and_dispatch"] = max(0.0, wall_ms - sum(ops_ms.values()))
+    return {
+        "step_ms_profiled": wall_ms, "phase_ms": {k: v / steps * 1e3 for k, v in phases.items()},
+        "forward_ms_by_module": {k: v / steps * 1e3 for k, v in forward_s.items()}, "self_ms_by_op_kind": ops_ms,
+    }  # fmt: skip
+
+
+def print_profile(breakdown: dict) -> None:
+    print(f"profile of the fused step ({breakdown['step_ms_profiled']:.1f} ms under the profiler):")
+    for title, key in (("phases", "phase_ms"), ("forward by module", "forward_ms_by_module"), ("self time by op kind", "self_ms_by_op_kind")):
+        print(f"  {title}: " + ", ".join(f"{name} {ms:.1f}" for name, ms in breakdown[key].items()) + " ms")
+
+
 def _sharded_rank(rank: int, world_size: int, port: int, args, out: str) -> None:
     """One rank of the --nproc measurement: the training job's sharded step on this rank's B / N rows."""
     import os
@@ -232,6 +300,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default)")
     parser.add_argument("--nproc", type=int, default=0, help="compare the sharded job step in 1 vs N processes instead")
     parser.add_argument("--sharding", default="auto", choices=["auto", "data_parallel", "table_wise", "column_wise", "row_wise"])
+    parser.add_argument("--profile", action="store_true", help="also break the fused step down by phase, module and op kind (torch.profiler)")
+    parser.add_argument("--fused-only", action="store_true", help="skip the plain-PyTorch variant (no speed-up figure)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.nproc:
@@ -241,14 +311,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batches = make_batches(args, args.warmup + args.steps)
     peak = matmul_peak_gflops()
-    results = {}
-    for name, fused in (("torchrec_fused", True), ("plain_pytorch", False)):
+    results: dict = {}
+    for name, fused in (("torchrec_fused", True), ("plain_pytorch", False))[: 1 if args.fused_only else 2]:
         results[name] = measure(args, fused, batches)
         r = results[name]
         print(f"{name:15s} {r['samples_per_s']:>10,.0f} samples/s  {r['step_s'] * 1e3:8.1f} ms/step  dense {r['dense_gflops_achieved']:.1f} GFLOP/s", flush=True)
-    ratio = results["torchrec_fused"]["samples_per_s"] / results["plain_pytorch"]["samples_per_s"]
+    ratio = results["torchrec_fused"]["samples_per_s"] / results["plain_pytorch"]["samples_per_s"] if "plain_pytorch" in results else None
     dense = results["torchrec_fused"]["dense_gflops_achieved"]
-    print(f"speed-up {ratio:.2f}x (target >= 3x); dense part {dense:.1f} of {peak:.1f} GFLOP/s matmul peak ({100 * dense / peak:.1f}%)")
+    if ratio is not None:
+        print(f"speed-up {ratio:.2f}x (target >= 3x)")
+    print(f"dense part {dense:.1f} of {peak:.1f} GFLOP/s matmul peak ({100 * dense / peak:.1f}%)")
+    if args.profile:
+        results["profile"] = profile_step(args, batches)
+        print_profile(results["profile"])
     print(json.dumps({
         "config": {k: v for k, v in vars(args).items()}, "threads": torch.get_num_threads(),
         **results, "speedup": ratio, "matmul_peak_gflops": peak, "dense_fraction_of_peak": dense / peak,

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 
-
 class TargetAttention(nn.Module):
     """``query (B, E)``, ``keys (G, L, E)``, ``mask (G, L)`` -> pooled history ``(B, E)`` and weights ``(B, L)``.
 
@@ -37,9 +36,16 @@ class TargetAttention(nn.Module):
         if groups not in (1, batch) and batch % groups:
             raise ValueError(f"TargetAttention: {batch} queries cannot be grouped over {groups} histories")
         per = batch // groups if groups > 1 else batch  # queries per history
+        if per == 1:  # a history per query (training): (B, L, .) tensors, and the pooling as a weighted sum, not B tiny (1 x L)(L x E) products
+            hidden = self.key_proj(keys) + self.query_proj(query).unsqueeze(1) + self.product_proj(keys * query.unsqueeze(1))  # (B, L, hidden)
+            weights = self._weights(hidden, mask)  # (B, L)
+            return (weights.unsqueeze(-1) * keys).sum(1), weights
         q = query.reshape(groups, per, 1, dim)  # (G, n, 1, E)
         hidden = self.key_proj(keys).unsqueeze(1) + self.query_proj(q) + self.product_proj(keys.unsqueeze(1) * q)  # (G, n, L, hidden)
-        logits = self.out(torch.relu(hidden)).squeeze(-1).masked_fill(~mask.unsqueeze(1), float("-inf"))  # (G, n, L)
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-padding rows: softmax of -inf is nan -> 0
+        weights = self._weights(hidden, mask.unsqueeze(1))  # (G, n, L)
         pooled = torch.matmul(weights, keys)  # (G, n, L) x (G, L, E)
         return pooled.reshape(batch, dim), weights.reshape(batch, length)
+
+    def _weights(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.out(torch.relu(hidden)).squeeze(-1).masked_fill(~mask, float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-padding rows: softmax of -inf is nan -> 0

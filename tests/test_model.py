@@ -215,6 +215,24 @@ def test_ranker_variants_route_through_their_experts(kind, experts):
     assert set(logits) == {"click", "conversion", "rating"}
 
 
+@pytest.mark.parametrize("kind", ["mmoe", "shared_bottom", "single_task"])
+def test_ranker_runs_its_experts_in_one_product_equal_to_each_expert_on_its_own(kind):
+    torch.manual_seed(0)
+    ranker = MultiTaskRanker(12, ["click", "conversion", "rating"], kind, experts=4, expert_dim=8, tower_dim=4)
+    x = torch.randn(6, 12, requires_grad=True)
+    logits, gates = ranker(x)
+    # the textbook form: each expert and each gate on its own, the mixture as an einsum
+    experts = torch.stack([expert(x) for expert in ranker.experts], dim=1)
+    expected_gates = torch.stack([torch.softmax(ranker.gates[t](x), -1) for t in ranker.tasks], dim=1) if ranker.gates is not None else gates
+    mixed = torch.einsum("bte,bed->btd", expected_gates, experts)
+    torch.testing.assert_close(gates, expected_gates)
+    for i, task in enumerate(ranker.tasks):
+        torch.testing.assert_close(logits[task], ranker.towers[task](mixed[:, i]).squeeze(-1))
+    # and the gradients reach every expert's and every gate's own parameters
+    sum(v.sum() for v in logits.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ranker.experts.parameters())
+
+
 # -- retrieval ------------------------------------------------------------------------------
 def test_retrieval_loss_is_lower_for_aligned_than_for_random_vectors():
     torch.manual_seed(0)
