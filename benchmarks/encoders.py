@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/encoders.py [--threads 2] [--n-texts 1024] [--n-images 512] [--skip-align]
 
-- text: MiniLM items/s on short titles and ~300-character descriptions, fp32 vs bf16 autocast
+- text: MiniLM items/s on short titles and ~300-character descriptions, fp32 vs bf16 autocast vs int8
+  dynamic quantisation (each forced; the min cosine and the 10 nearest neighbours each keeps of fp32's), and
+  the path `recsys embed` calibrates to with `embed.bf16` and `embed.int8` on
 - image: the built-in colour/texture encoder and a small randomly initialised ViT (saved with
   save_pretrained, loaded through the real path), on 92x138 JPEG bytes
 - align: held-out text->image recall@10 on synthetic items (colour x pattern x category):
@@ -27,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from features.encoders import ColorTextureImageEncoder, HFImageEncoder, TextEncoder  # noqa: E402
+from features.encoders import ColorTextureImageEncoder, HFImageEncoder, Precision, TextEncoder  # noqa: E402
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (30, 50, 200), "yellow": (230, 210, 40), "purple": (130, 40, 160), "orange": (240, 130, 20), "black": (20, 20, 20), "white": (235, 235, 235)}  # fmt: skip
 PATTERNS = ("plain", "striped", "checkered")
@@ -71,17 +73,36 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def neighbour_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:
+    """Mean share of each item's k nearest items (cosine, itself excluded) under ``reference`` that ``other`` keeps."""
+    def top(vectors: np.ndarray) -> np.ndarray:
+        sims = vectors @ vectors.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1)[:, :k]
+
+    a, b = top(reference), top(other)
+    return round(float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)])), 4)
+
+
 def bench_text(threads: int, n: int, rng: np.random.Generator) -> dict:
-    results = {}
+    """Each path forced (fp32, bf16 autocast, int8 dynamic quantisation), its agreement with fp32, and what calibration picks."""
+    results: dict = {}
     sets = {"short": short_titles(n, rng), "desc300": descriptions(max(n // 4, 64), rng)}
-    for bf16 in (False, True):
-        encoder = TextEncoder("minilm", bf16=bf16, threads=threads)
-        encoder.encode_texts(sets["short"][:32])  # warm-up + precision decision
-        tag = "bf16" if encoder.precision.bf16 else "fp32"
+    encoder = TextEncoder("minilm", bf16=False, threads=threads)
+    reference = {name: encoder.encode_texts(texts) for name, texts in sets.items()}
+    for path, forced in (("fp32", Precision(False, "forced")), ("bf16", Precision(True, "forced")), ("int8", Precision(False, "forced", int8=True))):
+        encoder.precision = forced
+        encoder.encode_texts(sets["short"][:32])  # warm-up
         for name, texts in sets.items():
-            results[f"{name}_{tag}_items_per_s"] = rate(encoder.encode_texts, texts)
-        if bf16:
-            results["bf16_decision"] = encoder.precision.to_dict()
+            results[f"{name}_{path}_items_per_s"] = rate(encoder.encode_texts, texts)
+            if path != "fp32":
+                vectors = encoder.encode_texts(texts)
+                results[f"{name}_{path}_min_cosine"] = round(float((vectors * reference[name]).sum(1).min()), 5)
+                results[f"{name}_{path}_neighbours@10_kept"] = neighbour_overlap(reference[name], vectors)
+    auto = TextEncoder("minilm", bf16=True, threads=threads, int8=True)
+    auto.encode_texts(sets["short"][:32])
+    results["decision"] = auto.precision.to_dict()
+    results["short_chosen_items_per_s"] = rate(auto.encode_texts, sets["short"])
     return results
 
 
@@ -123,11 +144,17 @@ def main() -> None:
     parser.add_argument("--n-texts", type=int, default=1024)
     parser.add_argument("--n-images", type=int, default=512)
     parser.add_argument("--skip-align", action="store_true")
+    parser.add_argument("--skip-images", action="store_true")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     report = {"threads": args.threads, "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
-    report["text"] = bench_text(args.threads, args.n_texts, rng)
-    report["image"] = bench_images(args.threads, args.n_images)
+    report["text"] = text = bench_text(args.threads, args.n_texts, rng)
+    for path in ("fp32", "bf16", "int8"):
+        agreement = "" if path == "fp32" else f"; min cosine to fp32 {text[f'short_{path}_min_cosine']} / {text[f'desc300_{path}_min_cosine']}, 10 neighbours kept {text[f'short_{path}_neighbours@10_kept']} / {text[f'desc300_{path}_neighbours@10_kept']}"
+        print(f"text {path}: {text[f'short_{path}_items_per_s']:,.0f} short texts/s, {text[f'desc300_{path}_items_per_s']:,.0f} descriptions/s{agreement}", flush=True)
+    print(f"text, calibrated: {text['short_chosen_items_per_s']:,.0f} short texts/s ({text['decision']['reason']})", flush=True)
+    if not args.skip_images:
+        report["image"] = bench_images(args.threads, args.n_images)
     if not args.skip_align:
         report["align"] = bench_align(args.threads)
     report["load_avg_1m_end"] = round(os.getloadavg()[0], 2)

@@ -16,11 +16,13 @@ a model is a local directory or an entry already in the local Hugging Face cache
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import os
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -39,6 +41,9 @@ BUILTIN_IMAGE_NAME = "builtin-color-texture"
 BF16_MIN_COSINE = 0.999  # bf16 autocast is used only when it keeps this cosine against fp32
 BF16_MAX_TIME_RATIO = 0.9  # ... and takes at most this share of fp32's time on the calibration batch
 CALIBRATION_SAMPLE = 16  # items encoded twice (fp32 and bf16) to decide the precision
+INT8_MIN_COSINE = 0.99  # embed.int8: the dynamically quantised encoder is kept only when every calibration item keeps this cosine
+# ... and it takes at most BF16_MAX_TIME_RATIO of the time of the precision chosen without it.
+# all-MiniLM-L6-v2 here (2026-12-01): int8 per-channel on every Linear, min cosine 0.955 (refused)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 IMAGE_OK, IMAGE_MISSING, IMAGE_CORRUPT = 1, 0, 2  # per-item status from encode()
@@ -134,6 +139,9 @@ class Precision:
     sample: int = 0
     fp32_items_per_s: float | None = None
     bf16_items_per_s: float | None = None
+    int8: bool = False  # embed.int8: the encoder's Linear layers dynamically quantised (per-channel int8 weights)
+    int8_min_cosine: float | None = None
+    int8_items_per_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,27 +157,46 @@ def _best_seconds(run: Callable[[], Any], repeats: int = 2) -> float:
     return best
 
 
-def calibrate_precision(forward: Callable[[bool], torch.Tensor], sample: int, enabled: bool) -> Precision:
+def calibrate_precision(
+    forward: Callable[[bool], torch.Tensor], sample: int, enabled: bool, int8_forward: Callable[[], torch.Tensor] | None = None
+) -> Precision:
     """Run ``forward(bf16)`` both ways on one sample batch; choose bf16 only when it keeps cosine >= BF16_MIN_COSINE
     against fp32 *and* is measurably faster here (on a CPU without bf16 units it is several times slower).
 
-    Each precision is run once untimed (warm-up, and the vectors compared), then timed as the best of two.
+    ``int8_forward`` (``embed.int8``): the same batch through the dynamically quantised encoder,
+    kept only when every item keeps cosine >= INT8_MIN_COSINE to fp32 and it takes at most
+    BF16_MAX_TIME_RATIO of the time of the precision chosen without it; never a slower path.
+    Each path is run once untimed (warm-up, and the vectors compared), then timed as the best of two.
     """
-    if not enabled:
+    if not enabled and int8_forward is None:
         return Precision(bf16=False, reason="disabled by embed.bf16 = false")
     reference = forward(False)
-    low = forward(True)
     fp32_s = _best_seconds(lambda: forward(False))
-    bf16_s = _best_seconds(lambda: forward(True))
-    min_cosine = float((reference * low).sum(dim=-1).min())  # rows are L2-normalised
-    accurate = min_cosine >= BF16_MIN_COSINE
-    faster = bf16_s <= BF16_MAX_TIME_RATIO * fp32_s
-    use_bf16 = accurate and faster
+    if enabled:
+        min_cosine = float((reference * forward(True)).sum(dim=-1).min())  # rows are L2-normalised
+        bf16_s = _best_seconds(lambda: forward(True))
+        accurate, faster = min_cosine >= BF16_MIN_COSINE, bf16_s <= BF16_MAX_TIME_RATIO * fp32_s
+        use_bf16 = accurate and faster
+        reason = (
+            f"min cosine {min_cosine:.5f} {'>=' if accurate else '<'} {BF16_MIN_COSINE} against fp32; "
+            f"bf16 {bf16_s / max(fp32_s, 1e-9):.2f}x fp32's time ({'<=' if faster else '>'} {BF16_MAX_TIME_RATIO})"
+        )
+        precision = Precision(use_bf16, reason, min_cosine, sample, sample / max(fp32_s, 1e-9), sample / max(bf16_s, 1e-9))
+    else:
+        bf16_s, use_bf16 = fp32_s, False
+        precision = Precision(False, "bf16 disabled by embed.bf16 = false", None, sample, sample / max(fp32_s, 1e-9))
+    if int8_forward is None:
+        return precision
+    int8_cosine = float((reference * int8_forward()).sum(dim=-1).min())
+    int8_s = _best_seconds(int8_forward)
+    chosen_s = bf16_s if use_bf16 else fp32_s
+    accurate, faster = int8_cosine >= INT8_MIN_COSINE, int8_s <= BF16_MAX_TIME_RATIO * chosen_s
+    use_int8 = accurate and faster
     reason = (
-        f"min cosine {min_cosine:.5f} {'>=' if accurate else '<'} {BF16_MIN_COSINE} against fp32; "
-        f"bf16 {bf16_s / max(fp32_s, 1e-9):.2f}x fp32's time ({'<=' if faster else '>'} {BF16_MAX_TIME_RATIO})"
+        f"{precision.reason}; int8 min cosine {int8_cosine:.5f} {'>=' if accurate else '<'} {INT8_MIN_COSINE}, "
+        f"{int8_s / max(chosen_s, 1e-9):.2f}x the time of {'bf16' if use_bf16 else 'fp32'} ({'<=' if faster else '>'} {BF16_MAX_TIME_RATIO})"
     )
-    return Precision(use_bf16, reason, min_cosine, sample, sample / max(fp32_s, 1e-9), sample / max(bf16_s, 1e-9))
+    return replace(precision, bf16=use_bf16 and not use_int8, reason=reason, int8=use_int8, int8_min_cosine=int8_cosine, int8_items_per_s=sample / max(int8_s, 1e-9))
 
 
 def _l2_normalise(vectors: torch.Tensor) -> torch.Tensor:
@@ -188,7 +215,7 @@ class TextEncoder:
 
     pooling = "mean"
 
-    def __init__(self, model: str = MINILM, *, max_length: int = 128, batch_size: int = 64, bf16: bool = True, threads: int = 0):
+    def __init__(self, model: str = MINILM, *, max_length: int = 128, batch_size: int = 64, bf16: bool = True, threads: int = 0, int8: bool = False):
         if max_length < 2 or batch_size < 1:
             raise ConfigError(f"embed.max_length must be >= 2 and embed.batch_size >= 1 (got {max_length}, {batch_size})")
         self.name = model
@@ -203,9 +230,12 @@ class TextEncoder:
         self.batch_size = batch_size
         self.dim = int(self.model.config.hidden_size)
         self.bf16_allowed = bf16
+        self.int8_allowed = int8
+        self._int8_model: Any = None  # built on first use
         self.precision: Precision | None = None  # decided on the first batch encoded
         digest = weights_digest(self.model_dir)
-        self.identity = f"text:{model}|weights={digest}|max_length={self.max_length}|pooling={self.pooling}"
+        # int8 vectors are near fp32's, not equal (cosine >= 0.99, not bf16's 0.999): a run that allows them caches apart
+        self.identity = f"text:{model}|weights={digest}|max_length={self.max_length}|pooling={self.pooling}" + ("|int8-allowed" if int8 else "")
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """(n, dim) float32 unit vectors, in input order."""
@@ -234,22 +264,37 @@ class TextEncoder:
             for start in range(0, len(texts), self.batch_size):
                 rows = order[start : start + self.batch_size]
                 batch = self._tokenize([texts[i] for i in rows], self.max_length, padding=True)
-                vectors[rows] = self._forward(batch, self.precision.bf16).numpy()
+                vectors[rows] = self._forward(batch, self.precision.bf16, self.precision.int8).numpy()
                 bar.update(len(rows))
         return TextEncoding(vectors, truncated)
 
     def _tokenize(self, texts: list[str], max_length: int, padding: bool) -> Any:
         return self.tokenizer(texts, truncation=True, max_length=max_length, padding=padding, return_tensors="pt" if padding else None)
 
-    def _forward(self, batch: Any, bf16: bool) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            hidden = self.model(**batch).last_hidden_state.float()  # (b, tokens, dim)
+    def _forward(self, batch: Any, bf16: bool, int8: bool = False) -> torch.Tensor:
+        model = self._quantised() if int8 else self.model
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not int8):
+            hidden = model(**batch).last_hidden_state.float()  # (b, tokens, dim)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return _l2_normalise((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
 
+    def _quantised(self) -> Any:
+        """The encoder with every ``nn.Linear`` dynamically quantised: int8 weights per output channel, activations quantised per batch."""
+        if self._int8_model is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+                from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+                self._int8_model = quantize_dynamic(copy.deepcopy(self.model), {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        return self._int8_model
+
     def _calibrate(self, sample: list[str]) -> Precision:
         batch = self._tokenize(sample[:CALIBRATION_SAMPLE], self.max_length, padding=True)
-        return calibrate_precision(lambda bf16: self._forward(batch, bf16), len(batch["input_ids"]), self.bf16_allowed)
+        int8 = (lambda: self._forward(batch, False, int8=True)) if self.int8_allowed else None
+        precision = calibrate_precision(lambda bf16: self._forward(batch, bf16), len(batch["input_ids"]), self.bf16_allowed, int8)
+        if not precision.int8:
+            self._int8_model = None  # not used: let it go
+        return precision
 
 
 # -- images --------------------------------------------------------------------------------
@@ -446,7 +491,7 @@ def build_text_encoder(cfg: EmbedConfig) -> TextEncoder | None:
     """The configured text encoder, or None for ``embed.text_model = "none"``."""
     if cfg.text_model == "none":
         return None
-    return TextEncoder(cfg.text_model, max_length=cfg.max_length, batch_size=cfg.batch_size, bf16=cfg.bf16, threads=cfg.threads)
+    return TextEncoder(cfg.text_model, max_length=cfg.max_length, batch_size=cfg.batch_size, bf16=cfg.bf16, threads=cfg.threads, int8=cfg.int8)
 
 
 def build_image_encoder(cfg: EmbedConfig) -> ImageEncoder | None:

@@ -69,7 +69,8 @@ class EmbedConfig(_Section):
     image_model: str = "builtin"  # "builtin" (weight-free), "hf:<id or path>", or "none"
     batch_size: int = 64
     max_length: int = 128  # tokens; longer text is truncated and counted
-    bf16: bool = True  # use bf16 autocast on CPU when it keeps cosine >= 0.999 against fp32
+    bf16: bool = True  # use bf16 autocast on CPU when it keeps cosine >= 0.999 against fp32 and is faster here
+    int8: bool = False  # also try the text encoder with int8 dynamically quantised Linear layers; kept when every calibration item keeps cosine >= 0.99 to fp32 and it is faster (MiniLM: 0.955, refused)
     threads: int = 0  # torch intra-op threads while encoding (restored afterwards); 0 = all cores
     cache_dir: str = ""  # "" = RUN/content/cache
     align: bool = False  # learn contrastive text<->image projections so a missing modality can be imputed

@@ -16,6 +16,7 @@ from features.encoders import (
     IMAGE_CORRUPT,
     IMAGE_MISSING,
     IMAGE_OK,
+    INT8_MIN_COSINE,
     ColorTextureImageEncoder,
     HFImageEncoder,
     TextEncoder,
@@ -150,6 +151,48 @@ def test_bf16_is_chosen_only_when_accurate_and_faster(bf16_delay, noise, chosen)
     precision = calibrate_precision(forward, sample=8, enabled=True)
     assert precision.bf16 is chosen, precision.reason
     assert ("x fp32's time" in precision.reason) and (precision.bf16_items_per_s > precision.fp32_items_per_s) == (bf16_delay == 0.0)
+
+
+@pytest.mark.parametrize(("int8_delay", "noise", "chosen"), [(0.0, 0.0, True), (0.05, 0.0, False), (0.0, 0.5, False)], ids=["accurate-and-faster", "slower", "inaccurate"])
+def test_int8_is_kept_only_when_accurate_and_faster_than_the_precision_chosen_without_it(int8_delay, noise, chosen) -> None:
+    import time
+
+    vectors = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+    def forward(bf16: bool) -> torch.Tensor:
+        time.sleep(0.02)  # fp32 and bf16 alike: bf16 is not faster, fp32 is the precision to beat
+        return vectors
+
+    def int8_forward() -> torch.Tensor:
+        time.sleep(0.005 + int8_delay)
+        return torch.nn.functional.normalize(vectors + noise * torch.ones_like(vectors) * torch.arange(16), dim=-1)
+
+    precision = calibrate_precision(forward, sample=8, enabled=True, int8_forward=int8_forward)
+    assert precision.int8 is chosen and precision.bf16 is False, precision.reason
+    assert precision.int8_min_cosine == pytest.approx(float((vectors * int8_forward()).sum(-1).min()), abs=1e-6)
+    assert (precision.int8_min_cosine >= INT8_MIN_COSINE) == (noise == 0.0)
+    assert "int8 min cosine" in precision.reason and "the time of fp32" in precision.reason
+    # without the option the int8 path is never run
+    assert calibrate_precision(forward, sample=8, enabled=True).int8_items_per_s is None
+
+
+def test_int8_encoder_is_a_quantised_copy_used_only_when_calibration_keeps_it(tiny_bert: Path) -> None:
+    texts = ["first item title", "a longer description of the second item in the catalogue", "third"]
+    fp32_encoder = TextEncoder(str(tiny_bert), bf16=False, threads=1)
+    fp32 = torch.tensor(fp32_encoder.encode_texts(texts))
+    encoder = TextEncoder(str(tiny_bert), bf16=False, threads=1, int8=True)
+    vectors = torch.tensor(encoder.encode_texts(texts))
+    precision = encoder.precision
+    assert precision is not None and precision.int8_min_cosine is not None and precision.int8_items_per_s > 0
+    assert encoder.identity != fp32_encoder.identity  # int8-allowed runs cache apart
+    quantised = encoder._quantised()
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantised.modules())
+    assert not any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in encoder.model.modules())  # the fp32 model is untouched
+    cosine = float((vectors * fp32).sum(1).min())
+    if precision.int8:
+        assert cosine >= INT8_MIN_COSINE and not torch.allclose(vectors, fp32, atol=1e-6)
+    else:
+        torch.testing.assert_close(vectors, fp32)
 
 
 def test_bf16_switched_off_in_config_encodes_in_fp32(tiny_bert: Path) -> None:
