@@ -106,11 +106,18 @@ def dense_flops_per_step(model, batch, log_q) -> float:
     def hook(module: nn.Linear, inputs, output):
         total[0] += 2.0 * module.in_features * module.out_features * inputs[0].shape[0]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    ranker = model.ranker
+    batched = {id(m) for m in ranker.experts.modules()} | ({id(m) for m in ranker.gates.modules()} if ranker.gates is not None else set())
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in batched]
+    # the experts and gates run as one product per layer (MultiTaskRanker._experts_batched), not through their modules' forward
+    rows_seen = []
+    handles.append(ranker.register_forward_pre_hook(lambda m, inputs: rows_seen.append(inputs[0].shape[0])))
     with torch.no_grad():
         model(batch)
     for h in handles:
         h.remove()
+    for linear in (m for m in model.ranker.modules() if isinstance(m, nn.Linear) and id(m) in batched):
+        total[0] += 2.0 * linear.in_features * linear.out_features * sum(rows_seen)
     positives = int((batch["click"] > 0).sum())
     total[0] += 2.0 * positives * positives * model.spec.config.dim
     return 3.0 * total[0]
