@@ -236,3 +236,50 @@ def test_selection_weighs_objectives_by_their_configured_weights():
     without_rating = selection_score(valid, reference, load_config(None, ["train.rating_weight=0"]))
     assert with_rating == pytest.approx(-(1 + 2 + 1) / 3)
     assert without_rating == pytest.approx(-1.0)
+
+
+def test_weight_average_is_the_running_mean_of_what_it_was_given():
+    from training.epochs import WeightAverage
+
+    average = WeightAverage()
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        model.register_buffer("counts", torch.tensor([seed, seed + 1]))
+        models.append(model)
+        average.add(model, epoch=seed + 5)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(average.mean[name], torch.stack([getattr(m, name).detach() for m in models]).mean(0))
+    assert torch.equal(average.mean["counts"], torch.tensor([2, 3]))  # integer buffers: the latest, not a mean
+    assert average.epochs == [5, 6, 7]
+    again = WeightAverage.from_tensors(average.to_tensors(), average.epochs)
+    assert again.epochs == [5, 6, 7] and all(torch.equal(again.mean[k], v) for k, v in average.mean.items())
+
+
+def test_weight_average_starts_at_the_first_plateau_survives_a_resume_and_replaces_the_model_only_when_better(tmp_path):
+    from training.train import train
+
+    overrides = ["train.average_weights=true", "train.lr=0.05", "train.patience=10", "model.modality_dropout=0.3"]
+    straight = make_run(tmp_path / "straight", overrides=["train.epochs=6", *overrides])
+    summary = train(straight)
+    log = read_log(straight)
+    first_plateau = next(line["epoch"] for line in log if not line["best"])
+    averaged = summary["weight_average"]
+    assert averaged["epochs"] == list(range(first_plateau, 7))
+    meta = json.loads((straight.model / "model.json").read_text())
+    saved = load_file(str(straight.model / "model.safetensors"))
+    checkpoint = load_file(str(next((straight.model / "checkpoint").glob("epoch-0006.safetensors"))))
+    if averaged["kept"]:
+        assert averaged["score"] > averaged["selected_epoch_score"] and meta["averaged_epochs"] == averaged["epochs"]
+        assert all(torch.equal(saved[k], checkpoint[f"average/{k}"]) for k in saved)
+    else:
+        assert averaged["score"] <= averaged["selected_epoch_score"] and "averaged_epochs" not in meta
+
+    resumed = make_run(tmp_path / "resumed", overrides=["train.epochs=4", *overrides])
+    train(resumed)
+    (resumed.root / "config.toml").write_text((straight.root / "config.toml").read_text())
+    assert train(resumed, resume=True)["weight_average"] == averaged
+    again = load_file(str(next((resumed.model / "checkpoint").glob("epoch-0006.safetensors"))))
+    assert again.keys() == checkpoint.keys() and any(k.startswith("average/") for k in again)
+    assert all(torch.equal(again[k], checkpoint[k]) for k in checkpoint)

@@ -218,9 +218,50 @@ def valid_recall(model, split: dict[str, torch.Tensor], objective: RetrievalObje
     return hits / len(rows)
 
 
+class WeightAverage:
+    """A running mean of the model's weights at the end of epochs (stochastic weight averaging, Izmailov et al., 2018).
+
+    ``train.average_weights``: from the first epoch that does not improve the validation score on
+    (the first plateau, when the dense learning rate first drops), each epoch's end-of-epoch
+    weights, tables included, join the mean. After the last epoch the mean is validated like an
+    epoch and replaces the selected model only when it scores better. On ML-100K the valid RMSE of
+    consecutive epochs moved by about 0.01 around its trend: the mean of the late epochs smooths
+    that noise. Every tensor is held once, in float32 (the model's own size again).
+    """
+
+    def __init__(self) -> None:
+        self.mean: dict[str, torch.Tensor] = {}
+        self.epochs: list[int] = []
+
+    def add(self, model: torch.nn.Module, epoch: int) -> None:
+        from recsys.model import model_state_dict
+
+        state = model_state_dict(model)
+        count = len(self.epochs)
+        if not count:
+            self.mean = {k: v.clone() for k, v in state.items()}
+        else:
+            for key, value in state.items():
+                if value.is_floating_point():
+                    self.mean[key].mul_(count / (count + 1)).add_(value, alpha=1 / (count + 1))
+                else:
+                    self.mean[key] = value.clone()  # integer buffers (feature values, trained-item flags) are not averaged
+        self.epochs.append(epoch)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"average/{k}": v for k, v in self.mean.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], epochs: list[int]) -> WeightAverage:
+        average = cls()
+        average.mean = {k[len("average/") :]: v for k, v in tensors.items() if k.startswith("average/")}
+        average.epochs = list(epochs)
+        return average
+
+
 def new_state() -> dict[str, Any]:
     """The bookkeeping a job carries from epoch to epoch (and in its checkpoint)."""
-    return {"epoch": 0, "global_step": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False, "reference_loss": {}, "lr_scale": 1.0}
+    return {"epoch": 0, "global_step": 0, "best_epoch": 0, "best_score": -math.inf, "bad_epochs": 0, "stopped_early": False, "reference_loss": {}, "lr_scale": 1.0, "average_epochs": []}
 
 
 def train_loss_as_valid(train_losses: dict[str, float]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from training.warm_start import warm_start
 from training.epochs import (
     add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
     epochs_summary, head_metrics, log_epoch, new_state, resume_digest, set_lr, task_weighting, train_loss_as_valid, truncate_log,
-    valid_summary, RetrievalObjective, valid_recall,
+    valid_summary, RetrievalObjective, WeightAverage, selection_score, valid_recall,
 )  # fmt: skip
 
 log = logging.getLogger("recsys.training")
@@ -128,9 +128,11 @@ def validate(model, weighting, split, content, objective: RetrievalObjective, cf
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(ckpt_dir: Path, model, weighting, dense_opt, state: dict[str, Any]) -> None:
+def save_checkpoint(ckpt_dir: Path, model, weighting, dense_opt, state: dict[str, Any], average: WeightAverage | None = None) -> None:
     """Tensors -> ``epoch-NNNN.safetensors``; then ``state.json`` (the commit point) names it."""
     tensors = {f"model/{k}": v for k, v in model_state_dict(model).items()}
+    if average is not None:
+        tensors.update(average.to_tensors())
     tensors.update({f"weighting/{k}": v.detach().clone() for k, v in weighting.state_dict().items()})
     dense = dense_opt.state_dict()
     for i, param_state in dense["state"].items():
@@ -147,9 +149,11 @@ def save_checkpoint(ckpt_dir: Path, model, weighting, dense_opt, state: dict[str
             old.unlink()
 
 
-def load_checkpoint(ckpt_dir: Path, model, weighting, dense_opt) -> dict[str, Any]:
+def load_checkpoint(ckpt_dir: Path, model, weighting, dense_opt) -> tuple[dict[str, Any], WeightAverage]:
+    """The checkpoint into the model and optimizers; returns its bookkeeping and the weight average it carried (maybe empty)."""
     state = json.loads((ckpt_dir / "state.json").read_text())
     tensors = load_file(str(ckpt_dir / state["tensors"]))
+    average = WeightAverage.from_tensors(tensors, state.get("average_epochs", []))
 
     def section(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -166,7 +170,23 @@ def load_checkpoint(ckpt_dir: Path, model, weighting, dense_opt) -> dict[str, An
         param_key, name = key.split("/", 1)
         fused_state.setdefault(param_key, {})[name] = value
     model.embedding_tables.fused_optimizer().load_state_dict({"state": fused_state})  # copies into fbgemm's buffers
-    return state
+    return state, average
+
+
+def _keep_average_if_better(run: RunDir, model, weighting, data, objective, cfg: Config, state: dict[str, Any], average: WeightAverage) -> dict[str, Any] | None:
+    """Validate the weight average like an epoch; it becomes RUN/model when it scores above the selected epoch."""
+    if len(average.epochs) < 2 or data.valid is None or not state.get("reference_loss"):
+        if average.epochs:
+            log.info("weight average: %d epoch(s) averaged, not compared (needs 2 and a valid split)", len(average.epochs))
+        return {"epochs": list(average.epochs), "kept": False, "reason": "fewer than 2 epochs averaged or no valid split"} if average.epochs else None
+    model.load_state_dict(average.mean, strict=True)
+    valid = validate(model, weighting, data.valid, data.content, objective, cfg)
+    score = selection_score(valid, state["reference_loss"], cfg)
+    kept = score > state["best_score"]
+    if kept:
+        save_model(model, run.model, {"best_epoch": state["best_epoch"], "averaged_epochs": list(average.epochs), "valid": valid_summary({**valid, "score": score})})
+    log.info("weight average of epochs %s: valid score %.4f vs the selected epoch %d's %.4f: %s", average.epochs, score, state["best_epoch"], state["best_score"], "kept" if kept else "not kept")
+    return {"epochs": list(average.epochs), "score": score, "selected_epoch_score": state["best_score"], "kept": kept, "valid": valid_summary(valid)}
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -189,11 +209,15 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
 
     ckpt_dir = run.model / "checkpoint"
     state = new_state()
+    average = WeightAverage() if cfg.train.average_weights else None
     resumed_from = None
     warm: dict[str, Any] | None = None
     if resume and (ckpt_dir / "state.json").is_file():
         check_resume_digest(json.loads((ckpt_dir / "state.json").read_text()), cfg, ckpt_dir)
-        state = {k: v for k, v in load_checkpoint(ckpt_dir, model, weighting, dense_opt).items() if k in state}
+        saved, saved_average = load_checkpoint(ckpt_dir, model, weighting, dense_opt)
+        state = {**state, **{k: v for k, v in saved.items() if k in state}}
+        if average is not None:
+            average = saved_average
         resumed_from = state["epoch"]
         log.info("resuming after epoch %d (best epoch %d)", state["epoch"], state["best_epoch"])
         truncate_log(run.train_log, state["epoch"])
@@ -222,14 +246,19 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
         set_lr(dense_opt, cfg.train.lr * state["lr_scale"])
         if improved:
             save_model(model, run.model, {"best_epoch": epoch, "valid": valid_summary(last_valid)})
+        if average is not None and (average.epochs or not improved):  # from the first plateau on
+            average.add(model, epoch)
+            state["average_epochs"] = list(average.epochs)
         log_epoch(run, epoch, train_losses, last_valid, weighting, improved, rate, epoch_started, lr=epoch_lr)
         weighting.end_epoch(train_losses)  # DWA: the weights of the next epoch (after the log, which shows this epoch's)
-        save_checkpoint(ckpt_dir, model, weighting, dense_opt, {**state, "config_digest": resume_digest(cfg), "seed": cfg.train.seed, "rng": "torch.manual_seed(epoch_seed(seed, epoch)) at each epoch start"})
+        save_checkpoint(ckpt_dir, model, weighting, dense_opt, {**state, "config_digest": resume_digest(cfg), "seed": cfg.train.seed, "rng": "torch.manual_seed(epoch_seed(seed, epoch)) at each epoch start"}, average)
         if state["stopped_early"]:
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
 
+    averaged = _keep_average_if_better(run, model, weighting, data, objective, cfg, state, average) if average is not None else None
     summary = {
         **epochs_summary(state, resumed_from),
+        **({"weight_average": averaged} if averaged else {}),
         "train_rows": len(data.train["click"]),
         "train_read": "in memory" if isinstance(data.train, dict) else f"in chunks of {data.train.chunk_rows} rows (train.memory_budget_mb)",
         "valid_rows": len(data.valid["click"]) if data.valid else 0,
