@@ -125,6 +125,7 @@ class TrainConfig(_Section):
     cvr_on_clicks: float = 3.0  # weight of a direct p_cvr loss on clicked rows, added to the ESMM ctcvr loss (0 = pure ESMM; 3 beat 1 on synthetic CVR efficiency, 0.892 vs 0.875)
     patience: int = 3  # early stopping: epochs without a better validation score
     plateau_lr_factor: float = 0.5  # after an epoch that does not improve the validation score, dense lr *= this (1 = constant lr)
+    checkpoint_every_steps: int = Field(0, ge=0)  # one process: also checkpoint every this many batches within an epoch, so --resume continues mid-epoch (0 = at the end of each epoch only)
     average_weights: bool = False  # one process: also average the end-of-epoch weights from the first plateau on (SWA) and keep the mean when it validates better
     seed: int = 0
     nproc: int = Field(1, ge=1)

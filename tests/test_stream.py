@@ -54,6 +54,17 @@ def test_the_order_is_set_by_the_seed_and_mixes_chunks(tmp_path):
     assert len(set(((first - 1) // 20).tolist())) > 1  # one batch holds rows of several chunks
 
 
+@pytest.mark.parametrize("skip", [0, 1, 5, 12, 13, 20])
+def test_skipping_batches_resumes_the_same_order_streamed_and_in_memory(tmp_path, skip):
+    frame = _file(tmp_path / "t.parquet", 200, context=3)
+    streamed = StreamedSplit(tmp_path / "t.parquet", HISTORY_LEN, TASKS, rows_in_memory=160)
+    whole = read_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, frame.filter(~pl.col("context")).drop("context"))
+    for split in (streamed, whole):  # 197 trained rows in batches of 16: 13 batches, the last of 5
+        full = [b["item_idx"].tolist() for b in batches(split, 16, {}, seed=7)]
+        assert len(full) == 13
+        assert [b["item_idx"].tolist() for b in batches(split, 16, {}, seed=7, skip=skip)] == full[skip:]
+
+
 def test_a_split_beyond_the_budget_is_streamed_and_one_within_it_is_read_whole(tmp_path):
     _file(tmp_path / "t.parquet", 100)
     whole = train_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, memory_budget_mb=1)

@@ -283,3 +283,38 @@ def test_weight_average_starts_at_the_first_plateau_survives_a_resume_and_replac
     again = load_file(str(next((resumed.model / "checkpoint").glob("epoch-0006.safetensors"))))
     assert again.keys() == checkpoint.keys() and any(k.startswith("average/") for k in again)
     assert all(torch.equal(again[k], checkpoint[k]) for k in checkpoint)
+
+
+def test_a_job_stopped_mid_epoch_resumes_from_its_last_step_checkpoint_equal_to_an_uninterrupted_run(tmp_path, monkeypatch):
+    import training.train_single as TS
+    from training.train import train
+
+    overrides = ["train.epochs=2", "train.checkpoint_every_steps=3", "model.modality_dropout=0.3", "train.average_weights=true"]
+    straight = make_run(tmp_path / "straight", overrides=overrides)  # 1200 rows / 128: 10 batches an epoch
+    train(straight)
+
+    crashed = make_run(tmp_path / "crashed", overrides=overrides)
+    real, calls = TS.batch_losses, []
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10 + 4 + 8:  # 10 train and 4 valid batches in epoch 1; then epoch 2, batch 8: its last checkpoint was after batch 6
+            raise KeyboardInterrupt("stopped")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(TS, "batch_losses", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(crashed)
+    state = json.loads((crashed.model / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["position"]["step"] == 6 and state["tensors"] == "epoch-0001-step-00000006.safetensors"
+    monkeypatch.setattr(TS, "batch_losses", real)
+    summary = train(crashed, resume=True)
+    assert summary["resumed_from_epoch"] == 1
+
+    a = load_file(str(straight.model / "checkpoint" / "epoch-0002.safetensors"))
+    b = load_file(str(crashed.model / "checkpoint" / "epoch-0002.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [line["train_loss"] for line in read_log(crashed)] == [line["train_loss"] for line in read_log(straight)]  # the resumed epoch's mean counts its first 6 batches
+    assert list((crashed.model / "checkpoint").glob("*.safetensors")) == [crashed.model / "checkpoint" / "epoch-0002.safetensors"]

@@ -244,21 +244,22 @@ def load_training_data(
     return data
 
 
-def batches(split: Split, batch_size: int, content: dict[str, torch.Tensor], seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def batches(split: Split, batch_size: int, content: dict[str, torch.Tensor], seed: int | None = None, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Row batches of ``split`` (shuffled by ``seed`` when given), each with its items' content rows.
 
-    A ``StreamedSplit`` yields its own (chunk by chunk, shuffled within windows).
+    A ``StreamedSplit`` yields its own (chunk by chunk, shuffled within windows). ``skip``: the
+    first this many batches of the same order are not built (a resume in the middle of an epoch).
 
     With content, also each row's history content summed per modality (``history_{m}_sum``
     (B, dim) and ``history_{m}_present`` (B,), the count of history items with that modality):
     what the user tower's history content is computed from (``RecsysModel._history_content_from_sums``).
     """
     if isinstance(split, StreamedSplit):  # read chunk by chunk
-        yield from split.batches(batch_size, content, seed if seed is not None else 0)
+        yield from split.batches(batch_size, content, seed if seed is not None else 0, skip)
         return
     n = len(split["click"])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
+    for start in range(skip * batch_size, n, batch_size):
         yield make_batch(split, order[start : start + batch_size], content)
 
 
@@ -352,11 +353,16 @@ class StreamedSplit:
             frame = frame.filter(~pl.col("context")).drop("context")
         return read_split(self.path, self.history_len, self.tasks, frame.collect())
 
-    def batches(self, batch_size: int, content: dict[str, torch.Tensor], seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch: every trained row once, in batches of ``batch_size`` (the last may be smaller), in an order set by ``seed``."""
+    def batches(self, batch_size: int, content: dict[str, torch.Tensor], seed: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch: every trained row once, in batches of ``batch_size`` (the last may be smaller), in an order set by ``seed``.
+
+        ``skip``: the first this many batches are not built (their windows are still read: the
+        order of the rest depends on them).
+        """
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(self.n_chunks, generator=generator).tolist()
         carry: Split | None = None
+        index = 0
         for start in range(0, len(order), WINDOW_CHUNKS):
             parts = [self._chunk(i) for i in order[start : start + WINDOW_CHUNKS]]
             window = _concat(([carry] if carry is not None else []) + parts)
@@ -365,7 +371,9 @@ class StreamedSplit:
             shuffled = torch.randperm(n, generator=generator)
             full = n - n % batch_size if start + WINDOW_CHUNKS < len(order) else n  # the epoch's last window yields its remainder too
             for at in range(0, full, batch_size):
-                yield make_batch(window, shuffled[at : at + batch_size], content)
+                if index >= skip:
+                    yield make_batch(window, shuffled[at : at + batch_size], content)
+                index += 1
             carry = {name: column[shuffled[full:]] for name, column in window.items()} if full < n else None
 
 

@@ -349,7 +349,7 @@ def truncate_log(path: Path, last_epoch: int) -> None:
 # -- checkpoint housekeeping ------------------------------------------------------------------------
 def resume_digest(cfg: Config) -> str:
     """What must not change between a checkpoint and its resume (epochs and patience may)."""
-    train = {k: v for k, v in section_dict(cfg.train).items() if k not in ("epochs", "patience", "nproc", "memory_budget_mb")}  # the budget sets how rows are read, not the model
+    train = {k: v for k, v in section_dict(cfg.train).items() if k not in ("epochs", "patience", "nproc", "memory_budget_mb", "checkpoint_every_steps")}  # the budget sets how rows are read, not the model
     return hashlib.sha256(json.dumps([section_dict(cfg.model), train], sort_keys=True).encode()).hexdigest()[:16]
 
 

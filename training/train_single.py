@@ -14,8 +14,9 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,17 +57,40 @@ def fuse_tables(model: RecsysModel, embedding_lr: float) -> None:
 
 
 # -- one epoch -------------------------------------------------------------------------------
-def train_epoch(model, weighting, dense_opt, data, objective: RetrievalObjective, cfg: Config, epoch: int, global_step: int) -> tuple[dict[str, float], int, float]:
-    """One pass over the shuffled train split -> mean losses, global step, samples/s."""
+@dataclass
+class EpochPosition:
+    """Where a mid-epoch checkpoint stopped: batches done in the epoch, their loss sums and rows, the RNG after them."""
+
+    step: int
+    sums: dict[str, float]
+    seen: int
+    rng: torch.Tensor
+
+
+def train_epoch(
+    model, weighting, dense_opt, data, objective: RetrievalObjective, cfg: Config, epoch: int, global_step: int,
+    resume_at: EpochPosition | None = None, checkpoint: Callable[[EpochPosition, int], None] | None = None,
+) -> tuple[dict[str, float], int, float]:
+    """One pass over the shuffled train split -> mean losses, global step, samples/s.
+
+    ``resume_at``: continue the epoch after that many batches (the same order, the RNG and loss
+    sums as they were); ``checkpoint(position, global_step)`` is called every
+    ``train.checkpoint_every_steps`` batches within the epoch.
+    """
     model.train()
     torch.manual_seed(epoch_seed(cfg.train.seed, epoch))  # modality dropout
     n_rows = len(data.train["click"])
     n_batches = math.ceil(n_rows / cfg.train.batch_size)
     shared = model.user_tower.mlp[-1].weight  # GradNorm's shared layer: every head reads the user vector
-    sums: dict[str, float] = {}
-    seen, started = 0, time.perf_counter()
-    progress = tqdm(total=n_rows, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False)
-    for step, batch in enumerate(batches(data.train, cfg.train.batch_size, data.content, seed=epoch_seed(cfg.train.seed, epoch)), 1):
+    sums: dict[str, float] = dict(resume_at.sums) if resume_at else {}
+    seen = resume_at.seen if resume_at else 0
+    done_before, started = seen, time.perf_counter()
+    if resume_at:
+        torch.set_rng_state(resume_at.rng)
+    every = cfg.train.checkpoint_every_steps
+    progress = tqdm(total=n_rows, initial=seen, desc=f"epoch {epoch}", unit="rows", mininterval=1.0, leave=False)
+    skip = resume_at.step if resume_at else 0
+    for step, batch in enumerate(batches(data.train, cfg.train.batch_size, data.content, seed=epoch_seed(cfg.train.seed, epoch), skip=skip), skip + 1):
         outputs = model(batch)
         losses, total = batch_losses(outputs, batch, weighting, cfg, objective.loss(model, outputs, batch))
         check_finite(total, losses, batch, step, f"epoch {epoch}, step {step} of {n_batches} (global step {global_step + 1})")
@@ -83,10 +107,12 @@ def train_epoch(model, weighting, dense_opt, data, objective: RetrievalObjective
         global_step += 1
         seen += add_losses(sums, losses, total, len(batch["click"]))
         progress.update(len(batch["click"]))
-        rate = seen / max(time.perf_counter() - started, 1e-9)
+        rate = (seen - done_before) / max(time.perf_counter() - started, 1e-9)
         progress.set_postfix({"samples/s": f"{rate:,.0f}", **{k: f"{v / seen:.4f}" for k, v in sums.items()}}, refresh=False)
+        if checkpoint is not None and every and step % every == 0 and step < n_batches:
+            checkpoint(EpochPosition(step, dict(sums), seen, torch.get_rng_state()), global_step)
     progress.close()
-    return {k: v / max(seen, 1) for k, v in sums.items()}, global_step, seen / max(time.perf_counter() - started, 1e-9)
+    return {k: v / max(seen, 1) for k, v in sums.items()}, global_step, (seen - done_before) / max(time.perf_counter() - started, 1e-9)
 
 
 @torch.no_grad()
@@ -128,11 +154,20 @@ def validate(model, weighting, split, content, objective: RetrievalObjective, cf
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(ckpt_dir: Path, model, weighting, dense_opt, state: dict[str, Any], average: WeightAverage | None = None) -> None:
-    """Tensors -> ``epoch-NNNN.safetensors``; then ``state.json`` (the commit point) names it."""
+def save_checkpoint(
+    ckpt_dir: Path, model, weighting, dense_opt, state: dict[str, Any], average: WeightAverage | None = None, position: EpochPosition | None = None
+) -> None:
+    """Tensors -> ``epoch-NNNN[-step-SSSSSSSS].safetensors``; then ``state.json`` (the commit point) names it.
+
+    ``state["epoch"]`` is the last epoch completed; ``position`` (a checkpoint within the next
+    epoch) adds the batches done in it, their loss sums and the RNG state.
+    """
     tensors = {f"model/{k}": v for k, v in model_state_dict(model).items()}
     if average is not None:
         tensors.update(average.to_tensors())
+    if position is not None:
+        tensors["position/rng"] = position.rng
+        state = {**state, "position": {"step": position.step, "sums": position.sums, "seen": position.seen}}
     tensors.update({f"weighting/{k}": v.detach().clone() for k, v in weighting.state_dict().items()})
     dense = dense_opt.state_dict()
     for i, param_state in dense["state"].items():
@@ -140,7 +175,7 @@ def save_checkpoint(ckpt_dir: Path, model, weighting, dense_opt, state: dict[str
     fused = model.embedding_tables.fused_optimizer().state_dict()["state"]
     for param_key, param_state in fused.items():
         tensors.update({f"fused/{param_key}/{k}": v.detach().contiguous().clone() for k, v in param_state.items()})
-    name = f"epoch-{state['epoch']:04d}.safetensors"
+    name = f"epoch-{state['epoch']:04d}" + (f"-step-{position.step:08d}" if position is not None else "") + ".safetensors"
     with atomic_path(ckpt_dir / name) as tmp:
         save_file(tensors, str(tmp))
     write_json(ckpt_dir / "state.json", {**state, "tensors": name, "adam_param_groups": dense["param_groups"]})
@@ -149,11 +184,14 @@ def save_checkpoint(ckpt_dir: Path, model, weighting, dense_opt, state: dict[str
             old.unlink()
 
 
-def load_checkpoint(ckpt_dir: Path, model, weighting, dense_opt) -> tuple[dict[str, Any], WeightAverage]:
-    """The checkpoint into the model and optimizers; returns its bookkeeping and the weight average it carried (maybe empty)."""
+def load_checkpoint(ckpt_dir: Path, model, weighting, dense_opt) -> tuple[dict[str, Any], WeightAverage, EpochPosition | None]:
+    """The checkpoint into the model and optimizers; returns its bookkeeping, the weight average it carried (maybe empty)
+    and, for a checkpoint within an epoch, where in the epoch it was taken."""
     state = json.loads((ckpt_dir / "state.json").read_text())
     tensors = load_file(str(ckpt_dir / state["tensors"]))
     average = WeightAverage.from_tensors(tensors, state.get("average_epochs", []))
+    saved = state.get("position")
+    position = EpochPosition(saved["step"], saved["sums"], saved["seen"], tensors["position/rng"]) if saved else None
 
     def section(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -170,7 +208,7 @@ def load_checkpoint(ckpt_dir: Path, model, weighting, dense_opt) -> tuple[dict[s
         param_key, name = key.split("/", 1)
         fused_state.setdefault(param_key, {})[name] = value
     model.embedding_tables.fused_optimizer().load_state_dict({"state": fused_state})  # copies into fbgemm's buffers
-    return state, average
+    return state, average, position
 
 
 def _keep_average_if_better(run: RunDir, model, weighting, data, objective, cfg: Config, state: dict[str, Any], average: WeightAverage) -> dict[str, Any] | None:
@@ -214,12 +252,13 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
     warm: dict[str, Any] | None = None
     if resume and (ckpt_dir / "state.json").is_file():
         check_resume_digest(json.loads((ckpt_dir / "state.json").read_text()), cfg, ckpt_dir)
-        saved, saved_average = load_checkpoint(ckpt_dir, model, weighting, dense_opt)
+        saved, saved_average, position = load_checkpoint(ckpt_dir, model, weighting, dense_opt)
         state = {**state, **{k: v for k, v in saved.items() if k in state}}
         if average is not None:
             average = saved_average
         resumed_from = state["epoch"]
-        log.info("resuming after epoch %d (best epoch %d)", state["epoch"], state["best_epoch"])
+        where = f", {position.step} batches into epoch {state['epoch'] + 1}" if position else ""
+        log.info("resuming after epoch %d%s (best epoch %d)", state["epoch"], where, state["best_epoch"])
         truncate_log(run.train_log, state["epoch"])
     else:
         if resume:
@@ -231,11 +270,17 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
 
     rates: list[float] = []
     last_valid: dict[str, Any] = {}
+    resume_at = position if resume and resumed_from is not None else None
+
+    def checkpoint_within(position: EpochPosition, global_step: int) -> None:
+        save_checkpoint(ckpt_dir, model, weighting, dense_opt, {**state, "global_step": global_step, "config_digest": resume_digest(cfg), "seed": cfg.train.seed}, average, position)
+
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if state["stopped_early"]:
             break
         epoch_started = time.perf_counter()
-        train_losses, state["global_step"], rate = train_epoch(model, weighting, dense_opt, data, objective, cfg, epoch, state["global_step"])
+        train_losses, state["global_step"], rate = train_epoch(model, weighting, dense_opt, data, objective, cfg, epoch, state["global_step"], resume_at, checkpoint_within)
+        resume_at = None
         rates.append(rate)
         if data.valid is not None:
             last_valid = validate(model, weighting, data.valid, data.content, objective, cfg)
