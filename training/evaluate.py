@@ -103,6 +103,7 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     metrics_out["counts"] = {
         "test_rows": test.height,
         "retrieval_users": int(retrieval.user_idx.size),
+        "retrieval_users_eligible": retrieval.users_eligible,
         "retrieval_users_without_relevant": retrieval.users_without_relevant,
         "catalogue_items": data_meta["n_items"] - 1,
     }

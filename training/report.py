@@ -253,7 +253,7 @@ def section_retrieval(metrics: dict[str, Any]) -> str:
         f"scored against all {counts.get('catalogue_items', '?')} catalogue items; items the user clicked in train "
         "or valid are excluded, and the user's clicked test items that are not re-clicks are relevant. The served row "
         "re-orders the towers' top <code>serve.candidates</code> by the ranker's blended score, as the service does. "
-        f"{counts.get('retrieval_users', '?')} users evaluated ({counts.get('retrieval_users_without_relevant', 0)} more had "
+        f"{counts.get('retrieval_users', '?')} users evaluated{_sampled(counts)} ({counts.get('retrieval_users_without_relevant', 0)} more had "
         "only re-clicks of training items). Coverage is the share of the catalogue recommended to anyone; the exposure "
         "Gini (0 = even, 1 = one item gets everything) and the mean log(1 + train clicks) of recommended items "
         f"(catalogue average {_fmt(extra.get('catalogue_mean_log_popularity'))}) show popularity bias.</p>"
@@ -523,6 +523,11 @@ def _get(metrics: dict[str, Any], dotted: str, absent: bool = False) -> Any:
 
 def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
+def _sampled(counts: dict[str, Any]) -> str:
+    eligible, evaluated = counts.get("retrieval_users_eligible"), counts.get("retrieval_users")
+    return f", a uniform sample (<code>eval.max_eval_users</code>) of the {eligible} with relevant items" if eligible and evaluated and eligible > evaluated else ""
 
 
 def _fmt(value: Any) -> str:

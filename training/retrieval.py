@@ -56,6 +56,7 @@ from recsys.history import mean_content, padded_history
 from recsys.rundir import RunDir
 
 SCORES_PER_BATCH = 20_000_000  # users x catalogue items scored per step (~80 MB of float32)
+BLOCKED_USERS = 256  # users ranked together when the catalogue is scored in chunks (metrics.top_k_blocked)
 
 
 class IdSpace(Protocol):
@@ -92,6 +93,7 @@ class RetrievalResult:
     top_items: np.ndarray  # (U, min(max K, n_items - 1)) item_idx, 0 where nothing eligible
     item_popularity: np.ndarray  # (n_items,) clicked train rows per item_idx
     users_without_relevant: int  # test users whose clicked items were all train/valid positives
+    users_eligible: int = 0  # test users with relevant items, of whom ``user_idx`` are evaluated (all, or an eval.max_eval_users sample)
 
 
 # (user_idx (b,), history (b, L), candidate item_idx (b, N) in retrieval order) -> the same candidates in served order
@@ -137,6 +139,7 @@ def rank_catalogue(
         .with_columns(pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64))))
         .sort("user_idx")
     )  # fmt: skip
+    eligible = users.height
     if cfg.max_eval_users and users.height > cfg.max_eval_users:
         users = users.sample(cfg.max_eval_users, seed=0).sort("user_idx")
     user_idx = users["user_idx"].to_numpy().astype(np.int64)
@@ -149,8 +152,12 @@ def rank_catalogue(
     retrieved = max(k_max, min(candidates, n_items - 1)) if rerank is not None else k_max
     catalogue = item_vecs[1:]  # column j is item_idx j + 1
     top = np.full((user_idx.size, k_max), -1, dtype=np.int64)
-    batch_users = max(1, min(1024, SCORES_PER_BATCH // max(catalogue.shape[0], 1)))
-    for start in tqdm(range(0, user_idx.size, batch_users), desc="evaluate: ranking the catalogue", leave=False):
+    # Without another source the scores are never held whole: the catalogue in chunks, a running top-k
+    # (memory users x chunk). The other sources read a dense (users, n_items) exclusion mask.
+    dense = propose is not None
+    batch_users = max(1, min(1024, SCORES_PER_BATCH // max(catalogue.shape[0], 1))) if dense else BLOCKED_USERS
+    chunk = max(1, SCORES_PER_BATCH // batch_users)
+    for start in tqdm(range(0, user_idx.size, batch_users), desc="evaluate: ranking the catalogue", unit="block", leave=False):
         stop = min(start + batch_users, user_idx.size)
         batch_user, batch_history = torch.from_numpy(user_idx[start:stop]), history[start:stop]
         user_vec = (
@@ -158,11 +165,13 @@ def rank_catalogue(
             else model.user_vectors(batch_user, batch_history, mean_content(content_vecs, batch_history))
         )  # (B, d)  # fmt: skip
         in_batch = (excluded_rows >= start) & (excluded_rows < stop)
-        exclude = torch.zeros(stop - start, catalogue.shape[0], dtype=torch.bool)
-        exclude[torch.from_numpy(excluded_rows[in_batch] - start), torch.from_numpy(excluded_cols[in_batch])] = True
-        found = m.top_k(user_vec @ catalogue.T, retrieved, exclude)  # (B, retrieved) columns, -1 where nothing is eligible
-        if propose is not None:
-            found = propose(batch_user, batch_history, found, exclude)
+        rows, cols = torch.from_numpy(excluded_rows[in_batch] - start), torch.from_numpy(excluded_cols[in_batch])
+        if not dense:
+            found = m.top_k_blocked(user_vec, catalogue, retrieved, rows, cols, chunk)  # (B, retrieved) columns, -1 where nothing is eligible
+        else:
+            exclude = torch.zeros(stop - start, catalogue.shape[0], dtype=torch.bool)
+            exclude[rows, cols] = True
+            found = propose(batch_user, batch_history, m.top_k(user_vec @ catalogue.T, retrieved, exclude), exclude)
         if rerank is not None:
             found = _reranked(rerank, torch.from_numpy(user_idx[start:stop]), history[start:stop], found)
         top[start:stop] = found[:, :k_max].numpy()
@@ -179,6 +188,7 @@ def rank_catalogue(
         top_items=top + 1,  # back to item_idx; -1 padding becomes 0
         item_popularity=_train_popularity(known, n_items),
         users_without_relevant=int(users_without_relevant),
+        users_eligible=int(eligible),
     )
 
 
