@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -28,7 +28,9 @@ from recsys.rundir import RunDir, atomic_path, read_json, write_json, write_parq
 
 log = logging.getLogger("recsys")
 
-MAX_SHARDS = 8  # the cache is compacted into one shard beyond this
+MAX_SHARDS = 8  # small shards (below SMALL_SHARD vectors) are merged into one beyond this many
+SMALL_SHARD = 10_000  # shards of at least this many vectors (a part of a large embed) are never rewritten
+PART_ITEMS = 50_000  # misses encoded and cached together: a killed embed keeps every finished part, and holds one part's inputs
 
 
 def embed(run: RunDir) -> dict[str, Any]:
@@ -123,10 +125,14 @@ def embed_texts(encoder: TextEncoder, items: pl.DataFrame, n_rows: int, cache: E
     seconds = 0.0
     if miss_keys:
         started = time.perf_counter()
-        encoding = encoder.encode([unique[key] for key in miss_keys], progress=True)
+
+        def encode(part: list[str]) -> tuple[np.ndarray, np.ndarray]:
+            encoding = encoder.encode([unique[key] for key in part], progress=True)
+            return encoding.vectors, encoding.truncated.astype(np.int8)
+
+        vectors[~hit], flags = _encode_in_parts(miss_keys, encode, cache, "text")
+        truncated[~hit] = flags.astype(bool)
         seconds = time.perf_counter() - started
-        cache.add(miss_keys, encoding.vectors, encoding.truncated.astype(np.int8))
-        vectors[~hit], truncated[~hit] = encoding.vectors, encoding.truncated
     position = {key: i for i, key in enumerate(unique)}
     rows = [position[key] for key in keys]
     out, mask = _scatter(present["item_idx"].to_numpy(), vectors[rows], n_rows)
@@ -140,7 +146,7 @@ def embed_images(encoder: ImageEncoder, items: pl.DataFrame, n_rows: int, cache:
     idx = items["item_idx"].to_numpy()
     status = np.full(items.height, IMAGE_MISSING, dtype=np.int8)
     keys: list[str | None] = [None] * items.height
-    content: dict[str, bytes] = {}
+    content: dict[str, str] = {}
     missing_examples: list[str] = []
     for row, path in enumerate(items["image"].to_list()):
         if path is None or path.strip() == "":
@@ -154,7 +160,7 @@ def embed_images(encoder: ImageEncoder, items: pl.DataFrame, n_rows: int, cache:
             status[row] = IMAGE_CORRUPT
             continue
         keys[row] = hashlib.sha256(data).hexdigest()
-        content.setdefault(keys[row], data)
+        content.setdefault(keys[row], path)  # the path, not the bytes: a part's files are read again when it is encoded
     if missing_examples:
         log.warning("embed: %d image file(s) not found, e.g. %s", len(missing_examples), missing_examples[:3])
 
@@ -164,10 +170,13 @@ def embed_images(encoder: ImageEncoder, items: pl.DataFrame, n_rows: int, cache:
     seconds = 0.0
     if miss_keys:
         started = time.perf_counter()
-        encoding = encoder.encode([content[key] for key in miss_keys], progress=True)
+
+        def encode(part: list[str]) -> tuple[np.ndarray, np.ndarray]:
+            encoding = encoder.encode([_read_bytes(content[key]) for key in part], progress=True)
+            return encoding.vectors, encoding.status
+
+        vectors[~hit], flags[~hit] = _encode_in_parts(miss_keys, encode, cache, "image")
         seconds = time.perf_counter() - started
-        cache.add(miss_keys, encoding.vectors, encoding.status)
-        vectors[~hit], flags[~hit] = encoding.vectors, encoding.status
     position = {key: i for i, key in enumerate(unique)}
     with_file = np.array([key is not None for key in keys], dtype=bool)
     status[with_file] = flags[[position[key] for key in keys if key is not None]]
@@ -176,6 +185,29 @@ def embed_images(encoder: ImageEncoder, items: pl.DataFrame, n_rows: int, cache:
     counts = {"present": int(ok.sum()), "missing": int((status == IMAGE_MISSING).sum()), "corrupt": int((status == IMAGE_CORRUPT).sum())}
     precision = getattr(encoder, "precision", None)
     return Modality(out, mask, counts, _cache_counts(hit), _rate(len(miss_keys), seconds), precision.to_dict() if precision else None)
+
+
+def _encode_in_parts(keys: list[str], encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]], cache: EmbeddingCache, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``encode`` the missed ``keys`` PART_ITEMS at a time, each part cached as soon as it is done; (vectors, flags) in key order."""
+    vectors, flags = [], []
+    starts = range(0, len(keys), PART_ITEMS)
+    for number, start in enumerate(starts, 1):
+        part = keys[start : start + PART_ITEMS]
+        part_vectors, part_flags = encode(part)
+        cache.add(part, part_vectors, part_flags)
+        vectors.append(part_vectors)
+        flags.append(part_flags)
+        if len(starts) > 1:
+            log.info("embed: %s part %d/%d cached (%d items)", what, number, len(starts), len(part))
+    return np.concatenate(vectors), np.concatenate(flags)
+
+
+def _read_bytes(path: str) -> bytes | None:
+    """A file's bytes again (None if it went away since it was hashed: encoded as missing)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
 
 
 def _scatter(item_idx: np.ndarray, vectors: np.ndarray, n_rows: int, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -243,19 +275,22 @@ class EmbeddingCache:
         new = pl.DataFrame({"key": keys, "shard": shard, "row": np.arange(len(keys)), "flag": flags.astype(np.int8)})
         table = pl.concat([self.table(), new]).unique("key", keep="last", maintain_order=True)
         write_parquet(table, self.table_path)
-        if table["shard"].n_unique() > MAX_SHARDS:
+        sizes = table["shard"].value_counts()
+        if sizes.filter(pl.col("count") < SMALL_SHARD).height > MAX_SHARDS:
             self.compact(vectors.shape[1])
 
     def compact(self, dim: int) -> None:
-        """Rewrite every cached vector (of width ``dim``) into a single shard and drop the old shards."""
+        """Merge the small shards (fewer than SMALL_SHARD vectors of width ``dim``) into one; large shards are never rewritten."""
         table = self.table()
-        vectors, flags, hit = self.lookup(table["key"].to_list(), dim)
-        old = set(table["shard"].to_list())
-        keep = table.filter(pl.Series(hit))
+        sizes = table["shard"].value_counts()
+        small = set(sizes.filter(pl.col("count") < SMALL_SHARD)["shard"].to_list())
+        merged = table.filter(pl.col("shard").is_in(list(small)))
+        vectors, flags, hit = self.lookup(merged["key"].to_list(), dim)
+        keep = merged.filter(pl.Series(hit))
         shard = f"shard-{uuid.uuid4().hex[:12]}.safetensors"
         with atomic_path(self.dir / shard) as tmp:
             save_file({"vectors": np.ascontiguousarray(vectors[hit])}, str(tmp))
         keep = keep.with_columns(pl.lit(shard).alias("shard"), pl.Series("row", np.arange(keep.height)), pl.Series("flag", flags[hit]))
-        write_parquet(keep, self.table_path)
-        for name in old:
+        write_parquet(pl.concat([table.filter(~pl.col("shard").is_in(list(small))), keep]), self.table_path)
+        for name in small:
             (self.dir / name).unlink(missing_ok=True)

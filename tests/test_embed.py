@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -251,3 +252,50 @@ def test_a_damaged_cache_shard_turns_its_keys_into_misses(tmp_path: Path) -> Non
     next(cache.dir.glob("shard-*.safetensors")).write_bytes(b"garbage")
     _, _, hit = cache.lookup(["k1", "k2"], 3)
     assert hit.tolist() == [False, False]
+
+
+def test_misses_are_encoded_and_cached_part_by_part_so_a_killed_embed_keeps_its_finished_parts(run: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    import features.embed as E
+    from features.encoders import TextEncoder
+
+    whole = embed(run)
+    expected = load_file(str(run.content / "embeddings.safetensors"))
+    shutil.rmtree(run.content)  # cache included
+    monkeypatch.setattr(E, "PART_ITEMS", 2)
+    real, calls = TextEncoder.encode, []
+
+    def dies_on_the_second_part(self, texts, progress=False):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, texts, progress)
+
+    monkeypatch.setattr(TextEncoder, "encode", dies_on_the_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        embed(run)
+    assert calls == [2, 1]  # 3 texts: a part of 2, then one of 1
+    monkeypatch.setattr(TextEncoder, "encode", real)
+    again = embed(run)
+    assert (again["text"]["cache_hits"], again["text"]["cache_misses"]) == (2, 1)  # the first part survived
+    got = load_file(str(run.content / "embeddings.safetensors"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-6, err_msg=key)
+    assert whole["text"]["present"] == again["text"]["present"] == 3
+
+
+def test_compaction_merges_only_the_small_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import features.embed as E
+
+    monkeypatch.setattr(E, "SMALL_SHARD", 3)
+    cache = E.EmbeddingCache(tmp_path, "identity-z")
+    cache.add([f"big{i}" for i in range(3)], np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros(3, dtype=np.int8))
+    (large,) = cache.dir.glob("shard-*.safetensors")
+    for i in range(E.MAX_SHARDS + 1):
+        cache.add([f"key{i}"], np.full((1, 4), 100 + i, dtype=np.float32), np.array([1], dtype=np.int8))
+    shards = sorted(cache.dir.glob("shard-*.safetensors"))
+    assert len(shards) == 2 and large in shards  # the small ones merged into one; the large one untouched
+    keys = [f"big{i}" for i in range(3)] + [f"key{i}" for i in range(E.MAX_SHARDS + 1)]
+    vectors, flags, hit = cache.lookup(keys, 4)
+    assert hit.all() and vectors[:3, 0].tolist() == [0.0, 4.0, 8.0] and vectors[3:, 0].tolist() == [100.0 + i for i in range(E.MAX_SHARDS + 1)]
+    assert flags.tolist() == [0, 0, 0] + [1] * (E.MAX_SHARDS + 1)
