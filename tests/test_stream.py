@@ -91,3 +91,22 @@ def test_training_on_a_streamed_split_learns_as_in_memory(tmp_path):
         aucs[name], read[name] = read_log(run)[summary["best_epoch"] - 1]["valid_auc"]["click"], summary["train_read"]
     assert read["memory"] == "in memory" and read["streamed"].startswith("in chunks of"), read
     assert aucs["streamed"] > 0.8 and abs(aucs["streamed"] - aucs["memory"]) < 0.05, aucs
+
+
+@pytest.mark.parametrize("world, n, context", [(2, 101, 3), (3, 200, 0), (4, 57, 10)])
+def test_each_rank_streams_the_rows_the_in_memory_rank_part_holds_and_together_every_kept_row_once(tmp_path, world, n, context):
+    from training.data import read_rank_part
+
+    _file(tmp_path / "t.parquet", n, context=context)
+    seen = []
+    lengths = set()
+    for rank in range(world):
+        streamed = StreamedSplit(tmp_path / "t.parquet", HISTORY_LEN, TASKS, rows_in_memory=24, rank=rank, world_size=world)  # chunks of 3 rows
+        in_memory = read_rank_part(tmp_path / "t.parquet", rank, world, "drop", interleave=True)
+        items = sorted(torch.cat([b["item_idx"] for b in streamed.batches(5, {}, seed=rank)]).tolist())
+        assert items == sorted(in_memory["item_idx"].to_list()) == sorted(streamed["item_idx"].tolist())
+        lengths.add(sum(1 for _ in streamed.batches(5, {}, seed=rank)))
+        seen += items
+    trained = n - context
+    assert sorted(seen) == list(range(context + 1, context + 1 + trained // world * world))  # each kept row on exactly one rank
+    assert len(lengths) == 1  # every rank runs as many batches

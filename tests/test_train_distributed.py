@@ -73,6 +73,17 @@ def test_two_processes_reach_the_valid_auc_of_one_process(two_processes, one_pro
         assert abs(two[head] - one[head]) < tolerance, (head, two, one)
 
 
+def test_two_processes_stream_their_parts_beyond_the_memory_budget_and_learn_as_in_memory(two_processes, tmp_path) -> None:
+    from training.train import train
+
+    run = make_run(tmp_path / "run", overrides=[*SETTINGS, "train.memory_budget_mb=0.1"], n_train=N_TRAIN)  # 3000 rows a rank > 0.1 MB / 80 B a row
+    summary = train(run, nproc=2)
+    assert summary["train_read"].startswith("in chunks") and two_processes[1]["train_read"] == "in memory"
+    assert summary["train_rows"] == N_TRAIN
+    streamed, in_memory = best_valid_auc(run), best_valid_auc(two_processes[0])
+    assert streamed["click"] > 0.85 and abs(streamed["click"] - in_memory["click"]) < 0.02, (streamed, in_memory)
+
+
 def test_validation_covers_every_valid_row_once(two_processes, one_process) -> None:
     run, summary = two_processes
     assert summary["valid_rows"] == one_process[1]["valid_rows"] == 400

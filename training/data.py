@@ -197,18 +197,22 @@ def trained_rows(path: str | Path) -> pl.LazyFrame:
     return lazy.filter(~pl.col("context")).drop("context") if "context" in lazy.collect_schema().names() else lazy
 
 
-def train_split(path: Path, history_len: int, tasks: dict[str, bool], memory_budget_mb: int) -> Split | StreamedSplit:
-    """The train split in memory when its padded rows fit ``memory_budget_mb`` (0: always), else a ``StreamedSplit`` within it."""
-    rows = trained_rows(path).select(pl.len()).collect().item()
-    fit = memory_budget_mb * 2**20 // bytes_per_row(history_len) if memory_budget_mb else rows
+def train_split(path: Path, history_len: int, tasks: dict[str, bool], memory_budget_mb: float, rank: int = 0, world_size: int = 1) -> Split | StreamedSplit:
+    """This rank's train rows in memory when their padded rows fit ``memory_budget_mb`` (0: always), else a ``StreamedSplit`` within it.
+
+    ``world_size > 1``: the rank's part (``read_rank_part(..., "drop", interleave=True)``), streamed or not.
+    """
+    rows = trained_rows(path).select(pl.len()).collect().item() // world_size
+    fit = int(memory_budget_mb * 2**20 // bytes_per_row(history_len)) if memory_budget_mb else rows
     if rows <= fit:
-        return read_split(path, history_len, tasks, trained_rows(path).collect())
+        frame = read_rank_part(path, rank, world_size, "drop", interleave=True) if world_size > 1 else trained_rows(path).collect()
+        return read_split(path, history_len, tasks, frame)
     log.info("train: %d rows x %d B > train.memory_budget_mb = %d: read in chunks, about %d rows in memory", rows, bytes_per_row(history_len), memory_budget_mb, fit)
-    return StreamedSplit(path, history_len, tasks, rows_in_memory=max(fit, 1))
+    return StreamedSplit(path, history_len, tasks, rows_in_memory=max(fit, 1), rank=rank, world_size=world_size)
 
 
 def load_training_data(
-    run: RunDir, use_text: bool = True, use_image: bool = True, rank: int = 0, world_size: int = 1, memory_budget_mb: int = 0
+    run: RunDir, use_text: bool = True, use_image: bool = True, rank: int = 0, world_size: int = 1, memory_budget_mb: float = 0
 ) -> TrainingData:
     """Everything the training job reads: meta, train/valid splits, feature tables, content.
 
@@ -216,19 +220,18 @@ def load_training_data(
     train rows ``rank, rank + N, ...`` (interleaved, so each rank spans the whole time range; the
     last ``n % N`` rows are left out), valid a contiguous range padded to equal length
     (``is_padding`` marks the repeats) for ``training.distributed.process_group.gather_to_rank0``.
-    In one process, a train split beyond ``memory_budget_mb`` is streamed (``train_split``); each
-    rank of the sharded job holds its part (1/N of the rows) in memory.
+    A train part (the whole split in one process, 1/N of it on each rank) beyond ``memory_budget_mb``
+    is streamed (``train_split``), each rank reading only its rows of each chunk.
     """
     meta_path = run.require(run.data / "meta.json", "prepare")
     meta = json.loads(meta_path.read_text())
     history_len, tasks = int(meta["history_len"]), meta["tasks"]
     train_path, valid_path = run.require(run.data / "train.parquet", "prepare"), run.data / "valid.parquet"
     valid_rows = pl.scan_parquet(valid_path).select(pl.len()).collect().item() if valid_path.is_file() else 0
+    train = train_split(train_path, history_len, tasks, memory_budget_mb, rank, world_size)
     if world_size > 1:
-        train = read_split(train_path, history_len, tasks, read_rank_part(train_path, rank, world_size, "drop", interleave=True))
         valid = read_split(valid_path, history_len, tasks, read_rank_part(valid_path, rank, world_size, "pad")) if valid_rows else None
     else:
-        train = train_split(train_path, history_len, tasks, memory_budget_mb)
         valid = read_split(valid_path, history_len, tasks) if valid_rows else None
     data = TrainingData(
         meta=meta, train=train, valid=valid, content=read_content(run, int(meta["n_items"]), use_text, use_image), valid_rows=valid_rows
@@ -315,8 +318,11 @@ class StreamedSplit:
     """A split file read in chunks (the comment above). ``split["click"]`` etc. are the whole 1-D columns;
     ``len(split)`` the trained rows; ``batches`` one epoch's batches."""
 
-    def __init__(self, path: str | Path, history_len: int, tasks: dict[str, bool], rows_in_memory: int):
+    def __init__(self, path: str | Path, history_len: int, tasks: dict[str, bool], rows_in_memory: int, rank: int = 0, world_size: int = 1):
+        """``rank`` of ``world_size``: this rank's part of the trained rows, as ``read_rank_part(..., "drop", interleave=True)``
+        takes it (trained rows r, r + N, ...; the last n % N left out), so every rank runs as many batches."""
         self.path, self.history_len, self.tasks = Path(path), history_len, tasks
+        self.rank, self.world_size = rank, world_size
         scan = pl.scan_parquet(self.path)
         names = scan.collect_schema().names()
         missing = [c for c in ("history", *COUNTED) if c not in names]
@@ -325,12 +331,22 @@ class StreamedSplit:
         self.has_context = "context" in names
         self.file_rows = scan.select(pl.len()).collect().item()
         self.chunk_rows = max(1, rows_in_memory // (2 * WINDOW_CHUNKS))  # a window is held twice while its chunks are joined
+        # trained rows before each chunk (an update's context rows are not trained): a row's index among the trained rows
+        trained = ~scan.select("context").collect()["context"].to_numpy() if self.has_context else np.ones(self.file_rows, dtype=bool)
+        per_chunk = np.add.reduceat(trained.astype(np.int64), np.arange(0, self.file_rows, self.chunk_rows)) if self.file_rows else np.zeros(0, np.int64)
+        self._trained_before = np.concatenate([[0], np.cumsum(per_chunk)]).astype(np.int64)
+        self._kept_rows = int(self._trained_before[-1]) // world_size * world_size  # the same count on every rank
         counted = (scan.filter(~pl.col("context")) if self.has_context else scan).select(COUNTED).collect()
+        mine = self._mine(np.arange(counted.height, dtype=np.int64))
         self.columns: Split = {
-            "user_idx": torch.from_numpy(counted["user_idx"].to_numpy().astype("int64")),
-            "item_idx": torch.from_numpy(counted["item_idx"].to_numpy().astype("int64")),
-            "click": torch.from_numpy(counted["click"].to_numpy().astype("float32")),
+            "user_idx": torch.from_numpy(counted["user_idx"].to_numpy().astype("int64")[mine]),
+            "item_idx": torch.from_numpy(counted["item_idx"].to_numpy().astype("int64")[mine]),
+            "click": torch.from_numpy(counted["click"].to_numpy().astype("float32")[mine]),
         }
+
+    def _mine(self, trained_index: np.ndarray) -> np.ndarray:
+        """Which of these trained rows (their index among all trained rows) are this rank's."""
+        return (trained_index % self.world_size == self.rank) & (trained_index < self._kept_rows)
 
     @property
     def n_chunks(self) -> int:
@@ -351,7 +367,10 @@ class StreamedSplit:
         frame = pl.scan_parquet(self.path).slice(index * self.chunk_rows, self.chunk_rows)
         if self.has_context:
             frame = frame.filter(~pl.col("context")).drop("context")
-        return read_split(self.path, self.history_len, self.tasks, frame.collect())
+        frame = frame.collect()
+        if self.world_size > 1:
+            frame = frame.filter(pl.Series(self._mine(self._trained_before[index] + np.arange(frame.height, dtype=np.int64))))
+        return read_split(self.path, self.history_len, self.tasks, frame)
 
     def batches(self, batch_size: int, content: dict[str, torch.Tensor], seed: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """One epoch: every trained row once, in batches of ``batch_size`` (the last may be smaller), in an order set by ``seed``.

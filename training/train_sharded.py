@@ -254,7 +254,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
     started = time.perf_counter()
     if cfg.train.batch_size // ctx.world_size < 2:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is the global batch: it must give each of {ctx.world_size} ranks at least 2 rows")
-    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, ctx.rank, ctx.world_size)
+    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, ctx.rank, ctx.world_size, memory_budget_mb=cfg.train.memory_budget_mb)
     n_items = int(data.meta["n_items"])
     item_rows, item_clicks = _global_item_counts(data.train, n_items)
     model = build_model(data, cfg)  # the same seed on every rank: the same initial weights
@@ -334,6 +334,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
     summary = {
         **epochs_summary(state, resumed_from),
         "train_rows": train_rows,
+        "train_read": "in memory" if isinstance(data.train, dict) else f"in chunks of {data.train.chunk_rows} file rows per rank (train.memory_budget_mb)",
         "train_rows_left_out": _file_rows(run.data / "train.parquet") - train_rows,  # the n % N tail
         "valid_rows": data.valid_rows,
         "tasks": list(tasks),
