@@ -250,10 +250,65 @@ class KnownItems:
 
 def cooccurrence_feature(neighbours: ItemNeighbours, recent: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Each candidate's ``(U, N)`` summed weight from the user's ``recent (U, R)`` items, divided by their number -> ``(U, N)``
-    (a mean cosine in [0, 1] for a cosine table; signed for EASE)."""
-    scores = neighbours.scores(recent)
+    (a mean cosine in [0, 1] for a cosine table; signed for EASE).
+
+    Above DENSE_SCORES catalogue items each user's scores are summed sparsely (``one_user_scores``)
+    and read at the candidates, instead of a ``(U, n_items)`` matrix: the same values.
+    """
     count = (recent != 0).sum(1, keepdim=True).clamp(min=1)
-    return scores.gather(1, candidates.clamp(min=0)) / count
+    if neighbours.n_items <= DENSE_SCORES:
+        return neighbours.scores(recent).gather(1, candidates.clamp(min=0)) / count
+    out = torch.zeros(candidates.shape, dtype=torch.float32)
+    for row in range(candidates.shape[0]):
+        items, scores = one_user_scores(neighbours, recent[row].numpy())
+        wanted = candidates[row].clamp(min=0).numpy()
+        at = np.minimum(np.searchsorted(items, wanted), max(len(items) - 1, 0))
+        hit = (items[at] == wanted) if len(items) else np.zeros(len(wanted), dtype=bool)
+        out[row] = torch.from_numpy(np.where(hit, scores[at] if len(items) else 0.0, 0.0).astype(np.float32))
+    return out / count
+
+
+def merge_sources_sparse(
+    towers: torch.Tensor,
+    excluded_rows: torch.Tensor,
+    excluded_items: torch.Tensor,
+    neighbours: ItemNeighbours | None,
+    recent: torch.Tensor | None,
+    cooccurrence_quota: int = 0,
+    popular: np.ndarray | None = None,
+    popular_quota: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_sources`` without ``(U, n_items)`` matrices, user by user as the service does (``top_new``): large catalogues.
+
+    ``excluded_rows`` / ``excluded_items`` (P,): the (row, item_idx) pairs each row must not be
+    proposed; ``recent (U, R)`` the rows' known items for the co-occurrence source; ``popular``
+    item_idx by click count, most clicked first. The same candidates as ``merge_sources``
+    (ties of equal scores: lower item_idx first).
+    """
+    order = torch.argsort(excluded_rows, stable=True)
+    rows, items = excluded_rows[order].numpy(), excluded_items[order].numpy()
+    bounds = np.searchsorted(rows, np.arange(towers.shape[0] + 1))
+    width = towers.shape[1] + (cooccurrence_quota if neighbours is not None else 0) + (popular_quota if popular is not None else 0)
+    candidates = torch.full((towers.shape[0], width), -1, dtype=torch.int64)
+    codes = torch.full_like(candidates, -1)
+    for row in range(towers.shape[0]):
+        own = towers[row][towers[row] >= 0].numpy()
+        seen = items[bounds[row] : bounds[row + 1]]
+        parts, part_codes = [own], [np.full(len(own), SOURCES.index("towers"))]
+        if neighbours is not None and cooccurrence_quota > 0:
+            extra = top_new(*one_user_scores(neighbours, recent[row].numpy()), np.concatenate([seen, own]), cooccurrence_quota)
+            parts.append(extra)
+            part_codes.append(np.full(len(extra), SOURCES.index("cooccurrence")))
+        if popular is not None and popular_quota > 0:
+            taken = np.concatenate([seen, *parts])
+            head = popular[: popular_quota + len(taken)]
+            extra = head[~np.isin(head, taken)][:popular_quota]
+            parts.append(extra)
+            part_codes.append(np.full(len(extra), SOURCES.index("popular")))
+        merged = np.concatenate(parts)
+        candidates[row, : len(merged)] = torch.from_numpy(merged)
+        codes[row, : len(merged)] = torch.from_numpy(np.concatenate(part_codes))
+    return candidates, codes
 
 
 def merge_sources(

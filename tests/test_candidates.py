@@ -127,3 +127,42 @@ def test_scores_summed_over_blocks_of_recent_items_are_the_same(monkeypatch):
     whole = table.scores(recent)
     monkeypatch.setattr(candidates, "SCORE_BLOCK", 1)  # one recent item at a time
     torch.testing.assert_close(table.scores(recent), whole)
+
+
+def _random_clicks(seed: int, users: int = 40, items: int = 30, clicks: int = 300):
+    rng = np.random.default_rng(seed)
+    user, item = rng.integers(1, users, clicks), rng.integers(1, items, clicks)
+    order = np.argsort(user, kind="stable")
+    return user[order], item[order]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "ease"])
+def test_the_sparse_merge_and_feature_equal_the_dense_ones(kind, monkeypatch):
+    import recsys.candidates as candidates
+    from recsys.candidates import merge_sources_sparse
+
+    users, items = _random_clicks(0)
+    n_items = 30
+    table = ItemNeighbours.from_clicks(users, items, n_items, k=8) if kind == "cosine" else ItemNeighbours.from_ease(users, items, n_items, k=8, l2=5.0)
+    rng = np.random.default_rng(1)
+    recent = torch.from_numpy(np.stack([np.r_[rng.choice(np.arange(1, n_items), 4, replace=False), 0, 0] for _ in range(6)]))
+    towers = torch.from_numpy(np.stack([np.r_[rng.choice(np.arange(1, n_items), 5, replace=False), -1] for _ in range(6)]))
+    excluded = torch.zeros(6, n_items, dtype=torch.bool)
+    excluded[:, 0] = True
+    excluded[torch.from_numpy(rng.integers(0, 6, 20)), torch.from_numpy(rng.integers(1, n_items, 20))] = True
+    excluded[torch.arange(6).unsqueeze(1), recent.clamp(min=0)] = True  # the recent items are seen
+    excluded[:, 0] = True
+    popularity = torch.from_numpy(rng.permutation(n_items).astype(np.int64))  # distinct counts: no ties to break
+    popularity[0] = 0
+    by_clicks = np.lexsort((np.arange(n_items), -popularity.numpy()))
+    popular = by_clicks[popularity.numpy()[by_clicks] > 0]
+
+    dense, dense_codes = merge_sources(towers, excluded, table.scores(recent), 4, popularity, 3)
+    rows, cols = torch.nonzero(excluded[:, 1:], as_tuple=True)
+    sparse, sparse_codes = merge_sources_sparse(towers, rows, cols + 1, table, recent, 4, popular, 3)
+    assert torch.equal(sparse, dense) and torch.equal(sparse_codes, dense_codes)
+
+    candidates_ = torch.cat([towers.clamp(min=0), sparse[:, :4].clamp(min=0)], 1)
+    want = cooccurrence_feature(table, recent, candidates_)
+    monkeypatch.setattr(candidates, "DENSE_SCORES", 0)
+    torch.testing.assert_close(cooccurrence_feature(table, recent, candidates_), want, rtol=1e-5, atol=1e-6)

@@ -176,6 +176,21 @@ def test_a_user_sample_ranks_the_same_lists_for_the_sampled_users_and_says_it_is
     assert _sampled(metrics["counts"]) == ""
 
 
+def test_served_metrics_are_the_same_when_the_other_sources_run_user_by_user(full_run, tmp_path, monkeypatch):
+    import shutil
+
+    import recsys.candidates
+    import training.evaluate
+
+    run, metrics = full_run
+    copy = RunDir(shutil.copytree(run.root, tmp_path / "copy"))
+    monkeypatch.setattr(training.evaluate, "DENSE_SCORES", 0)  # the large-catalogue path: no (users, n_items) matrices
+    monkeypatch.setattr(recsys.candidates, "DENSE_SCORES", 0)
+    sparse = evaluate(copy)
+    assert sparse["served"] == pytest.approx(metrics["served"], abs=1e-9) and sparse["served"]["recall@20"] > 0
+    assert sparse["retrieval"] == pytest.approx(metrics["retrieval"], abs=1e-12)
+
+
 def ranked_with_known_clicks(run):
     """The test split, the model's full ranking of the catalogue, and the train + valid clicks it excludes."""
     model = load_model(run.model)

@@ -27,7 +27,7 @@ from recsys.config import EvalConfig, ServeConfig
 from recsys.errors import RunError
 from recsys.history import mean_content, padded_history
 from recsys.model import RecsysModel, catalogue_states, load_model
-from recsys.candidates import ItemNeighbours, KnownItems, cooccurrence_feature, item_item_wanted, item_neighbours, merge_sources
+from recsys.candidates import DENSE_SCORES, ItemNeighbours, KnownItems, cooccurrence_feature, item_item_wanted, item_neighbours, merge_sources, merge_sources_sparse
 from recsys.ranking import score_candidates
 from recsys.rundir import RunDir, read_json, write_json, write_parquet
 from training import baseline, report
@@ -324,11 +324,22 @@ def served_sources(known: pl.DataFrame, n_items: int, serve: ServeConfig) -> tup
     popularity = torch.from_numpy(np.bincount(known["item_idx"].to_numpy(), minlength=n_items)[:n_items])
     popularity[0] = 0
 
-    def propose(user_idx: torch.Tensor, history: torch.Tensor, found: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
-        excluded = torch.nn.functional.pad(exclude, (1, 0), value=True)  # column j + 1 = item_idx j + 1; item 0 never
-        towers = torch.where(found >= 0, found + 1, found)
-        scores = neighbours.neighbours.scores(neighbours.known.batch(user_idx)) if serve.cooccurrence_candidates else None
-        merged, _ = merge_sources(towers, excluded, scores, serve.cooccurrence_candidates, popularity, serve.popular_candidates)
+    by_clicks = np.lexsort((np.arange(n_items), -popularity.numpy()))  # item_idx, most clicked first (ties: lower item_idx)
+    popular_order = by_clicks[popularity.numpy()[by_clicks] > 0]
+
+    def propose(user_idx: torch.Tensor, history: torch.Tensor, found: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The towers' ``found`` columns plus the other sources' quotas; ``rows`` / ``cols``: the excluded (row, column) pairs."""
+        towers = torch.where(found >= 0, found + 1, found)  # column j = item_idx j + 1
+        recent = neighbours.known.batch(user_idx) if serve.cooccurrence_candidates else None
+        if n_items <= DENSE_SCORES:  # one (users, n_items) pass for the block
+            excluded = torch.zeros(len(user_idx), n_items, dtype=torch.bool)
+            excluded[:, 0] = True  # item 0 is never proposed
+            excluded[rows, cols + 1] = True
+            scores = neighbours.neighbours.scores(recent) if recent is not None else None
+            merged, _ = merge_sources(towers, excluded, scores, serve.cooccurrence_candidates, popularity, serve.popular_candidates)
+        else:  # user by user, as the service: no (users, n_items) matrices
+            source = neighbours.neighbours if recent is not None else None
+            merged, _ = merge_sources_sparse(towers, rows, cols + 1, source, recent, serve.cooccurrence_candidates, popular_order, serve.popular_candidates)
         return torch.where(merged >= 0, merged - 1, merged)
 
     return neighbours, propose

@@ -98,8 +98,9 @@ class RetrievalResult:
 
 # (user_idx (b,), history (b, L), candidate item_idx (b, N) in retrieval order) -> the same candidates in served order
 Reranker = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# (user_idx (b,), history (b, L), the towers' columns (b, N) (-1 = none), excluded columns (b, n_items - 1)) -> more columns (b, N'), -1 at the end
-Proposer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (user_idx (b,), history (b, L), the towers' columns (b, N) (-1 = none), the excluded (row, column) pairs as rows (P,) and
+# columns (P,)) -> more columns (b, N'), -1 at the end
+Proposer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.inference_mode()
@@ -152,10 +153,8 @@ def rank_catalogue(
     retrieved = max(k_max, min(candidates, n_items - 1)) if rerank is not None else k_max
     catalogue = item_vecs[1:]  # column j is item_idx j + 1
     top = np.full((user_idx.size, k_max), -1, dtype=np.int64)
-    # Without another source the scores are never held whole: the catalogue in chunks, a running top-k
-    # (memory users x chunk). The other sources read a dense (users, n_items) exclusion mask.
-    dense = propose is not None
-    batch_users = max(1, min(1024, SCORES_PER_BATCH // max(catalogue.shape[0], 1))) if dense else BLOCKED_USERS
+    # The scores are never held whole: the catalogue in chunks, a running top-k (memory users x chunk).
+    batch_users = BLOCKED_USERS
     chunk = max(1, SCORES_PER_BATCH // batch_users)
     for start in tqdm(range(0, user_idx.size, batch_users), desc="evaluate: ranking the catalogue", unit="block", leave=False):
         stop = min(start + batch_users, user_idx.size)
@@ -166,12 +165,9 @@ def rank_catalogue(
         )  # (B, d)  # fmt: skip
         in_batch = (excluded_rows >= start) & (excluded_rows < stop)
         rows, cols = torch.from_numpy(excluded_rows[in_batch] - start), torch.from_numpy(excluded_cols[in_batch])
-        if not dense:
-            found = m.top_k_blocked(user_vec, catalogue, retrieved, rows, cols, chunk)  # (B, retrieved) columns, -1 where nothing is eligible
-        else:
-            exclude = torch.zeros(stop - start, catalogue.shape[0], dtype=torch.bool)
-            exclude[rows, cols] = True
-            found = propose(batch_user, batch_history, m.top_k(user_vec @ catalogue.T, retrieved, exclude), exclude)
+        found = m.top_k_blocked(user_vec, catalogue, retrieved, rows, cols, chunk)  # (B, retrieved) columns, -1 where nothing is eligible
+        if propose is not None:
+            found = propose(batch_user, batch_history, found, rows, cols)
         if rerank is not None:
             found = _reranked(rerank, torch.from_numpy(user_idx[start:stop]), history[start:stop], found)
         top[start:stop] = found[:, :k_max].numpy()
