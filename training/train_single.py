@@ -248,7 +248,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
     ckpt_dir = run.model / "checkpoint"
     state = new_state()
     average = WeightAverage() if cfg.train.average_weights else None
-    resumed_from = None
+    resumed_from, position = None, None
     warm: dict[str, Any] | None = None
     if resume and (ckpt_dir / "state.json").is_file():
         check_resume_digest(json.loads((ckpt_dir / "state.json").read_text()), cfg, ckpt_dir)
@@ -270,7 +270,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
 
     rates: list[float] = []
     last_valid: dict[str, Any] = {}
-    resume_at = position if resume and resumed_from is not None else None
+    resume_at = position  # a checkpoint taken within an epoch: continue that epoch where it stopped
 
     def checkpoint_within(position: EpochPosition, global_step: int) -> None:
         save_checkpoint(ckpt_dir, model, weighting, dense_opt, {**state, "global_step": global_step, "config_digest": resume_digest(cfg), "seed": cfg.train.seed}, average, position)
