@@ -268,6 +268,38 @@ def cooccurrence_feature(neighbours: ItemNeighbours, recent: torch.Tensor, candi
     return out / count
 
 
+def top_unseen(ranked: np.ndarray, seen: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` of ``ranked`` (best first) not in ``seen``; reads at most ``n + len(seen)`` of them, never the whole list."""
+    head = ranked[: n + len(seen)]
+    return head[~np.isin(head, seen)][:n]
+
+
+def one_user_union(
+    towers: np.ndarray,
+    seen: np.ndarray,
+    cooccurrence: tuple[np.ndarray, np.ndarray] | None = None,
+    cooccurrence_quota: int = 0,
+    popular: np.ndarray | None = None,
+    popular_quota: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``merge_sources`` for one user in O(recent x neighbours), not O(n_items): the service's path and the evaluation's above DENSE_SCORES items.
+
+    ``towers`` the first source's items, ``seen`` the user's, ``cooccurrence`` (item_idx, score) from
+    ``one_user_scores``, ``popular`` item_idx most clicked first. Each source adds unseen items no
+    earlier source proposed; returns the items and their source codes (``SOURCES``).
+    """
+    parts, codes = [towers], [np.full(len(towers), SOURCES.index("towers"), dtype=np.int64)]
+    if cooccurrence is not None and cooccurrence_quota > 0:
+        extra = top_new(*cooccurrence, np.concatenate([seen, towers]), cooccurrence_quota)
+        parts.append(extra)
+        codes.append(np.full(len(extra), SOURCES.index("cooccurrence"), dtype=np.int64))
+    if popular is not None and popular_quota > 0:
+        extra = top_unseen(popular, np.concatenate([seen, *parts]), popular_quota)
+        parts.append(extra)
+        codes.append(np.full(len(extra), SOURCES.index("popular"), dtype=np.int64))
+    return np.concatenate(parts), np.concatenate(codes)
+
+
 def merge_sources_sparse(
     towers: torch.Tensor,
     excluded_rows: torch.Tensor,
@@ -278,7 +310,7 @@ def merge_sources_sparse(
     popular: np.ndarray | None = None,
     popular_quota: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``merge_sources`` without ``(U, n_items)`` matrices, user by user as the service does (``top_new``): large catalogues.
+    """``merge_sources`` without ``(U, n_items)`` matrices, row by row through ``one_user_union``: large catalogues.
 
     ``excluded_rows`` / ``excluded_items`` (P,): the (row, item_idx) pairs each row must not be
     proposed; ``recent (U, R)`` the rows' known items for the co-occurrence source; ``popular``
@@ -293,21 +325,10 @@ def merge_sources_sparse(
     codes = torch.full_like(candidates, -1)
     for row in range(towers.shape[0]):
         own = towers[row][towers[row] >= 0].numpy()
-        seen = items[bounds[row] : bounds[row + 1]]
-        parts, part_codes = [own], [np.full(len(own), SOURCES.index("towers"))]
-        if neighbours is not None and cooccurrence_quota > 0:
-            extra = top_new(*one_user_scores(neighbours, recent[row].numpy()), np.concatenate([seen, own]), cooccurrence_quota)
-            parts.append(extra)
-            part_codes.append(np.full(len(extra), SOURCES.index("cooccurrence")))
-        if popular is not None and popular_quota > 0:
-            taken = np.concatenate([seen, *parts])
-            head = popular[: popular_quota + len(taken)]
-            extra = head[~np.isin(head, taken)][:popular_quota]
-            parts.append(extra)
-            part_codes.append(np.full(len(extra), SOURCES.index("popular")))
-        merged = np.concatenate(parts)
+        cooccurrence = one_user_scores(neighbours, recent[row].numpy()) if neighbours is not None and cooccurrence_quota > 0 else None
+        merged, merged_codes = one_user_union(own, items[bounds[row] : bounds[row + 1]], cooccurrence, cooccurrence_quota, popular, popular_quota)
         candidates[row, : len(merged)] = torch.from_numpy(merged)
-        codes[row, : len(merged)] = torch.from_numpy(np.concatenate(part_codes))
+        codes[row, : len(merged)] = torch.from_numpy(merged_codes)
     return candidates, codes
 
 

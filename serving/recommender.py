@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.candidates import SOURCES, ItemNeighbours, distinct_recent, item_item_wanted, item_neighbours, one_user_scores, top_new
+from recsys.candidates import SOURCES, ItemNeighbours, distinct_recent, item_item_wanted, item_neighbours, one_user_scores, one_user_union, top_unseen
 from recsys.config import Config
 from recsys.errors import RecsysError, RunError
 from recsys.events import COLUMNS as EVENT_COLUMNS
@@ -424,30 +424,16 @@ class Recommender:
         return torch.from_numpy(out)
 
     def _other_sources(self, candidates: np.ndarray, seen: np.ndarray, cooccurrence: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-        """The towers' candidates plus the co-occurrence and popular quotas (``recsys.candidates``) -> faiss ids and source codes.
-
-        The same union as ``merge_sources`` (each source adds unseen items no earlier source
-        proposed), computed for one user in O(recent x neighbours) instead of O(n_items).
-        """
+        """The towers' candidates plus the co-occurrence and popular quotas (``recsys.candidates.one_user_union``) -> faiss ids and source codes."""
         serve = self.cfg.serve
-        parts, codes = [candidates], [np.zeros(len(candidates), dtype=np.int64)]
-        if cooccurrence is not None and serve.cooccurrence_candidates:
-            extra = top_new(*cooccurrence, np.concatenate([seen, candidates]), serve.cooccurrence_candidates)
-            parts.append(extra)
-            codes.append(np.full(len(extra), SOURCES.index("cooccurrence")))
-        if serve.popular_candidates:
-            extra = self._popular(serve.popular_candidates, np.concatenate([seen, *parts]))
-            parts.append(extra)
-            codes.append(np.full(len(extra), SOURCES.index("popular")))
-        return np.concatenate(parts), np.concatenate(codes)
+        return one_user_union(candidates, seen, cooccurrence, serve.cooccurrence_candidates, self.behaviour.popular, serve.popular_candidates)
 
     def _seen(self, user_idx: int) -> np.ndarray:
         ptr = self.behaviour.seen_ptr
         return self.behaviour.seen_items[ptr[user_idx] : ptr[user_idx + 1]] if user_idx else np.zeros(0, dtype=np.int64)
 
     def _popular(self, n: int, seen: np.ndarray) -> np.ndarray:
-        popular = self.behaviour.popular[: n + len(seen)]  # at most len(seen) of them are dropped: no O(n_items) pass
-        return popular[~np.isin(popular, seen)][:n]
+        return top_unseen(self.behaviour.popular, seen, n)
 
     def _rank_many(
         self,
