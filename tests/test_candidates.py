@@ -23,6 +23,21 @@ def test_neighbours_are_the_most_co_clicked_items_by_cosine_of_their_user_sets()
     assert table.ids[5].tolist() == [0, 0]  # nobody clicked item 5
 
 
+@pytest.mark.parametrize("gram_block", [1, 7, 300])
+def test_the_co_click_counts_built_block_by_block_give_the_table_of_the_whole_product(gram_block):
+    rng = np.random.default_rng(3)
+    users, items = rng.integers(0, 60, 2000), rng.zipf(1.4, 2000) % 90  # popular items co-clicked often, ties in the cosines
+    for cap in (25, 90):  # 25 leaves some users' oldest items out; 90 (the catalogue) keeps them all
+        whole = ItemNeighbours.from_clicks(users, items, n_items=90, k=6, max_per_user=cap, gram_block=10**9)
+        blocked = ItemNeighbours.from_clicks(users, items, n_items=90, k=6, max_per_user=cap, gram_block=gram_block)
+        assert torch.equal(blocked.ids, whole.ids) and torch.equal(blocked.weights, whole.weights)
+    # against the cosines written out (cap 90): item i's first neighbour is argmax_j |U_i & U_j| / sqrt(|U_i| |U_j|)
+    holders = {i: set(users[items == i].tolist()) for i in range(90)}
+    for i in (1, 2, 5):
+        cos = [len(holders[i] & holders[j]) / math.sqrt(len(holders[i]) * len(holders[j])) if j != i and holders[j] and holders[i] else 0.0 for j in range(90)]
+        assert blocked.weights[i, 0].item() == pytest.approx(max(cos)) and cos[blocked.ids[i, 0].item()] == pytest.approx(max(cos))
+
+
 def test_a_users_items_beyond_max_per_user_are_their_oldest_and_left_out():
     table = ItemNeighbours.from_clicks(USERS, ITEMS, n_items=6, k=2, max_per_user=2)
     # user 1 keeps 2 and 3 (latest), user 2 keeps 1, 2, user 3 keeps 3, 4: item 1 is co-clicked with 2 only

@@ -70,8 +70,13 @@ def test_a_split_beyond_the_budget_is_streamed_and_one_within_it_is_read_whole(t
     whole = train_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, memory_budget_mb=1)
     assert isinstance(whole, dict) and len(whole["click"]) == 100
     assert isinstance(train_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, memory_budget_mb=0), dict)  # 0: always whole
-    streamed = train_split(tmp_path / "t.parquet", 2**20 // 8, TASKS, memory_budget_mb=1)  # 8 MB a row: nothing fits
-    assert isinstance(streamed, StreamedSplit) and bytes_per_row(2**20 // 8) > 2**20
+    frame = pl.read_parquet(tmp_path / "t.parquet")
+    per_row = bytes_per_row(frame["history"].list.len().mean())  # the rule counts the histories' real lengths, not HISTORY_LEN
+    assert per_row == int(np.ceil(36 + 4 * frame["history"].list.len().mean()))
+    budget = 100 * per_row / 2**20
+    assert isinstance(train_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, memory_budget_mb=budget), dict)  # 100 rows fit exactly
+    streamed = train_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, memory_budget_mb=budget * 0.99)
+    assert isinstance(streamed, StreamedSplit)
     with pytest.raises(KeyError, match="streamed split holds only"):
         streamed["history"]
     assert sum(len(b["click"]) for b in batches(streamed, 32, {}, seed=0)) == 100  # batches() reads it chunk by chunk
@@ -82,9 +87,9 @@ def test_training_on_a_streamed_split_learns_as_in_memory(tmp_path):
     from training.train import train
 
     aucs, read = {}, {}
-    for name, budget in (("memory", 0), ("streamed", 1)):
+    for name, budget in (("memory", 0), ("streamed", 0.25)):
         run = make_run(tmp_path / name, overrides=["train.epochs=4", f"train.memory_budget_mb={budget}"])
-        rows = pl.concat([pl.read_parquet(run.data / "train.parquet")] * 15)  # 18k rows x 80 B: above 1 MB
+        rows = pl.concat([pl.read_parquet(run.data / "train.parquet")] * 15)  # 18k rows of ~40 B (ragged histories): above 0.25 MB
         rows = rows.sample(fraction=1.0, shuffle=True, seed=0)  # not 15 copies one after another: a window would hold one copy's rows many times
         rows.write_parquet(run.data / "train.parquet", row_group_size=2000)
         summary = train(run)
@@ -110,3 +115,15 @@ def test_each_rank_streams_the_rows_the_in_memory_rank_part_holds_and_together_e
     trained = n - context
     assert sorted(seen) == list(range(context + 1, context + 1 + trained // world * world))  # each kept row on exactly one rank
     assert len(lengths) == 1  # every rank runs as many batches
+
+
+@pytest.mark.parametrize("read_rows", [1, 7, 30, 1000])
+def test_a_split_file_read_in_slices_equals_the_file_read_at_once(tmp_path, read_rows):
+    from training.data import read_split_file
+
+    frame = _file(tmp_path / "t.parquet", 100, context=9)
+    whole = read_split(tmp_path / "t.parquet", HISTORY_LEN, TASKS, frame.filter(~pl.col("context")).drop("context"))
+    sliced = read_split_file(tmp_path / "t.parquet", HISTORY_LEN, TASKS, read_rows=read_rows)
+    assert sliced.keys() == whole.keys() and len(sliced["click"]) == 91
+    for name in whole:
+        assert torch.equal(sliced[name][:], whole[name][:]), name

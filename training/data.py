@@ -1,13 +1,16 @@
 """Batches for training: ``RUN/data`` parquet + ``RUN/content`` matrices -> dicts of tensors.
 
-A split is held as columns (torch tensors) once; a batch is a row slice plus the content rows
-of its items, looked up per batch (the content matrices are inputs, not model parameters).
+A split is held as columns once: 1-D torch tensors and the histories ragged
+(``recsys.history.RaggedHistory``); a batch is a row slice, its histories padded to
+``history_len``, plus the content rows of its items, looked up per batch (the content matrices
+are inputs, not model parameters).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterator
@@ -20,12 +23,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from recsys.errors import DataError, RunError
-from recsys.history import padded_history
+from recsys.history import RaggedHistory
 from recsys.rundir import RunDir
 
 log = logging.getLogger("recsys.training")
 
-Split = dict[str, torch.Tensor]
+Split = dict[str, torch.Tensor | RaggedHistory]  # "history" ragged, the rest 1-D tensors
+READ_ROWS = 2_000_000  # a split file is read this many rows at a time (the polars frame of a read is transient)
 
 
 @dataclass
@@ -49,7 +53,7 @@ class TrainingData:
 
 
 def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.DataFrame | None = None) -> Split:
-    """One split parquet -> columns: user_idx, item_idx, history (N, L), click, conversion, rating (NaN = unrated).
+    """One split parquet -> columns: user_idx, item_idx, history (ragged, ``split["history"][rows]`` is ``(B, L)``), click, conversion, rating (NaN = unrated).
 
     ``frame``: rows of ``path`` already read (one rank's part); its ``is_padding`` column, if any, is kept.
     """
@@ -63,7 +67,7 @@ def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.D
     split = {
         "user_idx": torch.from_numpy(frame["user_idx"].to_numpy().astype(np.int64)),
         "item_idx": torch.from_numpy(frame["item_idx"].to_numpy().astype(np.int64)),
-        "history": torch.from_numpy(padded_history(frame["history"], history_len, longer="error")),
+        "history": RaggedHistory.from_column(frame["history"], history_len, longer="error"),
         "click": torch.from_numpy(frame["click"].to_numpy().astype(np.float32)),
     }
     if tasks.get("conversion"):
@@ -73,6 +77,35 @@ def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.D
     if "is_padding" in frame.columns:
         split["is_padding"] = torch.from_numpy(frame["is_padding"].to_numpy().astype(bool))
     return split
+
+
+def read_split_file(path: Path, history_len: int, tasks: dict[str, bool], read_rows: int = READ_ROWS) -> Split:
+    """``read_split`` of the whole file's trained rows, read ``read_rows`` file rows at a time.
+
+    Peak memory: the split held plus one read's polars frame, not the whole file's frame.
+    """
+    has_context = "context" in pl.scan_parquet(path).collect_schema().names()
+    n_rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+    parts = []
+    for start in range(0, max(n_rows, 1), read_rows):
+        frame = pl.scan_parquet(path).slice(start, read_rows)
+        parts.append(read_split(path, history_len, tasks, (frame.filter(~pl.col("context")).drop("context") if has_context else frame).collect()))
+    return parts[0] if len(parts) == 1 else concat_splits(parts)
+
+
+def concat_splits(parts: list[Split]) -> Split:
+    """The rows of ``parts`` one after another; each part's column is freed once it is copied (peak: the result plus one column)."""
+    out: Split = {}
+    for name in list(parts[0]):
+        columns = [part.pop(name) for part in parts]
+        out[name] = RaggedHistory.cat(columns) if isinstance(columns[0], RaggedHistory) else torch.cat(columns)
+        del columns
+    return out
+
+
+def take_rows(split: Split, rows: torch.Tensor) -> Split:
+    """The rows ``rows`` of ``split``, histories still ragged."""
+    return {name: column.take(rows) if isinstance(column, RaggedHistory) else column[rows] for name, column in split.items()}
 
 
 def feature_table(path: Path, idx_column: int | str, n_rows: int, declared: dict[str, int | None]) -> tuple[dict[str, int | None], torch.Tensor, torch.Tensor]:
@@ -202,12 +235,14 @@ def train_split(path: Path, history_len: int, tasks: dict[str, bool], memory_bud
 
     ``world_size > 1``: the rank's part (``read_rank_part(..., "drop", interleave=True)``), streamed or not.
     """
-    rows = trained_rows(path).select(pl.len()).collect().item() // world_size
-    fit = int(memory_budget_mb * 2**20 // bytes_per_row(history_len)) if memory_budget_mb else rows
+    n_rows, n_items = trained_rows(path).select(pl.len(), pl.col("history").list.len().sum()).collect(engine="streaming").row(0)
+    rows, per_row = n_rows // world_size, bytes_per_row((n_items or 0) / max(n_rows, 1))
+    fit = int(memory_budget_mb * 2**20 // per_row) if memory_budget_mb else rows
     if rows <= fit:
-        frame = read_rank_part(path, rank, world_size, "drop", interleave=True) if world_size > 1 else trained_rows(path).collect()
-        return read_split(path, history_len, tasks, frame)
-    log.info("train: %d rows x %d B > train.memory_budget_mb = %d: read in chunks, about %d rows in memory", rows, bytes_per_row(history_len), memory_budget_mb, fit)
+        if world_size > 1:
+            return read_split(path, history_len, tasks, read_rank_part(path, rank, world_size, "drop", interleave=True))
+        return read_split_file(path, history_len, tasks)
+    log.info("train: %d rows x %d B > train.memory_budget_mb = %d: read in chunks, about %d rows in memory", rows, per_row, memory_budget_mb, fit)
     return StreamedSplit(path, history_len, tasks, rows_in_memory=max(fit, 1), rank=rank, world_size=world_size)
 
 
@@ -232,7 +267,7 @@ def load_training_data(
     if world_size > 1:
         valid = read_split(valid_path, history_len, tasks, read_rank_part(valid_path, rank, world_size, "pad")) if valid_rows else None
     else:
-        valid = read_split(valid_path, history_len, tasks) if valid_rows else None
+        valid = read_split_file(valid_path, history_len, tasks) if valid_rows else None
     data = TrainingData(
         meta=meta, train=train, valid=valid, content=read_content(run, int(meta["n_items"]), use_text, use_image), valid_rows=valid_rows
     )
@@ -289,8 +324,10 @@ def history_content_sums(history: torch.Tensor, content: dict[str, torch.Tensor]
 # -- a train split beyond the memory budget ------------------------------------------------------
 # A training split read from its parquet file chunk by chunk, for splits larger than ``train.memory_budget_mb``.
 # 
-# The in-memory split (``training.data.read_split``) holds every row's padded ``(L,)`` history:
-# ``8 L + 32`` bytes a row, 432 at L = 50, so ~4 GB at 10M rows. A ``StreamedSplit`` holds only the
+# The in-memory split (``training.data.read_split``) holds every row's ids, labels and ragged
+# history: ``36 + 4 m`` bytes a row for a mean of m history items (``bytes_per_row``), 59 on the
+# 20M-row synthetic data of benchmarks/scale.py (m = 5.8), 236 when every history is L = 50 long,
+# so ~2.4 GB at 10M full-length rows. A ``StreamedSplit`` holds only the
 # 1-D columns the retrieval objective counts from (user_idx, item_idx, click: 20 bytes a row) and
 # reads the rest per epoch, a window of ``WINDOW_CHUNKS`` chunks at a time:
 # 
@@ -303,15 +340,17 @@ def history_content_sums(history: torch.Tensor, content: dict[str, torch.Tensor]
 # 
 # Every trained row is in exactly one batch per epoch, every batch but the last is full, and the
 # order depends only on the seed (tested). Memory: the 1-D columns (20 bytes a row) plus at most
-# ``2 x WINDOW_CHUNKS x chunk_rows`` padded rows (the budget's rows) while a window is joined,
+# ``2 x WINDOW_CHUNKS x chunk_rows`` rows (the budget's rows: a window's chunks and, while they
+# are joined column by column, a copy of one column),
 # whatever the file's length.
 WINDOW_CHUNKS = 4  # chunks shuffled together
 COUNTED = ("user_idx", "item_idx", "click")  # the columns held whole (what RetrievalObjective and the trained-item mask count)
 
 
-def bytes_per_row(history_len: int) -> int:
-    """Memory of one in-memory training row: the int64 history, ids, labels and a batch copy's share."""
-    return 8 * history_len + 32
+def bytes_per_row(mean_history_items: float) -> int:
+    """Memory of one in-memory training row with this many history items on average: int64 ids,
+    float32 labels (click, conversion, rating), the history's int64 offset and int32 items."""
+    return math.ceil(36 + 4 * mean_history_items)
 
 
 class StreamedSplit:
@@ -330,7 +369,7 @@ class StreamedSplit:
             raise DataError(f"{self.path}: missing column(s) {', '.join(missing)}; rerun `recsys prepare`")
         self.has_context = "context" in names
         self.file_rows = scan.select(pl.len()).collect().item()
-        self.chunk_rows = max(1, rows_in_memory // (2 * WINDOW_CHUNKS))  # a window is held twice while its chunks are joined
+        self.chunk_rows = max(1, rows_in_memory // (2 * WINDOW_CHUNKS))  # room for a window and a copy of its largest column while its chunks are joined
         # trained rows before each chunk (an update's context rows are not trained): a row's index among the trained rows
         trained = ~scan.select("context").collect()["context"].to_numpy() if self.has_context else np.ones(self.file_rows, dtype=bool)
         per_chunk = np.add.reduceat(trained.astype(np.int64), np.arange(0, self.file_rows, self.chunk_rows)) if self.file_rows else np.zeros(0, np.int64)
@@ -384,7 +423,7 @@ class StreamedSplit:
         index = 0
         for start in range(0, len(order), WINDOW_CHUNKS):
             parts = [self._chunk(i) for i in order[start : start + WINDOW_CHUNKS]]
-            window = _concat(([carry] if carry is not None else []) + parts)
+            window = concat_splits(([carry] if carry is not None else []) + parts)
             del parts
             n = len(window["click"])
             shuffled = torch.randperm(n, generator=generator)
@@ -393,8 +432,4 @@ class StreamedSplit:
                 if index >= skip:
                     yield make_batch(window, shuffled[at : at + batch_size], content)
                 index += 1
-            carry = {name: column[shuffled[full:]] for name, column in window.items()} if full < n else None
-
-
-def _concat(splits: list[Split]) -> Split:
-    return {name: torch.cat([s[name] for s in splits]) for name in splits[0]}
+            carry = take_rows(window, shuffled[full:]) if full < n else None

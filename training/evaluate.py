@@ -25,7 +25,7 @@ from tqdm import tqdm
 from recsys import metrics as m
 from recsys.config import EvalConfig, ServeConfig
 from recsys.errors import RunError
-from recsys.history import mean_content, padded_history
+from recsys.history import RaggedHistory, mean_content
 from recsys.model import RecsysModel, catalogue_states, load_model
 from recsys.candidates import DENSE_SCORES, ItemNeighbours, KnownItems, cooccurrence_feature, item_item_wanted, item_neighbours, merge_sources, merge_sources_sparse
 from recsys.ranking import score_candidates
@@ -240,14 +240,14 @@ def score_rows(model: RecsysModel, test: pl.DataFrame, content: Content) -> tupl
     """Every head's score for every test row, and the ranker's gate weights averaged over rows (T, E)."""
     user_idx = torch.from_numpy(test["user_idx"].to_numpy().astype(np.int64))
     item_idx = torch.from_numpy(test["item_idx"].to_numpy().astype(np.int64))
-    history = torch.from_numpy(padded_history(test["history"], model.spec.history_len, longer="error"))  # as the training batches
+    history = RaggedHistory.from_column(test["history"], model.spec.history_len, longer="error")  # padded per batch, as the training batches
     heads = ["p_click"] + (["p_cvr", "p_ctcvr"] if "conversion" in model.tasks else []) + (["rating"] if "rating" in model.tasks else [])
     chunks: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
     gate_sum: torch.Tensor | None = None
     for start in tqdm(range(0, test.height, BATCH_ROWS), desc="evaluate: scoring test rows", leave=False):
         rows = slice(start, start + BATCH_ROWS)
         batch = {"user_idx": user_idx[rows], "item_idx": item_idx[rows], "history": history[rows], **_item_content(content, item_idx[rows])}
-        batch.update(history_content_sums(history[rows], _item_content(content, slice(None))))
+        batch.update(history_content_sums(batch["history"], _item_content(content, slice(None))))
         out = model(batch)
         for head in heads:
             chunks[head].append(out[head].float())
