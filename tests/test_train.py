@@ -318,3 +318,36 @@ def test_a_job_stopped_mid_epoch_resumes_from_its_last_step_checkpoint_equal_to_
         assert torch.equal(a[key], b[key]), key
     assert [line["train_loss"] for line in read_log(crashed)] == [line["train_loss"] for line in read_log(straight)]  # the resumed epoch's mean counts its first 6 batches
     assert list((crashed.model / "checkpoint").glob("*.safetensors")) == [crashed.model / "checkpoint" / "epoch-0002.safetensors"]
+
+
+def test_refit_trains_on_train_then_valid_rows_for_the_selected_epochs_as_a_run_given_them_as_its_train_split(tmp_path):
+    from training.train import train
+
+    same = ["train.plateau_lr_factor=1.0", "train.patience=2", "train.epochs=6"]  # one lr for every epoch: the explicit run below has no plateaus to replay
+    refit = make_run(tmp_path / "refit", overrides=[*same, "train.refit=true"])
+    summary = train(refit)
+    epochs = summary["best_epoch"]
+    assert summary["refit"] == {**summary["refit"], "done": True, "epochs": epochs, "rows": 1200 + 400}
+    meta = json.loads((refit.model / "model.json").read_text())
+    assert meta["refit"]["epochs"] == epochs and meta["valid"]["auc"]["click"] > 0.5  # the selected epoch's validation is kept
+
+    explicit = make_run(tmp_path / "explicit", overrides=[*same[:2], f"train.epochs={epochs}"])
+    rows = pl.concat([pl.read_parquet(explicit.data / "train.parquet"), pl.read_parquet(explicit.data / "valid.parquet")], how="vertical_relaxed")
+    rows.write_parquet(explicit.data / "train.parquet")
+    (explicit.data / "valid.parquet").unlink()
+    train(explicit)
+    got, expected = load_file(str(refit.model / "model.safetensors")), load_file(str(explicit.model / "model.safetensors"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+    selected = make_run(tmp_path / "selected", overrides=same)
+    train(selected)
+    plain = load_file(str(selected.model / "model.safetensors"))
+    assert any(not torch.equal(plain[k], got[k]) for k in got)  # the refit replaced the selected model
+
+
+def test_refit_and_weight_averaging_are_refused_together(tmp_path):
+    from recsys.errors import ConfigError
+    from training.train import train
+
+    with pytest.raises(ConfigError, match="train.refit and train.average_weights"):
+        train(make_run(tmp_path / "run", overrides=["train.refit=true", "train.average_weights=true"]))

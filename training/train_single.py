@@ -10,6 +10,7 @@ The epoch machinery it shares with the N-process job is in ``training.epochs``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,9 +27,10 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from tqdm import tqdm
 
 from recsys.config import Config
+from recsys.errors import ConfigError
 from recsys.model import RecsysModel, model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_path, write_json
-from training.data import batches, load_training_data
+from training.data import StreamedSplit, TrainingData, batches, concat_splits, load_training_data
 from training.warm_start import warm_start
 from training.epochs import (
     add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
@@ -227,10 +229,46 @@ def _keep_average_if_better(run: RunDir, model, weighting, data, objective, cfg:
     return {"epochs": list(average.epochs), "score": score, "selected_epoch_score": state["best_score"], "kept": kept, "valid": valid_summary(valid)}
 
 
+def refit_on_valid(run: RunDir, data: TrainingData, cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
+    """``train.refit``: a fresh model trained on train + valid rows for the selected epoch count, replacing the selected model.
+
+    The valid split chose the epoch count (``state["best_epoch"]``) and, through its plateaus, the
+    dense lr of each epoch (read back from the training log); the refit replays both on the train
+    rows followed by the valid rows, from the same seed, so it differs from the selected model only
+    by what the valid rows teach. Nothing of the test split is read. Its validation figures in
+    ``model.json`` stay the selected epoch's (the refit model has seen the valid rows).
+    """
+    if data.valid is None or isinstance(data.train, StreamedSplit) or cfg.train.init_from:
+        why = "no valid split" if data.valid is None else "the train split is streamed" if isinstance(data.train, StreamedSplit) else "an update (train.init_from) warm-starts its model"
+        log.warning("train.refit: not done (%s); the selected model is kept", why)
+        return {"done": False, "reason": why}
+    started = time.perf_counter()
+    epochs = state["best_epoch"]
+    lrs = {line["epoch"]: line["lr"] for line in map(json.loads, run.train_log.read_text().splitlines()) if "lr" in line}
+    both = dataclasses.replace(data, train=concat_splits([dict(data.train), dict(data.valid)]), valid=None, valid_rows=0)
+    model = build_model(both, cfg)
+    fuse_tables(model, cfg.train.embedding_lr)
+    weighting = task_weighting(model.tasks, cfg)
+    dense_opt = torch.optim.Adam(model.dense_parameters() + list(weighting.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    objective = RetrievalObjective(cfg, both.train, model.spec.n_items, both.content)
+    log.info("train.refit: %d train + %d valid rows, %d epoch(s) (the selected count)", len(data.train["click"]), len(data.valid["click"]), epochs)
+    global_step = 0
+    for epoch in range(1, epochs + 1):
+        set_lr(dense_opt, lrs.get(epoch, cfg.train.lr))
+        losses, global_step, _ = train_epoch(model, weighting, dense_opt, both, objective, cfg, epoch, global_step)
+        weighting.end_epoch(losses)
+    selected = json.loads((run.model / "model.json").read_text())
+    out = {"done": True, "epochs": epochs, "rows": len(both.train["click"]), "seconds": round(time.perf_counter() - started, 2)}
+    save_model(model, run.model, {"best_epoch": epochs, "valid": selected.get("valid"), "refit": out})
+    return out
+
+
 # -- the job -------------------------------------------------------------------------------------
 def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Train on RUN/data (+ RUN/content) in this process; write RUN/model/ and RUN/train_log.jsonl; return the summary."""
     started = time.perf_counter()
+    if cfg.train.refit and cfg.train.average_weights:
+        raise ConfigError("train.refit and train.average_weights both replace the selected model: set one of them")
     data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, memory_budget_mb=cfg.train.memory_budget_mb)
     model = build_model(data, cfg)
     fuse_tables(model, cfg.train.embedding_lr)
@@ -301,9 +339,11 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
 
     averaged = _keep_average_if_better(run, model, weighting, data, objective, cfg, state, average) if average is not None else None
+    refit = refit_on_valid(run, data, cfg, state) if cfg.train.refit else None
     summary = {
         **epochs_summary(state, resumed_from),
         **({"weight_average": averaged} if averaged else {}),
+        **({"refit": refit} if refit else {}),
         "train_rows": len(data.train["click"]),
         "train_read": "in memory" if isinstance(data.train, dict) else f"in chunks of {data.train.chunk_rows} rows (train.memory_budget_mb)",
         "valid_rows": len(data.valid["click"]) if data.valid else 0,
