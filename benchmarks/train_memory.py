@@ -5,8 +5,8 @@
 The dataset is ``benchmarks/pipeline.py``'s (impressions grouped by user, Zipf-like items, no
 content), prepared once with history 50. Then one epoch of ``recsys train`` runs twice, each in
 a fresh process that reports its own peak RSS: with ``train.memory_budget_mb = 0`` (the whole
-split in memory: 8 x 50 + 32 bytes a row) and with ``--budget-mb`` (``training.data.StreamedSplit``:
-the 1-D columns whole, the padded rows a window at a time). The last line printed is a JSON summary.
+split in memory: 36 bytes a row plus 4 per history item, ``training.data.bytes_per_row``) and with
+``--budget-mb`` (``training.data.StreamedSplit``: the 1-D columns whole, the other rows a window at a time). The last line printed is a JSON summary.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ class TrainConfig(_Section):
     seed: int = 0
     nproc: int = Field(1, ge=1)
     sharding: Literal["auto", "data_parallel", "table_wise", "column_wise", "row_wise"] = "auto"
-    memory_budget_mb: float = Field(4096.0, ge=0)  # a train split (each rank's part with --nproc N) whose padded rows (8 history_len + 32 bytes each) exceed this is read in chunks (training.data.StreamedSplit); 0 = always in memory
+    memory_budget_mb: float = Field(4096.0, ge=0)  # a train split (each rank's part with --nproc N) whose rows (36 bytes + 4 per history item each, training.data.bytes_per_row) exceed this is read in chunks (training.data.StreamedSplit); 0 = always in memory
     init_from: str = ""  # a run directory whose model warm-starts this one (set by `recsys update`; its tables grow to this run's vocabularies)
 
 
