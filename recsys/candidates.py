@@ -23,7 +23,6 @@ user's items, can enter the blend (``serve.blend_ease`` or ``serve.blend_cooccur
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -86,11 +86,14 @@ def read_split_file(path: Path, history_len: int, tasks: dict[str, bool], read_r
     """
     has_context = "context" in pl.scan_parquet(path).collect_schema().names()
     n_rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-    parts = []
-    for start in range(0, max(n_rows, 1), read_rows):
-        frame = pl.scan_parquet(path).slice(start, read_rows)
-        parts.append(read_split(path, history_len, tasks, (frame.filter(~pl.col("context")).drop("context") if has_context else frame).collect()))
+    parts = [read_split(path, history_len, tasks, trained_slice(path, start, read_rows, has_context)) for start in range(0, max(n_rows, 1), read_rows)]
     return parts[0] if len(parts) == 1 else concat_splits(parts)
+
+
+def trained_slice(path: str | Path, start: int, rows: int, has_context: bool) -> pl.DataFrame:
+    """File rows ``[start, start + rows)`` (polars reads only the row groups they touch), less an update's context rows."""
+    frame = pl.scan_parquet(path).slice(start, rows)
+    return (frame.filter(~pl.col("context")).drop("context") if has_context else frame).collect()
 
 
 def concat_splits(parts: list[Split]) -> Split:
@@ -403,10 +406,7 @@ class StreamedSplit:
         return self.columns[name]
 
     def _chunk(self, index: int) -> Split:
-        frame = pl.scan_parquet(self.path).slice(index * self.chunk_rows, self.chunk_rows)
-        if self.has_context:
-            frame = frame.filter(~pl.col("context")).drop("context")
-        frame = frame.collect()
+        frame = trained_slice(self.path, index * self.chunk_rows, self.chunk_rows, self.has_context)
         if self.world_size > 1:
             frame = frame.filter(pl.Series(self._mine(self._trained_before[index] + np.arange(frame.height, dtype=np.int64))))
         return read_split(self.path, self.history_len, self.tasks, frame)
