@@ -40,8 +40,12 @@ class TargetAttention(nn.Module):
             hidden = self.key_proj(keys) + self.query_proj(query).unsqueeze(1) + self.product_proj(keys * query.unsqueeze(1))  # (B, L, hidden)
             weights = self._weights(hidden, mask)  # (B, L)
             return (weights.unsqueeze(-1) * keys).sum(1), weights
-        q = query.reshape(groups, per, 1, dim)  # (G, n, 1, E)
-        hidden = self.key_proj(keys).unsqueeze(1) + self.query_proj(q) + self.product_proj(keys.unsqueeze(1) * q)  # (G, n, L, hidden)
+        q = query.reshape(groups, per, dim)  # (G, n, E)
+        # (h * q) C = q (diag(h) C): per history one (n, E) x (E, L hidden) product, no (G, n, L, E) tensor of products
+        width = self.product_proj.out_features
+        per_key = (keys.unsqueeze(-1) * self.product_proj.weight.T).transpose(1, 2).reshape(groups, dim, length * width)  # (G, E, L hidden)
+        product = torch.matmul(q, per_key).reshape(groups, per, length, width)
+        hidden = product + self.key_proj(keys).unsqueeze(1) + self.query_proj(q).unsqueeze(2)  # (G, n, L, hidden)
         weights = self._weights(hidden, mask.unsqueeze(1))  # (G, n, L)
         pooled = torch.matmul(weights, keys)  # (G, n, L) x (G, L, E)
         return pooled.reshape(batch, dim), weights.reshape(batch, length)

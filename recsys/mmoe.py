@@ -41,18 +41,36 @@ class MultiTaskRanker(nn.Module):
         self.towers = nn.ModuleDict({t: mlp([expert_dim, tower_dim, 1]) for t in self.tasks})
 
     def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        expert_out, gate_logits = self._experts_batched(x)  # (B, E, expert_dim), (B, T, E) or None
+        return self.from_first_layer(F.linear(x, *self.first_layer()))
+
+    def first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert's and every gate's first layer side by side: weight ``(E D + T E, in_dim)`` and bias.
+
+        ``from_first_layer(x W^T + b)`` is ``forward(x)``; a caller that knows more about ``x``
+        (``RecsysModel.rank``: a user's columns shared by its candidates) may compute the product its own way.
+        """
+        layers = self.first_layers()
+        return torch.cat([layer.weight for layer in layers]), torch.cat([layer.bias for layer in layers])
+
+    def first_layers(self) -> list[nn.Linear]:
+        """The layers ``first_layer`` joins: each expert's first, then each task's gate (MMoE)."""
+        return [expert[0] for expert in self.experts] + ([self.gates[t] for t in self.tasks] if self.gates is not None else [])
+
+    def from_first_layer(self, h: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The rest of ``forward`` from the first layer's output ``h (B, E D + T E)``."""
+        expert_out, gate_logits = self._experts_batched(h)  # (B, E, expert_dim), (B, T, E) or None
         if gate_logits is not None:
             gate_weights = torch.softmax(gate_logits, dim=-1)  # (B, T, E)
         else:
-            gate_weights = self.fixed_gates.expand(x.shape[0], -1, -1)
+            gate_weights = self.fixed_gates.expand(h.shape[0], -1, -1)
         # sum_e gate[b, t, e] * expert[b, e, :] as E multiply-adds over (B, T, D): a bmm here would be B products of (T x E)(E x D)
         mixed = sum(gate_weights[:, :, e : e + 1] * expert_out[:, e : e + 1] for e in range(expert_out.shape[1]))  # (B, T, expert_dim)
         logits = {t: self.towers[t](mixed[:, i]).squeeze(-1) for i, t in enumerate(self.tasks)}
         return logits, gate_weights
 
-    def _experts_batched(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``expert(x)`` of every expert and the gates' logits, as one matmul per layer instead of one per expert and gate.
+    def _experts_batched(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``expert(x)`` of every expert and the gates' logits from the joint first layer ``h`` (``first_layer``),
+        as one product per layer instead of one per expert and gate.
 
         The same parameters (``experts[e]`` is still the Linear-ReLU-Linear-ReLU stack) and function (tested).
 
@@ -60,14 +78,12 @@ class MultiTaskRanker(nn.Module):
         product; second: a ``(E, B, D) x (E, D, D)`` batched product. At B = 4096, in = 417 this
         took 46 ms forward + backward against 62 ms per expert (one thread).
         """
-        firsts = [expert[0] for expert in self.experts]
-        gates = [self.gates[t] for t in self.tasks] if self.gates is not None else []
-        n, width = len(firsts), firsts[0].out_features
-        h = F.linear(x, torch.cat([layer.weight for layer in firsts + gates]), torch.cat([layer.bias for layer in firsts + gates]))
+        n, width = len(self.experts), self.experts[0][0].out_features
         hidden = torch.relu(h[:, : n * width]).reshape(-1, n, width).transpose(0, 1)  # (E, B, D)
         seconds = [expert[2] for expert in self.experts]
         weight = torch.stack([layer.weight for layer in seconds]).transpose(1, 2)  # (E, D, D_out)
         bias = torch.stack([layer.bias for layer in seconds]).unsqueeze(1)  # (E, 1, D_out)
         expert_out = torch.relu(torch.baddbmm(bias, hidden, weight)).transpose(0, 1)  # (B, E, D_out)
-        gate_logits = h[:, n * width :].reshape(-1, len(gates), n) if gates else None
+        gates = h.shape[1] - n * width
+        gate_logits = h[:, n * width :].reshape(-1, gates // n, n) if gates else None
         return expert_out, gate_logits

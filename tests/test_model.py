@@ -490,6 +490,26 @@ def test_rank_of_users_against_their_candidates_equals_the_rows_one_by_one():
             model.rank({k: v[:4] for k, v in model.user_state(batch["user_idx"], batch["history"]).items()}, items)  # 4 users, 6 candidates
 
 
+
+def test_grouped_rank_through_the_factored_first_layer_equals_the_plain_per_pair_path():
+    """Under inference the user's columns go through the ranker's first layer once per user
+    (``_grouped_first_layer``, LayerNorm split into shared and paired sums): the same heads as the
+    plain path, which ``rank`` takes when every candidate has its own user row."""
+    model = make_model()
+    model.eval()
+    batch = make_batch(n=12)
+    with torch.inference_mode():
+        users = model.user_state(batch["user_idx"][:3], batch["history"][:3])
+        items = model.item_state(batch["item_idx"], text=batch.get("text"), text_mask=batch.get("text_mask"), image=batch.get("image"), image_mask=batch.get("image_mask"))
+        grouped = model.rank(users, items)  # 3 users x 4 candidates
+        copied = model.rank({k: v.repeat_interleave(4, 0) for k, v in users.items()}, items)  # a user row per candidate: the plain path
+        one = model.rank({k: v[1:2] for k, v in users.items()}, {k: v[4:8] for k, v in items.items()})  # one user broadcast
+    assert set(grouped) == set(copied) and "rating" in grouped
+    for head in grouped:
+        torch.testing.assert_close(grouped[head], copied[head], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(one[head], copied[head][4:8], rtol=1e-5, atol=1e-6)
+    assert grouped["p_click"].std() > 1e-3  # the candidates are told apart: not a constant that any path would match
+
 # -- cold items ------------------------------------------------------------------------------
 def test_items_without_training_interactions_ignore_their_untrained_id_row():
     model = make_model()
@@ -631,6 +651,8 @@ def test_inference_reads_the_same_embeddings_as_the_kjt_pass():
         assert model._direct_lookup()
         direct_user, direct_item = model.user_state(users, history, content), model.item_state(items)
         direct_pooled = model._pooled(users, history, items)[0]
+    recent = torch.stack([kjt_pooled.pop(key) for key in model.recent_keys], dim=1)  # the direct path reads them as one (B, A, E) gather
+    torch.testing.assert_close(direct_pooled.pop("recent"), recent.detach())
     assert set(direct_pooled) == set(kjt_pooled)
     for key in kjt_pooled:
         torch.testing.assert_close(direct_pooled[key], kjt_pooled[key].detach(), msg=key)
