@@ -21,7 +21,7 @@ import pytest
 
 from features.embed import embed
 from features.pipeline import prepare
-from features.synth import synthesize
+from features.synth import SynthParams, synthesize
 from recsys.config import load_config
 from recsys.rundir import RunDir, read_json
 from training.evaluate import evaluate
@@ -29,9 +29,9 @@ from training.train import train
 from training.truth import truth_quality
 
 
-def trained_run(root: Path, users: int, items: int, interactions: int, overrides: list[str]) -> tuple[RunDir, Path]:
+def trained_run(root: Path, users: int, items: int, interactions: int, overrides: list[str], params: SynthParams | None = None) -> tuple[RunDir, Path]:
     dataset = root / "data"
-    synthesize(dataset, users=users, items=items, interactions=interactions, seed=0)
+    synthesize(dataset, users=users, items=items, interactions=interactions, seed=0, params=params)
     cfg = load_config(None, ["eval.bootstrap=0", *overrides])  # bundled MiniLM text, weight-free built-in images
     run = RunDir.create(root / "run", cfg, dataset)
     prepare(run)
@@ -64,13 +64,26 @@ def test_default_model_gets_most_of_the_oracle_auc_on_every_task(small):
     assert q["rating_rmse_ratio"] <= 1.3, q
 
 
-@pytest.mark.slow  # unstable at this size: on AMD EPYC (2026-12-01) click_cold was 0.298 < 0.35, within the ~0.1 seed noise of 216 cold rows; needs a larger cold set
-def test_cold_items_are_ranked_through_their_content(small):
-    q = quality(*small)
-    assert q["cold_rows"] >= 100, q
-    assert q["click_cold"] >= 0.35, q  # never seen in training: ranked by text, image and side features alone
-    assert q["click_cold"] >= 0.45 * q["click_warm"], q
-    assert q["click_cold_content"] >= 0.4, q  # of what the text and image can tell (measured 0.44 on 216 cold rows)
+@pytest.fixture(scope="module")
+def cold_start(tmp_path_factory) -> tuple[RunDir, Path]:
+    """300 users x 600 items, 60% of them created during the span: about 90 s on one core.
+
+    The small run's test split holds 216 cold rows, too few to measure cold items on (its
+    click_cold moved by about 0.1 between seeds and fell to 0.30 on an AMD EPYC); this one holds 709.
+    """
+    return trained_run(tmp_path_factory.mktemp("cold"), users=300, items=600, interactions=60_000, overrides=["train.epochs=12"],
+                       params=SynthParams(new_item_fraction=0.6))
+
+
+# Measured (2026-12-02, AMD EPYC) with train.seed 0 / 1 / 2: click_cold 0.579 / 0.528 / 0.598, click_warm
+# 0.770 / 0.775 / 0.779, click_cold_content 0.757 / 0.689 / 0.780 on 709 cold rows. A model that ignored
+# the content of cold items would sit near 0 (the id-only ablation: 0.05).
+def test_cold_items_are_ranked_through_their_content(cold_start):
+    q = quality(*cold_start)
+    assert q["cold_rows"] >= 500, q
+    assert q["click_cold"] >= 0.40, q  # never seen in training: ranked by text, image and side features alone
+    assert q["click_cold"] >= 0.55 * q["click_warm"], q
+    assert q["click_cold_content"] >= 0.55, q  # of what the text and image can tell
 
 
 def test_the_ceiling_is_far_above_chance_not_above_the_oracle_and_not_below_the_model(small):
