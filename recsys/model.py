@@ -169,6 +169,7 @@ class RecsysModel(nn.Module):
             user_part = emb * (1 + len(self.user_cat_keys)) + len(user_nums)
             item_part = emb * (1 + len(self.item_cat_keys)) + len(item_nums) + self.content_dim
             ranker_in += 1 + user_part + item_part + emb
+            self._part_widths = (user_part, item_part)  # the ranker input's user and candidate feature columns (``_grouped_weights``)
             self.ranker_norm = nn.LayerNorm(ranker_in)  # ids, unit vectors and content live on different scales
         self.ranker = MultiTaskRanker(ranker_in, list(self.tasks), cfg.ranker, cfg.experts, cfg.expert_dim, cfg.tower_dim)
         lo, hi = spec.rating_range
@@ -357,18 +358,22 @@ class RecsysModel(nn.Module):
         parts = [user_vec * scale, item_vec * scale, user_vec * item_vec * scale]
         if self.sees_features:
             attended, _ = self.attention(self.attention_query(item_vec), user["history_keys"], user["history_mask"])
-            item_part = per_pair(item["item_part"])
-            dropout = self.spec.config.ranker_id_dropout
-            if self.training and dropout > 0:  # rows whose candidate id the ranker does not see: it must rank by content, as for cold items
-                emb = self.spec.config.embedding_dim
-                hidden = (torch.rand(batch, 1) < dropout).to(item_part.dtype)
-                item_part = torch.cat([item_part[:, :emb] * (1 - hidden), item_part[:, emb:]], dim=1)
             dot = (user_vec * item_vec).sum(-1, keepdim=True)
-            if users < batch and not torch.is_grad_enabled():  # candidates grouped by user: the user's columns through the first layer once per user
+            precomputed = item.get("first_layer")  # the candidates' own columns through the first layer (``item_first_layer``), e.g. kept by the service
+            if not torch.is_grad_enabled() and (users < batch or precomputed is not None):  # the user's columns through the first layer once per user
                 shared = torch.cat([user["user_vec"] * scale, user["user_part"]], dim=-1)  # (U, .)
-                paired = torch.cat([parts[1], parts[2], dot, item_part, attended], dim=-1)  # (B, .)
-                logits, gates = self.ranker.from_first_layer(self._grouped_first_layer(shared, paired, batch // users))
+                if precomputed is not None:
+                    paired, own = torch.cat([parts[2], dot, attended], dim=-1), per_pair(precomputed)
+                else:
+                    paired, own = torch.cat([parts[1], parts[2], dot, per_pair(item["item_part"]), attended], dim=-1), None
+                logits, gates = self.ranker.from_first_layer(self._grouped_first_layer(shared, paired, batch // users, own))
             else:
+                item_part = per_pair(item["item_part"])
+                dropout = self.spec.config.ranker_id_dropout
+                if self.training and dropout > 0:  # rows whose candidate id the ranker does not see: it must rank by content, as for cold items
+                    emb = self.spec.config.embedding_dim
+                    hidden = (torch.rand(batch, 1) < dropout).to(item_part.dtype)
+                    item_part = torch.cat([item_part[:, :emb] * (1 - hidden), item_part[:, emb:]], dim=1)
                 parts += [dot, per_pair(user["user_part"]), item_part, attended]
                 logits, gates = self.ranker(self.ranker_norm(torch.cat(parts, dim=-1)))
         else:
@@ -381,37 +386,67 @@ class RecsysModel(nn.Module):
             out["rating"] = self.rating_lo + self.rating_span * torch.sigmoid(logits["rating"])
         return out, gates, logits
 
-    def _grouped_first_layer(self, shared: torch.Tensor, paired: torch.Tensor, per: int) -> torch.Tensor:
+    def _grouped_first_layer(self, shared: torch.Tensor, paired: torch.Tensor, per: int, own: torch.Tensor | None = None) -> torch.Tensor:
         """The ranker's first layer over ``LayerNorm([u, v, u * v, u . v, user_part, item_part, attended])``
         with the user's columns (``shared (U, S)``: u and user_part) multiplied once per user, not once per candidate.
 
-        ``paired (B, P)``: the other columns in order, B = U per rows grouped by user. With
-        ``W' = W diag(gamma)``: ``W LN(x) + b = (W' x - mean(x) W' 1) / std(x) + W beta + b``, and
-        the sum, the sum of squares and ``W' x`` each split into the shared and the paired columns.
-        The same function as the plain path (tested); at 250 candidates a user it skips about a
-        third of the first layer's multiply-adds.
+        ``paired (B, P)``: the other columns in order, B = U per rows grouped by user; or, given
+        ``own`` (``item_first_layer`` of the B candidates), only the pair's ``[u * v, u . v, attended]``.
+        With ``W' = W diag(gamma)``: ``W LN(x) + b = (W' x - mean(x) W' 1) / std(x) + W beta + b``, and
+        the sum, the sum of squares and ``W' x`` each split into the user's, the candidate's and the
+        pair's columns. The same function as the plain path (tested); at 250 candidates a user it
+        skips about a third of the first layer's multiply-adds, and with ``own`` kept per item, two thirds.
         """
-        user_cols, pair_cols, col_sums, offset = self._grouped_weights(shared.shape[1])
-        width = shared.shape[1] + paired.shape[1]
+        w = self._grouped_weights()
         per_user = lambda t: t if t.shape[0] == 1 else t.repeat_interleave(per, dim=0)  # noqa: E731  (one user broadcasts)
-        mean = (per_user(shared.sum(1, keepdim=True)) + paired.sum(1, keepdim=True)) / width
-        square = (per_user(shared.square().sum(1, keepdim=True)) + paired.square().sum(1, keepdim=True)) / width
+        total = per_user(shared.sum(1, keepdim=True)) + paired.sum(1, keepdim=True)
+        square = per_user(shared.square().sum(1, keepdim=True)) + paired.square().sum(1, keepdim=True)
+        product = per_user(shared @ w["user"])
+        if own is None:
+            product = product + paired @ w["pair"]
+        else:
+            width = w["item"].shape[1]
+            product = product + paired @ w["interaction"] + own[:, :width]
+            total, square = total + own[:, width : width + 1], square + own[:, width + 1 :]
+        mean, square = total / self.ranker_norm.normalized_shape[0], square / self.ranker_norm.normalized_shape[0]
         inv_std = torch.rsqrt((square - mean.square()).clamp(min=0) + self.ranker_norm.eps)
-        product = per_user(shared @ user_cols) + paired @ pair_cols - mean * col_sums
-        return product * inv_std + offset
+        return (product - mean * w["sums"]) * inv_std + w["offset"]
 
-    def _grouped_weights(self, n_shared: int) -> tuple[torch.Tensor, ...]:
-        """``_grouped_first_layer``'s weights (``W diag(gamma)`` split by column and transposed, its row sums,
-        ``W beta + b``), kept while no parameter they come from changes (``Tensor._version``)."""
+    def item_first_layer(self, item: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A candidate's own ranker-input columns (``[v, item_part]``) through ``_grouped_first_layer``'s
+        weights, with their sum and sum of squares: ``(B, H + 2)``, a function of the item alone.
+
+        The service keeps these rows for its catalogue (``serve.rank_cache_mb``) and hands them to
+        ``rank`` as ``item["first_layer"]``: per candidate only the pair's columns remain. Inference only.
+        """
+        x = torch.cat([item["item_vec"] * self.spec.config.dim ** 0.5, item["item_part"]], dim=-1)
+        return torch.cat([x @ self._grouped_weights()["item"], x.sum(1, keepdim=True), x.square().sum(1, keepdim=True)], dim=1)
+
+    @property
+    def item_first_width(self) -> int:
+        """Columns of an ``item_first_layer`` row: the first layer's width (every expert's and gate's), then the sum and the sum of squares."""
+        return self.ranker.first_layer()[0].shape[0] + 2
+
+    def _grouped_weights(self) -> dict[str, torch.Tensor]:
+        """``_grouped_first_layer``'s weights: ``W diag(gamma)`` split by column (the user's, the pair's; the
+        pair's again as the candidate's and the interaction's) and transposed, its row sums, ``W beta + b``;
+        kept while no parameter they come from changes (``Tensor._version``)."""
         params = [self.ranker_norm.weight, self.ranker_norm.bias, *(p for layer in self.ranker.first_layers() for p in (layer.weight, layer.bias))]
-        key = (n_shared, *((id(p), p._version) for p in params))
+        key = tuple((id(p), p._version) for p in params)
         if getattr(self, "_grouped_cache", (None,))[0] != key:
             weight, bias = self.ranker.first_layer()
-            d, n_user = self.spec.config.dim, n_shared - self.spec.config.dim
+            d, (n_user, n_item) = self.spec.config.dim, self._part_widths
             scaled = weight * self.ranker_norm.weight  # W diag(gamma)
-            user_cols = torch.cat([scaled[:, :d], scaled[:, 3 * d + 1 : 3 * d + 1 + n_user]], dim=1).T.contiguous()
-            pair_cols = torch.cat([scaled[:, d : 3 * d + 1], scaled[:, 3 * d + 1 + n_user :]], dim=1).T.contiguous()
-            self._grouped_cache = (key, (user_cols, pair_cols, scaled.sum(1), weight @ self.ranker_norm.bias + bias))
+            user_at, item_at = 3 * d + 1, 3 * d + 1 + n_user  # where user_part and item_part start
+            cols = lambda *spans: torch.cat([scaled[:, a:b] for a, b in spans], dim=1).T.contiguous()  # noqa: E731
+            end = scaled.shape[1]
+            self._grouped_cache = (key, {
+                "user": cols((0, d), (user_at, item_at)),
+                "pair": cols((d, user_at), (item_at, end)),
+                "item": cols((d, 2 * d), (item_at, item_at + n_item)),
+                "interaction": cols((2 * d, user_at), (item_at + n_item, end)),
+                "sums": scaled.sum(1), "offset": weight @ self.ranker_norm.bias + bias,
+            })  # fmt: skip
         return self._grouped_cache[1]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

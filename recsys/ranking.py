@@ -40,17 +40,23 @@ def score_candidates(
     serve: ServeConfig,
     cooccurrence: torch.Tensor | None = None,
     item_item: str = "cosine",
+    item_first: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Blended scores ``(U, N)`` and head predictions of ``U`` users (``model.user_state`` rows) x their ``N`` candidates each.
 
     ``item_idx (U, N)``, ``item_vec (U, N, d)``, ``content_vec (U, N, C)`` or None; one user row
     (U = 1) is the service's case. ``cooccurrence (U, N)`` (``recsys.candidates.cooccurrence_feature``
     of a table of kind ``item_item``) joins the blend with ``serve.item_item_blend(item_item)``.
+    ``item_first (U, N, H + 2)``: the candidates' ``model.item_first_layer`` rows (the service keeps
+    them per item): the same scores without the candidates' id lookups and their share of the first layer.
     """
     users, n = item_idx.shape
-    item = model.item_state(
-        item_idx.reshape(-1), item_vec=item_vec.reshape(users * n, -1), content_vec=None if content_vec is None else content_vec.reshape(users * n, -1)
-    )
+    if item_first is not None:
+        item = {"item_vec": item_vec.reshape(users * n, -1), "first_layer": item_first.reshape(users * n, -1)}
+    else:
+        item = model.item_state(
+            item_idx.reshape(-1), item_vec=item_vec.reshape(users * n, -1), content_vec=None if content_vec is None else content_vec.reshape(users * n, -1)
+        )
     predictions = model.rank(user, item)  # U users against their n candidates each, grouped by user
     if cooccurrence is not None:
         predictions[f"item_item_{item_item}"] = cooccurrence.reshape(-1)

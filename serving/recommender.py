@@ -42,6 +42,7 @@ log = logging.getLogger("recsys.serving")
 SPLITS = ("train", "valid", "test")
 ADDED_ITEMS = "added_items.parquet"  # in RUN/index/: texts of items added at serving time before the log (read, never written)
 TASK_COLUMNS = ("p_click", "p_conversion", "p_ctcvr", "rating", "retrieval_score")
+ITEM_BLOCK = 65_536  # catalogue items per pass when the ranker rows per item are built
 
 
 class RequestError(RecsysError):
@@ -221,6 +222,7 @@ class Recommender:
         self._add_lock = threading.Lock()
         self.neighbours: ItemNeighbours | None = None  # the co-occurrence source, from every click the run knows
         serve = cfg.serve
+        self.item_first = self._item_first_rows(serve.rank_cache_mb)  # (n_items, H + 2) by item_idx, or None
         if item_item_wanted(model.spec.n_items, serve):
             started = time.perf_counter()
             users = np.repeat(np.arange(len(behaviour.seen_ptr) - 1), np.diff(behaviour.seen_ptr))  # seen_items: by user, oldest first
@@ -260,6 +262,33 @@ class Recommender:
         known = next((user for user, idx in self.user_row.items() if idx > 0), None)
         if known is not None:  # the towers' path (the unknown user above takes the popular one)
             self.recommend(user_id=known, k=1)
+
+    def _item_first_rows(self, budget_mb: float) -> torch.Tensor | None:
+        """Each catalogue item's ``model.item_first_layer`` row (by item_idx), from its stored vectors, when they fit in ``budget_mb``.
+
+        A function of the item alone and of this model: fixed for the recommender's life (a reload
+        builds a new one). Items added live (no id row) are not kept: ``_rank_many`` computes theirs.
+        """
+        model = self.model
+        if not model.sees_features or budget_mb <= 0:
+            return None
+        width = model.item_first_width
+        if model.spec.n_items * width * 4 > budget_mb * 2**20:
+            log.info("ranker rows per item not kept: %d items x %d floats exceed serve.rank_cache_mb = %g", model.spec.n_items, width, budget_mb)
+            return None
+        ids = self.index.ids.filter(pl.col("item_idx") > 0)
+        faiss_ids, item_idx = ids["faiss_id"].to_numpy(), ids["item_idx"].to_numpy()
+        rows = torch.zeros(model.spec.n_items, width)
+        with torch.inference_mode():
+            for start in range(0, len(faiss_ids), ITEM_BLOCK):
+                block = slice(start, start + ITEM_BLOCK)
+                content = self.index.content(faiss_ids[block])
+                state = model.item_state(
+                    torch.from_numpy(item_idx[block]), item_vec=torch.from_numpy(self.index.vectors(faiss_ids[block])),
+                    content_vec=torch.from_numpy(content) if content is not None else None,
+                )  # fmt: skip
+                rows[torch.from_numpy(item_idx[block])] = model.item_first_layer(state)
+        return rows
 
     # -- ids -----------------------------------------------------------------------------
     def item_key(self, raw: Any) -> Any:
@@ -464,15 +493,26 @@ class Recommender:
                 feature[row] = torch.from_numpy(np.where(hit, scores[at], 0.0) / max(len(r.item_item_history), 1)).float()
         with torch.inference_mode():
             content_vec = self.index.content(flat)
+            item_idx = torch.from_numpy(self.index.item_idx(flat))
+            item_vec = torch.from_numpy(self.index.vectors(flat))
+            item_first = None
+            if self.item_first is not None:  # the kept rows; items added live (item_idx 0) get theirs from their stored vectors
+                item_first = self.item_first[item_idx]
+                live = torch.nonzero(item_idx == 0).squeeze(1)
+                if len(live):
+                    state = self.model.item_state(item_idx[live], item_vec=item_vec[live], content_vec=torch.from_numpy(content_vec[live.numpy()]) if content_vec is not None else None)
+                    item_first[live] = self.model.item_first_layer(state)
+                item_first = item_first.reshape(*padded.shape, -1)
             scores, predictions = score_candidates(
                 self.model,
                 user,
-                torch.from_numpy(self.index.item_idx(flat).reshape(padded.shape)),
-                torch.from_numpy(self.index.vectors(flat)).reshape(*padded.shape, -1),
+                item_idx.reshape(padded.shape),
+                item_vec.reshape(*padded.shape, -1),
                 torch.from_numpy(content_vec).reshape(*padded.shape, -1) if content_vec is not None else None,
                 serve,
                 feature,
                 kind,
+                item_first,
             )
             scores = scores.masked_fill(~valid, float("-inf"))
             top = torch.topk(scores, min(max(r.k for r in requests), width), dim=1).indices

@@ -504,10 +504,15 @@ def test_grouped_rank_through_the_factored_first_layer_equals_the_plain_per_pair
         grouped = model.rank(users, items)  # 3 users x 4 candidates
         copied = model.rank({k: v.repeat_interleave(4, 0) for k, v in users.items()}, items)  # a user row per candidate: the plain path
         one = model.rank({k: v[1:2] for k, v in users.items()}, {k: v[4:8] for k, v in items.items()})  # one user broadcast
+        kept = {"item_vec": items["item_vec"], "first_layer": model.item_first_layer(items)}  # what the service keeps per item: no item_part
+        from_kept = model.rank(users, kept)
+        single = model.rank({k: v[2:3] for k, v in users.items()}, {k: v[8:9] for k, v in kept.items()})  # one user, one candidate
     assert set(grouped) == set(copied) and "rating" in grouped
     for head in grouped:
         torch.testing.assert_close(grouped[head], copied[head], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(one[head], copied[head][4:8], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(from_kept[head], copied[head], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(single[head], copied[head][8:9], rtol=1e-5, atol=1e-6)
     assert grouped["p_click"].std() > 1e-3  # the candidates are told apart: not a constant that any path would match
 
 # -- cold items ------------------------------------------------------------------------------

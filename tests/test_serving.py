@@ -202,6 +202,29 @@ def test_served_scores_equal_the_evaluation_pass_for_the_same_user_and_items(tem
         np.testing.assert_allclose([r.p_ctcvr for r in result.items], evaluated["p_ctcvr"].numpy(), rtol=1e-5, atol=1e-6)
 
 
+
+def test_kept_ranker_rows_per_item_give_the_scores_of_the_candidates_computed_afresh(run):
+    """``serve.rank_cache_mb``: the catalogue's ``item_first_layer`` rows are built at load and read per
+    candidate; an item added live has none and is computed per request. Either way the scores are
+    those of the path that computes every candidate's columns (the rows dropped)."""
+    from serving.recommender import NewItem
+
+    recommender = Recommender.load(run)
+    assert recommender.item_first is not None and recommender.item_first.shape[0] == recommender.model.spec.n_items
+    recommender.add_items([NewItem("added-live", "a brand new item number 3", None)])
+    k = recommender.index.count  # every item the user has not seen, the new one among them
+    recommender.cfg = recommender.cfg.model_copy(update={"serve": recommender.cfg.serve.model_copy(update={"max_k": k, "candidates": k})})
+    kept = recommender.recommend(user_id="u3", k=k)
+    rows, recommender.item_first = recommender.item_first, None
+    afresh = recommender.recommend(user_id="u3", k=k)
+    assert "added-live" in [r.item_id for r in kept.items] and len(kept.items) > 10
+    by_id = {r.item_id: r for r in afresh.items}
+    assert set(by_id) == {r.item_id for r in kept.items}
+    for r in kept.items:
+        for field in ("score", "p_click", "p_ctcvr", "rating"):
+            assert getattr(r, field) == pytest.approx(getattr(by_id[r.item_id], field), rel=1e-5, abs=1e-6), (r.item_id, field)
+    assert float(rows[1:].abs().sum()) > 0 and float(rows[0].abs().sum()) == 0  # row 0 (padding) is never an item's
+
 def test_recommend_command_prints_a_table_with_ids_text_and_predictions(template_run, capsys):
     from serving.recommend import main
 
