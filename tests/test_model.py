@@ -474,13 +474,18 @@ def test_target_attention_over_grouped_candidates_equals_a_history_copied_per_ca
         attention(torch.randn(7, 4), keys, mask)
 
 
+def three_users_and_candidates(model: RecsysModel, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``user_state`` of the batch's first 3 rows and ``item_state`` of all its candidates (call under no_grad or inference_mode)."""
+    users = model.user_state(batch["user_idx"][:3], batch["history"][:3])
+    items = model.item_state(batch["item_idx"], text=batch.get("text"), text_mask=batch.get("text_mask"), image=batch.get("image"), image_mask=batch.get("image_mask"))
+    return users, items
+
+
 def test_rank_of_users_against_their_candidates_equals_the_rows_one_by_one():
     model = make_model()
-    model.eval()
     batch = make_batch(n=6)
     with torch.no_grad():
-        users = model.user_state(batch["user_idx"][:3], batch["history"][:3])
-        items = model.item_state(batch["item_idx"], text=batch.get("text"), text_mask=batch.get("text_mask"), image=batch.get("image"), image_mask=batch.get("image_mask"))
+        users, items = three_users_and_candidates(model, batch)
         grouped = model.rank(users, items)  # users 0, 1, 2 against items (0, 1), (2, 3), (4, 5)
         for u in range(3):
             one = model.rank({k: v[u : u + 1] for k, v in users.items()}, {k: v[2 * u : 2 * u + 2] for k, v in items.items()})
@@ -490,17 +495,14 @@ def test_rank_of_users_against_their_candidates_equals_the_rows_one_by_one():
             model.rank({k: v[:4] for k, v in model.user_state(batch["user_idx"], batch["history"]).items()}, items)  # 4 users, 6 candidates
 
 
-
 def test_grouped_rank_through_the_factored_first_layer_equals_the_plain_per_pair_path():
     """Under inference the user's columns go through the ranker's first layer once per user
     (``_grouped_first_layer``, LayerNorm split into shared and paired sums): the same heads as the
     plain path, which ``rank`` takes when every candidate has its own user row."""
     model = make_model()
-    model.eval()
     batch = make_batch(n=12)
     with torch.inference_mode():
-        users = model.user_state(batch["user_idx"][:3], batch["history"][:3])
-        items = model.item_state(batch["item_idx"], text=batch.get("text"), text_mask=batch.get("text_mask"), image=batch.get("image"), image_mask=batch.get("image_mask"))
+        users, items = three_users_and_candidates(model, batch)
         grouped = model.rank(users, items)  # 3 users x 4 candidates
         copied = model.rank({k: v.repeat_interleave(4, 0) for k, v in users.items()}, items)  # a user row per candidate: the plain path
         one = model.rank({k: v[1:2] for k, v in users.items()}, {k: v[4:8] for k, v in items.items()})  # one user broadcast
@@ -514,6 +516,7 @@ def test_grouped_rank_through_the_factored_first_layer_equals_the_plain_per_pair
         torch.testing.assert_close(from_kept[head], copied[head], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(single[head], copied[head][8:9], rtol=1e-5, atol=1e-6)
     assert grouped["p_click"].std() > 1e-3  # the candidates are told apart: not a constant that any path would match
+
 
 # -- cold items ------------------------------------------------------------------------------
 def test_items_without_training_interactions_ignore_their_untrained_id_row():
