@@ -98,6 +98,7 @@ class ModelConfig(_Section):
     ranker_id_dropout: float = Field(0.3, ge=0, lt=1)  # share of training rows whose candidate id embedding the ranker does not see (on top of id_dropout)
     attention_len: int = Field(20, ge=1)  # the target attention reads the last this many history items (the user tower pools all of data.history_len)
     content_history: bool = True  # the user tower also reads the mean content vector of the history, so items without a trained id row (cold, added live) count
+    item_bias: bool = False  # the item tower also gives a retrieval bias b (from the item's id and content), score = (u . v + b) / T, carried as one more coordinate ([v, b] against [u, 1]); synthetic: towers' recall@20 +4.5% and cold-item click +0.08 efficiency over 3 seeds, ML-100K u1 unchanged, slower click learning on tiny data (README)
     history_id_dropout: float = Field(0.3, ge=0, lt=1)  # share of history entries whose id the user tower's bag does not see in training, so content carries them (0.3 beat 0 on the synthetic heads, cold items and ML-100K u1)
 
 

@@ -54,7 +54,8 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> "ModelSpec":
-        config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+        saved = {"item_bias": False, **meta["config"]}  # models saved before the item bias had none
+        config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         names = cls.__dataclass_fields__.keys() - {"config", "tasks", "rating_range"}
         return cls(**{k: meta[k] for k in names if k in meta}, tasks=tuple(meta["tasks"]), rating_range=tuple(meta["rating_range"]), config=config)
 
@@ -147,7 +148,7 @@ class RecsysModel(nn.Module):
         self.content_dim = cfg.ranker_content_dim if self.sees_features and n_modalities else 0
         # The user tower reads the history's mean content vector: needs the content vector (a features ranker with a modality).
         self.content_history = bool(cfg.content_history and self.content_dim)
-        self.user_tower = UserTower(spec.n_users, self.user_cat_keys, len(user_nums), emb, dim, self.content_dim if self.content_history else 0)
+        self.user_tower = UserTower(spec.n_users, self.user_cat_keys, len(user_nums), emb, dim, self.content_dim if self.content_history else 0, bias=cfg.item_bias)
         self.item_tower = ItemTower(
             spec.n_items,
             self.item_cat_keys,
@@ -159,9 +160,10 @@ class RecsysModel(nn.Module):
             fusion=cfg.fusion,
             modality_dropout=cfg.modality_dropout,
             id_dropout=cfg.id_dropout,
+            bias=cfg.item_bias,
         )
         self.user_num_names, self.item_num_names = user_nums, item_nums
-        ranker_in = 3 * dim
+        ranker_in = 3 * (dim + int(cfg.item_bias)) if cfg.ranker_input == "towers" else 3 * dim
         if self.sees_features:
             self.content_proj = nn.Linear(n_modalities * dim, self.content_dim) if self.content_dim else None
             self.attention_query = nn.Linear(dim, emb)  # from the candidate's item vector, so cold candidates have a query too
@@ -320,7 +322,10 @@ class RecsysModel(nn.Module):
         return self._item_state(pooled, items, text, text_mask, image, image_mask, item_vec, content_vec)
 
     def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor, history_content: torch.Tensor | None = None) -> torch.Tensor:
-        """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 (``history_content`` as in ``user_state``) -> ``(B, d)``, L2-normalised."""
+        """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 (``history_content`` as in ``user_state``) -> ``(B, d)``, L2-normalised.
+
+        With ``model.item_bias``: ``(B, d + 1)``, a constant 1 last, so that ``user_vec @ item_vec`` is cosine + the item's bias.
+        """
         return self.user_state(user_idx, history, history_content)["user_vec"]
 
     def item_vectors(
@@ -331,7 +336,7 @@ class RecsysModel(nn.Module):
         image: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``item_idx (B,)``, content ``(B, d_text)`` / ``(B, d_image)`` with masks ``(B,)`` -> ``(B, d)``, L2-normalised."""
+        """``item_idx (B,)``, content ``(B, d_text)`` / ``(B, d_image)`` with masks ``(B,)`` -> ``(B, d)``, L2-normalised (with ``model.item_bias``: ``(B, d + 1)``, the retrieval bias last)."""
         pooled, _, items, _ = self._pooled(None, None, item_idx)
         return self.item_tower(pooled, items, text, text_mask, image, image_mask)[0]
 
@@ -345,23 +350,26 @@ class RecsysModel(nn.Module):
         return self._rank(user, item)[0]
 
     def _rank(self, user: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-        user_vec, item_vec = user["user_vec"], item["item_vec"]
+        # The retrieval vectors: unit vectors, with ``model.item_bias`` a last coordinate (1 for the user, b for the item).
+        full_user, full_item = user["user_vec"], item["item_vec"]
         if self.spec.config.ranker_stop_gradient:
-            user_vec, item_vec = user_vec.detach(), item_vec.detach()
-        users, batch = user_vec.shape[0], max(user_vec.shape[0], item_vec.shape[0])
-        if item_vec.shape[0] not in (1, batch) or batch % users:
-            raise ValueError(f"rank: {users} user rows against {item_vec.shape[0]} candidates (either may be 1; else the candidates grouped by user, a multiple)")
+            full_user, full_item = full_user.detach(), full_item.detach()
+        users, batch = full_user.shape[0], max(full_user.shape[0], full_item.shape[0])
+        if full_item.shape[0] not in (1, batch) or batch % users:
+            raise ValueError(f"rank: {users} user rows against {full_item.shape[0]} candidates (either may be 1; else the candidates grouped by user, a multiple)")
         per_pair = lambda t: t if t.shape[0] == batch else t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t.repeat_interleave(batch // t.shape[0], dim=0)  # noqa: E731
-        user_vec, item_vec = per_pair(user_vec), per_pair(item_vec)
+        full_user, full_item = per_pair(full_user), per_pair(full_item)
+        d = self.spec.config.dim
+        user_vec, item_vec = full_user[:, :d], full_item[:, :d]
         # Unit vectors have elements ~ 1/sqrt(d): rescale so the ranker's inputs are O(1).
-        scale = user_vec.shape[-1] ** 0.5
+        scale = d ** 0.5
         parts = [user_vec * scale, item_vec * scale, user_vec * item_vec * scale]
         if self.sees_features:
             attended, _ = self.attention(self.attention_query(item_vec), user["history_keys"], user["history_mask"])
-            dot = (user_vec * item_vec).sum(-1, keepdim=True)
+            dot = (full_user * full_item).sum(-1, keepdim=True)  # the towers' score: cosine + the item's bias
             precomputed = item.get("first_layer")  # the candidates' own columns through the first layer (``item_first_layer``), e.g. kept by the service
             if not torch.is_grad_enabled() and (users < batch or precomputed is not None):  # the user's columns through the first layer once per user
-                shared = torch.cat([user["user_vec"] * scale, user["user_part"]], dim=-1)  # (U, .)
+                shared = torch.cat([user["user_vec"][:, :d] * scale, user["user_part"]], dim=-1)  # (U, .)
                 if precomputed is not None:
                     paired, own = torch.cat([parts[2], dot, attended], dim=-1), per_pair(precomputed)
                 else:
@@ -376,8 +384,8 @@ class RecsysModel(nn.Module):
                     item_part = torch.cat([item_part[:, :emb] * (1 - hidden), item_part[:, emb:]], dim=1)
                 parts += [dot, per_pair(user["user_part"]), item_part, attended]
                 logits, gates = self.ranker(self.ranker_norm(torch.cat(parts, dim=-1)))
-        else:
-            logits, gates = self.ranker(torch.cat(parts, dim=-1))
+        else:  # the towers-only input: [u, v, u * v] of the whole retrieval vectors, the bias coordinate included
+            logits, gates = self.ranker(torch.cat([full_user * scale, full_item * scale, full_user * full_item * scale], dim=-1))
         out: dict[str, torch.Tensor] = {"p_click": torch.sigmoid(logits["click"]), "retrieval_score": (user_vec * item_vec).sum(-1)}  # the towers' cosine
         if "conversion" in logits:
             out["p_cvr"] = torch.sigmoid(logits["conversion"])
@@ -419,7 +427,8 @@ class RecsysModel(nn.Module):
         The service keeps these rows for its catalogue (``serve.rank_cache_mb``) and hands them to
         ``rank`` as ``item["first_layer"]``: per candidate only the pair's columns remain. Inference only.
         """
-        x = torch.cat([item["item_vec"] * self.spec.config.dim ** 0.5, item["item_part"]], dim=-1)
+        d = self.spec.config.dim
+        x = torch.cat([item["item_vec"][:, :d] * d ** 0.5, item["item_part"]], dim=-1)
         return torch.cat([x @ self._grouped_weights()["item"], x.sum(1, keepdim=True), x.square().sum(1, keepdim=True)], dim=1)
 
     @property

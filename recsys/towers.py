@@ -24,9 +24,9 @@ class UserTower(nn.Module):
     items still says something about the user.
     """
 
-    def __init__(self, n_users: int, cat_keys: list[str], n_numeric: int, embedding_dim: int, dim: int, content_dim: int = 0):
+    def __init__(self, n_users: int, cat_keys: list[str], n_numeric: int, embedding_dim: int, dim: int, content_dim: int = 0, bias: bool = False):
         super().__init__()
-        self.n_users, self.cat_keys, self.content_dim = n_users, list(cat_keys), content_dim
+        self.n_users, self.cat_keys, self.content_dim, self.bias = n_users, list(cat_keys), content_dim, bias
         self.register_buffer("cat_values", torch.zeros(n_users, len(self.cat_keys), dtype=torch.int64))  # row = user_idx
         self.register_buffer("num_values", torch.zeros(n_users, n_numeric))
         self.mlp = mlp([embedding_dim * (2 + len(self.cat_keys)) + content_dim + n_numeric, 2 * dim, dim])
@@ -40,11 +40,15 @@ class UserTower(nn.Module):
         return {"user_id": users.unsqueeze(1), **{key: self.cat_values[users, j : j + 1] for j, key in enumerate(self.cat_keys)}}
 
     def forward(self, pooled: dict[str, torch.Tensor], users: torch.Tensor, history_content: torch.Tensor | None = None) -> torch.Tensor:
-        """``pooled {feature: (B, embedding_dim)}``, ``users (B,)`` known, ``history_content (B, content_dim)`` -> ``(B, d)``, L2-normalised."""
+        """``pooled {feature: (B, embedding_dim)}``, ``users (B,)`` known, ``history_content (B, content_dim)`` -> ``(B, d)``, L2-normalised.
+
+        With ``bias``: ``(B, d + 1)``, the unit vector and a constant 1, the coordinate that meets the item's bias.
+        """
         parts = [pooled["user_id"], pooled["history"], *(pooled[k] for k in self.cat_keys), self.num_values[users]]
         if self.content_dim:
             parts.insert(2, history_content)
-        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
+        vec = F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
+        return torch.cat([vec, torch.ones_like(vec[:, :1])], dim=-1) if self.bias else vec
 
 
 class ItemTower(nn.Module):
@@ -60,6 +64,10 @@ class ItemTower(nn.Module):
        (missing, or dropped by modality dropout in training) is replaced by a learned stand-in.
     4. **Fusion.** ``concat`` concatenates the id, text and image vectors; ``gated`` mixes them
        with softmax gates computed from all of them; an MLP and an L2 norm give the d-vector.
+    5. **Bias** (``bias``). A linear map of the fused vector gives one more coordinate, the item's
+       retrieval bias ``b``: ``[v, b]`` against the user's ``[u, 1]`` scores ``u . v + b``, so how
+       often an item is wanted need not take up a direction of the unit vectors. Cold items get
+       the bias of their content (the id dropout above trains that path).
 
     The tables themselves live in the model's one ``EmbeddingBagCollection`` (so it can be
     fused and sharded as a whole): ``lookup`` says which rows to read, ``forward`` combines them.
@@ -77,6 +85,7 @@ class ItemTower(nn.Module):
         fusion: str = "concat",
         modality_dropout: float = 0.0,
         id_dropout: float = 0.0,
+        bias: bool = False,
     ):
         super().__init__()
         self.n_items, self.cat_keys = n_items, list(cat_keys)
@@ -93,6 +102,10 @@ class ItemTower(nn.Module):
         n_modalities = 1 + (text_dim > 0) + (image_dim > 0)
         self.gate = nn.Linear(n_modalities * dim, n_modalities) if fusion == "gated" else None
         self.mlp = mlp([dim if fusion == "gated" else n_modalities * dim, 2 * dim, dim])
+        self.bias = nn.Linear(dim if fusion == "gated" else n_modalities * dim, 1) if bias else None
+        if self.bias is not None:  # starts as no bias at all
+            nn.init.zeros_(self.bias.weight)
+            nn.init.zeros_(self.bias.bias)
 
     # -- 1, 2: which table rows an item reads -----------------------------------------------
     def known(self, idx: torch.Tensor) -> torch.Tensor:
@@ -148,7 +161,7 @@ class ItemTower(nn.Module):
         image: torch.Tensor | None = None,  # (B, image_dim)
         image_mask: torch.Tensor | None = None,  # (B,)
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-        """-> item vectors (B, d), L2-normalised; for gated fusion the modality gates (B, M); the content vectors [(B, d)] (text, image: projected or stand-in)."""
+        """-> item vectors (B, d), L2-normalised (with ``bias``: (B, d + 1), the bias last); for gated fusion the modality gates (B, M); the content vectors [(B, d)] (text, image: projected or stand-in)."""
         batch = items.shape[0]
         id_part = torch.cat([pooled["item_id"], *(pooled[k] for k in self.cat_keys), self.num_values[items]], dim=-1)
         vectors = [self.id_proj(id_part)]
@@ -166,4 +179,7 @@ class ItemTower(nn.Module):
             fused = (gates.unsqueeze(-1) * stacked).sum(1)
         else:
             gates, fused = None, torch.cat(vectors, dim=-1)
-        return F.normalize(self.mlp(fused), dim=-1), gates, vectors[1:]
+        vec = F.normalize(self.mlp(fused), dim=-1)
+        if self.bias is not None:
+            vec = torch.cat([vec, self.bias(fused)], dim=-1)
+        return vec, gates, vectors[1:]

@@ -1,7 +1,8 @@
 """FAISS index of the item tower (``RUN/index/``) and the ``recsys index`` step.
 
 ``ItemIndex`` holds L2-normalised item vectors under stable FAISS ids (``IndexIDMap2``), so
-results never depend on insertion positions. Small catalogues are searched exactly
+results never depend on insertion positions; with ``bias`` (a model with ``model.item_bias``) the
+last coordinate is the item's retrieval bias, kept as it is, and the user's query ends in 1. Small catalogues are searched exactly
 (``IndexFlatIP``); larger ones with an inverted file (IVF, exact inner products inside the
 scanned lists) or HNSW, whose search knob (nprobe / efSearch) is raised at build time until
 recall@100 against exact search reaches ``index.target_recall`` on a sample of queries.
@@ -42,11 +43,12 @@ META_FILE = "index.json"
 RECALL_AT = 100
 
 
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    """Float32, C-contiguous, unit L2 rows (zero rows stay zero). (n, d) -> (n, d)"""
+def normalise(vectors: np.ndarray, bias: bool = False) -> np.ndarray:
+    """Float32, C-contiguous, unit L2 rows (zero rows stay zero); with ``bias`` all columns but the last. (n, d) -> (n, d)"""
     out = np.ascontiguousarray(vectors, dtype=np.float32).copy()
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    np.divide(out, norms, out=out, where=norms > 0)
+    unit = out[:, :-1] if bias else out
+    norms = np.linalg.norm(unit, axis=1, keepdims=True)
+    np.divide(unit, norms, out=unit, where=norms > 0)
     return out
 
 
@@ -144,8 +146,9 @@ def _with_room(buffer: np.ndarray, used: int, extra: int) -> np.ndarray:
 class ItemIndex:
     """Item vectors under stable FAISS ids, with their ``item_idx`` / ``item_id``; thread-safe."""
 
-    def __init__(self, index: faiss.IndexIDMap2, kind: str, ids: pl.DataFrame, params: dict[str, Any], recall: float, content_vecs: np.ndarray | None = None):
+    def __init__(self, index: faiss.IndexIDMap2, kind: str, ids: pl.DataFrame, params: dict[str, Any], recall: float, content_vecs: np.ndarray | None = None, bias: bool = False):
         self.index = index
+        self.bias = bias  # the last coordinate is the item's retrieval bias (not normalised; a query's is 1, a similar-items query's 0)
         self.content_vecs = content_vecs  # (count, C) float32 in the row order of ids, or None (a model without content)
         self.kind = kind
         self.params = params
@@ -168,13 +171,14 @@ class ItemIndex:
         queries: np.ndarray | None = None,
         seed: int = 0,
         content_vecs: np.ndarray | None = None,
+        bias: bool = False,
     ) -> "ItemIndex":
         """Index ``vectors`` (n, d) under ``faiss_ids`` (n,); tune the ANN knob on ``queries`` (q, d).
 
         Without ``queries`` the calibration uses perturbed catalogue vectors. ``content_vecs`` (n, C)
-        are kept beside the vectors.
+        are kept beside the vectors. ``bias``: the last column is a bias, not normalised.
         """
-        vectors = normalise(vectors)
+        vectors = normalise(vectors, bias)
         count, dim = vectors.shape
         faiss_ids = np.asarray(faiss_ids, dtype=np.int64)
         if count == 0:
@@ -194,12 +198,14 @@ class ItemIndex:
         ids = pl.DataFrame(
             {"faiss_id": faiss_ids, "item_idx": np.asarray(item_idx, dtype=np.int64), "item_id": item_ids}
         )
-        item_index = cls(index, kind, ids, params, recall=1.0, content_vecs=None if content_vecs is None else np.ascontiguousarray(content_vecs, dtype=np.float32))
+        item_index = cls(index, kind, ids, params, recall=1.0, content_vecs=None if content_vecs is None else np.ascontiguousarray(content_vecs, dtype=np.float32), bias=bias)
         if kind != "flat":
             if queries is None:
                 sample = vectors[rng.choice(count, size=min(count, cfg.recall_queries), replace=False)]
                 queries = sample + rng.normal(scale=0.5 / math.sqrt(dim), size=sample.shape).astype(np.float32)
-            item_index._calibrate(vectors, faiss_ids, normalise(queries[: cfg.recall_queries]), cfg)
+                if bias:
+                    queries[:, -1] = 1.0  # a user's query
+            item_index._calibrate(vectors, faiss_ids, normalise(queries[: cfg.recall_queries], bias), cfg)
         return item_index
 
     def _calibrate(self, vectors: np.ndarray, faiss_ids: np.ndarray, queries: np.ndarray, cfg: IndexConfig) -> None:
@@ -315,7 +321,7 @@ class ItemIndex:
 
         Items whose ``item_id`` is already indexed are refused (ValueError): FAISS ids are stable.
         """
-        vectors = normalise(vectors)
+        vectors = normalise(vectors, self.bias)
         if vectors.shape[1] != self.dim or len(vectors) != len(item_ids):
             raise ValueError(f"expected ({len(item_ids)}, {self.dim}) vectors, got {vectors.shape}")
         if (self.content_vecs is None) != (content_vecs is None):
@@ -332,7 +338,7 @@ class ItemIndex:
 
         ``encoded``: the encoders' outputs (text, image and their masks) a rebuild re-embeds them from.
         """
-        vectors = normalise(vectors)
+        vectors = normalise(vectors, self.bias)
         if vectors.shape != (len(item_ids), self.dim) or (self.content_vecs is None) != (content_vecs is None):
             raise ValueError(f"expected ({len(item_ids)}, {self.dim}) vectors and content_vecs exactly when the index keeps them")
         with self._save_lock:
@@ -407,6 +413,7 @@ class ItemIndex:
             meta = {
                 "type": self.kind,
                 "dim": self.dim,
+                "bias": self.bias,
                 "count": self.count,
                 "sha256": {role: sha256_file(directory / name) for role, name in files.items()},
                 "params": self.params,
@@ -468,7 +475,7 @@ class ItemIndex:
         knob = _knob_name(kind)
         if knob and knob in params:
             _set_knob(index, kind, int(params[knob]))
-        item_index = cls(index, kind, ids, params, recall=float(meta.get(f"ann_recall@{RECALL_AT}", 1.0)), content_vecs=content_vecs)
+        item_index = cls(index, kind, ids, params, recall=float(meta.get(f"ann_recall@{RECALL_AT}", 1.0)), content_vecs=content_vecs, bias=bool(meta.get("bias", False)))
         item_index.log_end = int(meta.get("log_offset", 0))
         if replay:
             log_path = directory / LOG_FILE
@@ -506,7 +513,7 @@ def build_index(run: RunDir) -> dict[str, Any]:
     embedded_s = time.perf_counter() - started
     torch_threads = torch.get_num_threads()
     log.info("index: %d item vectors in %.1f s (%d threads); building %s", len(item_idx), embedded_s, torch_threads, cfg.index.kind)
-    index = ItemIndex.build(vectors, item_idx, item_idx, items["item_id"], cfg.index, queries=queries, seed=cfg.data.seed, content_vecs=content_vecs)
+    index = ItemIndex.build(vectors, item_idx, item_idx, items["item_id"], cfg.index, queries=queries, seed=cfg.data.seed, content_vecs=content_vecs, bias=model.spec.config.item_bias)
     kept, dropped = reembed_logged(model, index, run.index / LOG_FILE)
     meta = index.save(run.index)
     stale = run.index / "added_items.parquet"  # texts of items added at serving time before the log existed

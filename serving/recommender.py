@@ -250,6 +250,12 @@ class Recommender:
         if index.added_texts:
             added = pl.DataFrame({"item_id": list(index.added_texts), "text": list(index.added_texts.values())}, schema={"item_id": texts.schema["item_id"], "text": pl.String})
             texts = pl.concat([texts, added])
+        vector_dim = model.spec.config.dim + int(model.spec.config.item_bias)
+        if (index.dim, index.bias) != (vector_dim, model.spec.config.item_bias):
+            raise RunError(
+                f"{run.index} holds {index.dim}-d vectors{' with a bias' if index.bias else ''}, this run's model gives {vector_dim}-d"
+                f"{' with a bias' if model.spec.config.item_bias else ''} (another model's index): rebuild it with `recsys index --run {run.root}`"
+            )
         if model.content_dim and index.content_vecs is None:
             raise RunError(f"{run.index} keeps no content vectors for this model's ranker: rebuild it with `recsys index --run {run.root}`")
         recommender = cls(run, cfg, model, index, users, behaviour, texts)
@@ -543,6 +549,8 @@ class Recommender:
         if faiss_id is None:
             raise UnknownItem(f"unknown item_id {item_id!r}")
         query = self.index.vectors(np.array([faiss_id]))
+        if self.index.bias:
+            query[:, -1] = 0.0  # the unit vectors alone: the item's cosine to each item, their retrieval biases left out
         found, scores = self.index.search(query, min(self.index.count, k + 1))
         keep = (found[0] >= 0) & (found[0] != faiss_id)
         ids, kept_scores = found[0][keep][:k], scores[0][keep][:k]

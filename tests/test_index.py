@@ -122,6 +122,28 @@ def test_vectors_are_stored_l2_normalised():
     assert np.allclose(stored[0], raw[2] / np.linalg.norm(raw[2]), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_bias_column_is_kept_as_it_is_and_scores_add_it(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(2000, DIM)) * 3
+    bias = rng.normal(size=(2000, 1))
+    index = ItemIndex.build(np.hstack([unit, bias]), np.arange(1, 2001), np.arange(1, 2001), list(range(1, 2001)), IndexConfig(kind=kind), bias=True)
+    stored = index.vectors(np.arange(1, 2001))
+    assert np.allclose(np.linalg.norm(stored[:, :-1], axis=1), 1.0, atol=1e-5)
+    assert np.allclose(stored[:, -1], bias[:, 0], atol=1e-6)  # not normalised with the rest
+    users = np.hstack([normalise(rng.normal(size=(5, DIM))), np.ones((5, 1))]).astype(np.float32)
+    ids, scores = index.search(users, 10)
+    expected = users[:, :-1] @ stored[:, :-1].T + stored[:, -1]  # cosine + the item's bias
+    if kind == "flat":
+        assert (ids == np.argsort(-expected, axis=1)[:, :10] + 1).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, ids - 1, axis=1), atol=1e-4)
+    index.save(tmp_path)
+    loaded = ItemIndex.load(tmp_path)
+    assert loaded.bias and (loaded.search(users, 10)[0] == ids).all()
+    added = loaded.add(np.array([[*unit[0], 5.0]]), [5000])  # an added item keeps its bias too
+    assert loaded.vectors(added)[0, -1] == pytest.approx(5.0)
+
+
 def test_auto_kind_is_exact_below_the_threshold_and_ivf_above():
     vectors = clustered(400)
     ids = np.arange(1, 401)
@@ -178,7 +200,7 @@ def test_save_then_load_gives_the_same_results_and_metadata(tmp_path, kind):
     assert (loaded.search(queries, 10)[0] == index.search(queries, 10)[0]).all()
     on_disk = json.loads((tmp_path / "index.json").read_text())
     assert on_disk == meta
-    assert set(on_disk) == {"type", "dim", "count", "sha256", "params", "ann_recall@100", "content_dim", "generation", "files", "log_offset"}
+    assert set(on_disk) == {"type", "dim", "bias", "count", "sha256", "params", "ann_recall@100", "content_dim", "generation", "files", "log_offset"}
     assert (on_disk["type"], on_disk["dim"], on_disk["count"], on_disk["generation"]) == (kind, DIM, 2000, 0)
     assert pl.read_parquet(tmp_path / on_disk["files"]["ids"]).columns == ["faiss_id", "item_idx", "item_id"]
 

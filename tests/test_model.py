@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -91,10 +92,39 @@ def test_unknown_ids_fall_back_to_index_zero():
 
 
 def test_tower_vectors_are_unit_length():
-    model, batch = make_model(), make_batch()
+    model, batch = make_model(item_bias=False), make_batch()
     out = model(batch)
     torch.testing.assert_close(out["user_vec"].norm(dim=-1), torch.ones(6))
     torch.testing.assert_close(out["item_vec"].norm(dim=-1), torch.ones(6))
+
+
+def test_item_bias_is_the_last_coordinate_and_adds_to_the_cosine():
+    model, batch = make_model(item_bias=True), make_batch()
+    with torch.no_grad():  # a bias that differs between items and reads their content
+        model.item_tower.bias.weight.normal_()
+        model.item_tower.bias.bias.fill_(0.25)
+    out = model(batch)
+    d = model.spec.config.dim
+    user, item = out["user_vec"], out["item_vec"]
+    assert user.shape == item.shape == (6, d + 1)
+    torch.testing.assert_close(user[:, :d].norm(dim=-1), torch.ones(6))
+    torch.testing.assert_close(item[:, :d].norm(dim=-1), torch.ones(6))
+    torch.testing.assert_close(user[:, d], torch.ones(6))
+    assert item[:, d].std() > 0.1  # one bias per item, not a constant
+    # the towers' score is the cosine plus the item's bias; the ranker's retrieval_score is the cosine alone
+    cosine = (user[:, :d] * item[:, :d]).sum(-1)
+    torch.testing.assert_close((user * item).sum(-1), cosine + item[:, d])
+    torch.testing.assert_close(out["retrieval_score"], cosine)
+
+
+def test_a_model_saved_before_the_item_bias_loads_without_one(tmp_path):
+    model = make_model(item_bias=False)
+    save_model(model, tmp_path)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    del meta["config"]["item_bias"]  # as written before the setting existed
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path)
+    assert loaded.spec.config.item_bias is False and loaded.item_tower.bias is None
 
 
 # -- modalities -----------------------------------------------------------------------------

@@ -25,11 +25,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from recsys.cli import run_step
-from recsys.config import load_config
+from recsys.config import IndexConfig, load_config
+from recsys.errors import RunError
 from recsys.model import MODEL_VERSION
 from recsys.rundir import RunDir
 from serving.app import create_app
-from serving.index import build_index
+from serving.index import ItemIndex, build_index
 from recsys.candidates import one_user_scores
 from serving.recommender import Recommender
 from training.data import history_content_sums
@@ -354,6 +355,41 @@ def test_similar_returns_k_other_items_by_descending_cosine(client):
     assert len(items) == 5 and "it7" not in {item["item_id"] for item in items}
     scores = [item["score"] for item in items]
     assert scores == sorted(scores, reverse=True) and all(-1.0001 <= s <= 1.0001 for s in scores)
+
+
+@pytest.fixture(scope="module")
+def bias_run(tmp_path_factory) -> RunDir:
+    """The tiny run with ``model.item_bias`` on (its index holds [v, b])."""
+    run = make_tiny_run(tmp_path_factory.mktemp("bias") / "run", ["model.item_bias=true"])
+    build_index(run)
+    return run
+
+
+def test_similar_items_leave_the_retrieval_bias_out(bias_run, tmp_path):
+    """With large item biases in the index, /similar still orders by the unit vectors' cosine."""
+    run = RunDir(shutil.copytree(bias_run.root, tmp_path / "run"))
+    index = ItemIndex.load(run.index)
+    assert index.bias
+    faiss_ids = index.ids["faiss_id"].to_numpy()
+    vectors = index.vectors(faiss_ids)
+    vectors[:, -1] = np.random.default_rng(0).normal(scale=3.0, size=len(vectors))
+    ItemIndex.build(vectors, faiss_ids, index.ids["item_idx"].to_numpy(), index.ids["item_id"], IndexConfig(kind="flat"), content_vecs=index.content_vecs, bias=True).save(run.index)
+    similar = Recommender.load(run).similar("it7", 5)
+    query = vectors[index.faiss_ids_of(["it7"])[0] == faiss_ids][0]
+    cosine = vectors[:, :-1] @ query[:-1]
+    order = [i for i in np.argsort(-cosine) if faiss_ids[i] != index.faiss_ids_of(["it7"])[0]][:5]
+    assert [item_id for item_id, _ in similar] == index.item_ids(faiss_ids[order])
+    np.testing.assert_allclose([score for _, score in similar], cosine[order], atol=1e-5)
+
+
+def test_an_index_of_another_model_is_refused_with_the_command_that_rebuilds_it(bias_run, tmp_path):
+    run = RunDir(shutil.copytree(bias_run.root, tmp_path / "run"))
+    index = ItemIndex.load(run.index)
+    faiss_ids = index.ids["faiss_id"].to_numpy()
+    unit_only = index.vectors(faiss_ids)[:, :-1]  # as a model without the item bias would have indexed it
+    ItemIndex.build(unit_only, faiss_ids, index.ids["item_idx"].to_numpy(), index.ids["item_id"], IndexConfig(kind="flat"), content_vecs=index.content_vecs).save(run.index)
+    with pytest.raises(RunError, match="another model's index.*recsys index --run"):
+        Recommender.load(run)
 
 
 def test_similar_for_an_unknown_item_is_404(client):
