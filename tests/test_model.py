@@ -525,11 +525,15 @@ def test_rank_of_users_against_their_candidates_equals_the_rows_one_by_one():
             model.rank({k: v[:4] for k, v in model.user_state(batch["user_idx"], batch["history"]).items()}, items)  # 4 users, 6 candidates
 
 
-def test_grouped_rank_through_the_factored_first_layer_equals_the_plain_per_pair_path():
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_grouped_rank_through_the_factored_first_layer_equals_the_plain_per_pair_path(item_bias):
     """Under inference the user's columns go through the ranker's first layer once per user
     (``_grouped_first_layer``, LayerNorm split into shared and paired sums): the same heads as the
     plain path, which ``rank`` takes when every candidate has its own user row."""
-    model = make_model()
+    model = make_model(item_bias=item_bias)
+    if item_bias:  # biases that differ between items, so the ranker's u . v column carries them
+        with torch.no_grad():
+            model.item_tower.bias.weight.normal_()
     batch = make_batch(n=12)
     with torch.inference_mode():
         users, items = three_users_and_candidates(model, batch)
