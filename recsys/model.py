@@ -163,7 +163,7 @@ class RecsysModel(nn.Module):
             bias=cfg.item_bias,
         )
         self.user_num_names, self.item_num_names = user_nums, item_nums
-        ranker_in = 3 * (dim + int(cfg.item_bias)) if cfg.ranker_input == "towers" else 3 * dim
+        ranker_in = 3 * self.vector_dim if cfg.ranker_input == "towers" else 3 * dim
         if self.sees_features:
             self.content_proj = nn.Linear(n_modalities * dim, self.content_dim) if self.content_dim else None
             self.attention_query = nn.Linear(dim, emb)  # from the candidate's item vector, so cold candidates have a query too
@@ -363,8 +363,8 @@ class RecsysModel(nn.Module):
         user_vec, item_vec = full_user[:, :d], full_item[:, :d]
         # Unit vectors have elements ~ 1/sqrt(d): rescale so the ranker's inputs are O(1).
         scale = d ** 0.5
-        parts = [user_vec * scale, item_vec * scale, user_vec * item_vec * scale]
         if self.sees_features:
+            parts = [user_vec * scale, item_vec * scale, user_vec * item_vec * scale]
             attended, _ = self.attention(self.attention_query(item_vec), user["history_keys"], user["history_mask"])
             dot = (full_user * full_item).sum(-1, keepdim=True)  # the towers' score: cosine + the item's bias
             precomputed = item.get("first_layer")  # the candidates' own columns through the first layer (``item_first_layer``), e.g. kept by the service
@@ -430,6 +430,11 @@ class RecsysModel(nn.Module):
         d = self.spec.config.dim
         x = torch.cat([item["item_vec"][:, :d] * d ** 0.5, item["item_part"]], dim=-1)
         return torch.cat([x @ self._grouped_weights()["item"], x.sum(1, keepdim=True), x.square().sum(1, keepdim=True)], dim=1)
+
+    @property
+    def vector_dim(self) -> int:
+        """Width of ``user_vectors`` / ``item_vectors``: ``model.dim``, plus the bias coordinate with ``model.item_bias``."""
+        return self.spec.config.dim + int(self.spec.config.item_bias)
 
     @property
     def item_first_width(self) -> int:
