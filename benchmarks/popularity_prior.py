@@ -1,15 +1,16 @@
-"""How much the towers' full ranking gains from a popularity prior added after training, on test and on valid.
+"""How much the towers' full ranking gains from a popularity prior (``model.popularity_prior``), on test and on valid.
 
-    .venv/bin/python benchmarks/popularity_prior.py [--run RUN] [--betas 0,0.025,0.05,0.1,0.2]
+    .venv/bin/python benchmarks/popularity_prior.py [--run RUN] [--betas 0,0.025,0.05,0.1,0.15,0.2,0.3]
 
-Scores ``cos(u, v) + gamma b + beta log(1 + train clicks of the item)``, ``b`` the item's retrieval
-bias (``model.item_bias``; 0 without one). For each beta (gamma = 1), and for gamma = 0 (the bias
-left out) on a model with a bias:
+Scores ``cos(u, v) + b + beta log(1 + clicks of the item)``, ``b`` the item's retrieval bias
+(``model.item_bias``; 0 without one), for each beta on a trained run (its own prior, if any, is replaced):
 
 - test: ``retrieval.recall@20`` / ``ndcg@20`` by the evaluation's protocol (``training.retrieval``:
-  the user's state at the end of train + valid, train and valid items excluded);
-- valid: hit@20 of every clicked valid row scored with its own history, its user's train items excluded
-  (what model selection could see; only the valid split may choose beta).
+  the user's state at the end of train + valid, train and valid items excluded), the prior counting
+  train + valid clicks, as ``training.prior`` deploys it;
+- valid: recall@20 of the valid split measured the way test is (``training.prior.valid_recall_by_beta``:
+  the user's state at the end of train, train items excluded, train clicks counted), what
+  ``model.popularity_prior = "valid"`` chooses beta by.
 
 Without ``--run`` it trains the synthetic fast fixture first (300 users x 300 items x 60k impressions,
 seed 0, 12 epochs, in a temporary directory; a few minutes). The last line printed is a JSON summary.
@@ -18,35 +19,35 @@ seed 0, 12 epochs, in a temporary directory; a few minutes). The last line print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from recsys.history import mean_content, padded_history  # noqa: E402
-from recsys.model import load_model  # noqa: E402
+from recsys.model import RecsysModel, load_model  # noqa: E402
 from recsys.rundir import RunDir  # noqa: E402
 from training.evaluate import all_item_states, load_content  # noqa: E402
+from training.prior import click_counts, valid_recall_by_beta  # noqa: E402
 from training.retrieval import known_clicks, rank_catalogue, retrieval_section  # noqa: E402
 
 
-class _Scored:
-    """The model's user tower with its vectors cut to the unit part and a 1 appended (the prior's coordinate)."""
-
-    def __init__(self, model):
-        self.model, self.spec, self.content_history = model, model.spec, model.content_history
-
-    def user_vectors(self, user_idx, history, history_content=None):
-        unit = self.model.user_vectors(user_idx, history, history_content)[:, : self.spec.config.dim]
-        return torch.cat([unit, torch.ones(len(unit), 1)], dim=1)
+def with_prior(model: RecsysModel) -> RecsysModel:
+    """``model`` with a popularity-prior coordinate (0) if it was trained without one (``model.popularity_prior = "off"``)."""
+    if model.has_prior:
+        return model
+    spec = dataclasses.replace(model.spec, config=model.spec.config.model_copy(update={"popularity_prior": "valid"}))
+    rebuilt = RecsysModel(spec)
+    missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    assert missing == ["item_prior"] and not unexpected, (missing, unexpected)
+    return rebuilt.eval()
 
 
 def synthetic_run(root: Path) -> RunDir:
@@ -58,53 +59,32 @@ def synthetic_run(root: Path) -> RunDir:
 
 @torch.inference_mode()
 def measure(run: RunDir, betas: list[float]) -> dict:
-    cfg = run.config().eval
-    model = load_model(run.model)
+    cfg = run.config()
+    model = with_prior(load_model(run.model))
+    valid, valid_users = valid_recall_by_beta(run, model, cfg, betas)
     content = load_content(run, model)
-    item_vecs, content_vecs = all_item_states(model, content)
-    d, n = model.spec.config.dim, model.spec.n_items
-    bias = item_vecs[:, d] if model.spec.config.item_bias else torch.zeros(n)
-    known = known_clicks(run)
-    log_pop = torch.log1p(torch.from_numpy(np.bincount(known.filter(pl.col("split") == "train")["item_idx"].to_numpy(), minlength=n)[:n]).float())
+    item_vecs, content_vecs = all_item_states(model, content)  # the prior at 0
+    log_clicks = torch.log1p(click_counts(known_clicks(run), model.spec.n_items).float())
+    log_clicks[0] = 0.0
     test = pl.read_parquet(run.data / "test.parquet")
-
-    # valid: every clicked row with its own history; its user's train positives excluded (not the row's own item)
-    valid = pl.read_parquet(run.data / "valid.parquet").filter(pl.col("click") == 1)
-    users = torch.from_numpy(valid["user_idx"].to_numpy().astype(np.int64))
-    items = torch.from_numpy(valid["item_idx"].to_numpy().astype(np.int64))
-    history = torch.from_numpy(padded_history(valid["history"], model.spec.history_len))
-    user_vecs = _Scored(model).user_vectors(users, history, mean_content(content_vecs, history) if model.content_history else None)
-    positives = known.filter(pl.col("split") == "train").select("user_idx", "item_idx").unique()
-    row_of = pl.DataFrame({"user_idx": valid["user_idx"].cast(pl.Int64), "row": np.arange(valid.height)})
-    pairs = positives.join(row_of, on="user_idx")
-    excluded = torch.zeros(valid.height, n, dtype=torch.bool)
-    excluded[torch.from_numpy(pairs["row"].to_numpy()), torch.from_numpy(pairs["item_idx"].to_numpy())] = True
-    excluded[torch.arange(valid.height), items] = False
-    excluded[:, 0] = True
-
-    def scored(gamma: float, beta: float) -> dict:
-        vectors = torch.cat([item_vecs[:, :d], (gamma * bias + beta * log_pop).unsqueeze(1)], dim=1)
-        section = retrieval_section(rank_catalogue(run, _Scored(model), vectors, test, cfg, content_vecs=content_vecs), cfg.ks)
-        top = (user_vecs @ vectors.T).masked_fill(excluded, float("-inf")).topk(20, dim=1).indices
-        hit = float((top == items.unsqueeze(1)).any(1).float().mean())
-        row = {"gamma": gamma, "beta": beta, "test_recall@20": round(section["recall@20"], 4), "test_ndcg@20": round(section["ndcg@20"], 4), "valid_hit@20": round(hit, 4)}
-        print(f"gamma {gamma:g} beta {beta:g}: test recall@20 {row['test_recall@20']:.4f} ndcg@20 {row['test_ndcg@20']:.4f} | valid hit@20 {hit:.4f}", flush=True)
-        return row
-
-    rows = [scored(1.0, beta) for beta in betas]
-    if model.spec.config.item_bias:
-        rows.append(scored(0.0, 0.0))
-    correlation = float(np.corrcoef(bias[1:].numpy(), log_pop[1:].numpy())[0, 1]) if model.spec.config.item_bias else None
-    best_valid = max(rows[: len(betas)], key=lambda r: r["valid_hit@20"])["beta"]
-    best_test = max(rows[: len(betas)], key=lambda r: r["test_recall@20"])["beta"]
-    return {"run": str(run.root), "item_bias": model.spec.config.item_bias, "bias_log_popularity_correlation": correlation,
-            "valid_rows": valid.height, "beta_chosen_on_valid": best_valid, "beta_best_on_test": best_test, "rows": rows}  # fmt: skip
+    rows = []
+    for beta in sorted(set(betas)):
+        vectors = item_vecs.clone()
+        vectors[:, -1] += beta * log_clicks
+        section = retrieval_section(rank_catalogue(run, model, vectors, test, cfg.eval, content_vecs=content_vecs), cfg.eval.ks)
+        row = {"beta": beta, "test_recall@20": round(section["recall@20"], 4), "test_ndcg@20": round(section["ndcg@20"], 4), "valid_recall@20": round(valid[repr(float(beta))], 4)}
+        print(f"beta {beta:g}: test recall@20 {row['test_recall@20']:.4f} ndcg@20 {row['test_ndcg@20']:.4f} | valid recall@20 {row['valid_recall@20']:.4f}", flush=True)
+        rows.append(row)
+    best_valid = max(rows, key=lambda r: (r["valid_recall@20"], -r["beta"]))["beta"]
+    best_test = max(rows, key=lambda r: (r["test_recall@20"], -r["beta"]))["beta"]
+    return {"run": str(run.root), "item_bias": model.spec.config.item_bias, "valid_users": valid_users,
+            "beta_chosen_on_valid": best_valid, "beta_best_on_test": best_test, "rows": rows}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, help="a trained run (default: train the synthetic fast fixture)")
-    parser.add_argument("--betas", default="0,0.025,0.05,0.1,0.2")
+    parser.add_argument("--betas", default="0,0.025,0.05,0.1,0.15,0.2,0.3")
     args = parser.parse_args()
     torch.set_num_threads(1)
     betas = [float(b) for b in args.betas.split(",")]

@@ -54,7 +54,7 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> "ModelSpec":
-        saved = {"item_bias": False, **meta["config"]}  # models saved before the item bias had none
+        saved = {"item_bias": False, "popularity_prior": "off", **meta["config"]}  # models saved before the item bias / the prior had none
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         names = cls.__dataclass_fields__.keys() - {"config", "tasks", "rating_range"}
         return cls(**{k: meta[k] for k in names if k in meta}, tasks=tuple(meta["tasks"]), rating_range=tuple(meta["rating_range"]), config=config)
@@ -148,7 +148,12 @@ class RecsysModel(nn.Module):
         self.content_dim = cfg.ranker_content_dim if self.sees_features and n_modalities else 0
         # The user tower reads the history's mean content vector: needs the content vector (a features ranker with a modality).
         self.content_history = bool(cfg.content_history and self.content_dim)
-        self.user_tower = UserTower(spec.n_users, self.user_cat_keys, len(user_nums), emb, dim, self.content_dim if self.content_history else 0, bias=cfg.item_bias)
+        # The retrieval score's last coordinate ([v, b] against [u, 1]): the item's bias and/or its popularity prior.
+        self.has_prior = cfg.popularity_prior != "off"
+        self.retrieval_coordinate = cfg.item_bias or self.has_prior
+        if self.has_prior:  # beta * log(1 + train clicks) per item_idx, set after training (``set_popularity_prior``); 0 until then
+            self.register_buffer("item_prior", torch.zeros(spec.n_items))
+        self.user_tower = UserTower(spec.n_users, self.user_cat_keys, len(user_nums), emb, dim, self.content_dim if self.content_history else 0, bias=self.retrieval_coordinate)
         self.item_tower = ItemTower(
             spec.n_items,
             self.item_cat_keys,
@@ -253,11 +258,14 @@ class RecsysModel(nn.Module):
         state: dict[str, torch.Tensor] = {}
         if item_vec is None or (self.content_dim and content_vec is None):
             item_vec, gates, modalities = self.item_tower(pooled, items, text, text_mask, image, image_mask)
+            item_vec = self._with_prior(item_vec, items)
             if gates is not None:
                 state["modality_gates"] = gates
             if self.content_dim:
                 content_vec = self.content_proj(torch.cat(modalities, dim=-1))
         state["item_vec"] = item_vec
+        if self.has_prior:
+            state["prior"] = self.item_prior[items]  # what ``_rank`` takes back out of the towers' score
         if self.sees_features:
             parts = [pooled["item_id"], *(pooled[k] for k in self.item_cat_keys), self.item_num[items]]
             if self.content_dim:
@@ -338,7 +346,27 @@ class RecsysModel(nn.Module):
     ) -> torch.Tensor:
         """``item_idx (B,)``, content ``(B, d_text)`` / ``(B, d_image)`` with masks ``(B,)`` -> ``(B, d)``, L2-normalised (with ``model.item_bias``: ``(B, d + 1)``, the retrieval bias last)."""
         pooled, _, items, _ = self._pooled(None, None, item_idx)
-        return self.item_tower(pooled, items, text, text_mask, image, image_mask)[0]
+        return self._with_prior(self.item_tower(pooled, items, text, text_mask, image, image_mask)[0], items)
+
+    def _with_prior(self, vec: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The item tower's vectors with the popularity prior added to the last coordinate (appended as one without ``model.item_bias``)."""
+        if not self.has_prior:
+            return vec
+        prior = self.item_prior[items].unsqueeze(1).to(vec.dtype)
+        return torch.cat([vec[:, :-1], vec[:, -1:] + prior], dim=1) if self.spec.config.item_bias else torch.cat([vec, prior], dim=1)
+
+    def prior_of(self, item_idx: torch.Tensor) -> torch.Tensor | None:
+        """The popularity prior of ``item_idx`` (any shape; 0 for items without train clicks and items added live), None without one."""
+        return self.item_prior[item_idx] if self.has_prior else None
+
+    @torch.no_grad()
+    def set_popularity_prior(self, beta: float, train_clicks: torch.Tensor) -> None:
+        """``item_prior = beta * log(1 + train_clicks)``, ``train_clicks (n_items,)`` clicked train rows per item_idx (row 0: padding, kept 0)."""
+        if not self.has_prior:
+            raise ValueError("this model has no popularity prior (model.popularity_prior = \"off\")")
+        prior = beta * torch.log1p(train_clicks.to(torch.float32))
+        prior[0] = 0.0
+        self.item_prior.copy_(prior)
 
     def rank(self, user: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Scores ``(B,)`` for the heads that are on: ``p_click``, ``p_cvr``, ``p_ctcvr``, ``rating``; and ``retrieval_score``, the towers' cosine.
@@ -352,6 +380,8 @@ class RecsysModel(nn.Module):
     def _rank(self, user: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         # The retrieval vectors: unit vectors, with ``model.item_bias`` a last coordinate (1 for the user, b for the item).
         full_user, full_item = user["user_vec"], item["item_vec"]
+        if "prior" in item:  # the ranker reads the trained score: the popularity prior (added after training) comes back out
+            full_item = torch.cat([full_item[:, :-1], full_item[:, -1:] - item["prior"].unsqueeze(1).to(full_item.dtype)], dim=1)
         if self.spec.config.ranker_stop_gradient:
             full_user, full_item = full_user.detach(), full_item.detach()
         users, batch = full_user.shape[0], max(full_user.shape[0], full_item.shape[0])
@@ -433,8 +463,8 @@ class RecsysModel(nn.Module):
 
     @property
     def vector_dim(self) -> int:
-        """Width of ``user_vectors`` / ``item_vectors``: ``model.dim``, plus the bias coordinate with ``model.item_bias``."""
-        return self.spec.config.dim + int(self.spec.config.item_bias)
+        """Width of ``user_vectors`` / ``item_vectors``: ``model.dim``, plus the last coordinate with ``model.item_bias`` or a popularity prior."""
+        return self.spec.config.dim + int(self.retrieval_coordinate)
 
     @property
     def item_first_width(self) -> int:

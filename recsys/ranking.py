@@ -53,6 +53,9 @@ def score_candidates(
     users, n = item_idx.shape
     if item_first is not None:
         item = {"item_vec": item_vec.reshape(users * n, -1), "first_layer": item_first.reshape(users * n, -1)}
+        prior = model.prior_of(item_idx.reshape(-1))
+        if prior is not None:  # the stored vectors carry the popularity prior; the ranker takes it back out
+            item["prior"] = prior
     else:
         item = model.item_state(
             item_idx.reshape(-1), item_vec=item_vec.reshape(users * n, -1), content_vec=None if content_vec is None else content_vec.reshape(users * n, -1)

@@ -1,8 +1,8 @@
 """FAISS index of the item tower (``RUN/index/``) and the ``recsys index`` step.
 
 ``ItemIndex`` holds L2-normalised item vectors under stable FAISS ids (``IndexIDMap2``), so
-results never depend on insertion positions; with ``bias`` (a model with ``model.item_bias``) the
-last coordinate is the item's retrieval bias, kept as it is, and the user's query ends in 1. Small catalogues are searched exactly
+results never depend on insertion positions; with ``bias`` (a model with ``model.item_bias`` or a popularity prior) the
+last coordinate is the item's retrieval bias + prior, kept as it is, and the user's query ends in 1. Small catalogues are searched exactly
 (``IndexFlatIP``); larger ones with an inverted file (IVF, exact inner products inside the
 scanned lists) or HNSW, whose search knob (nprobe / efSearch) is raised at build time until
 recall@100 against exact search reaches ``index.target_recall`` on a sample of queries.
@@ -513,7 +513,7 @@ def build_index(run: RunDir) -> dict[str, Any]:
     embedded_s = time.perf_counter() - started
     torch_threads = torch.get_num_threads()
     log.info("index: %d item vectors in %.1f s (%d threads); building %s", len(item_idx), embedded_s, torch_threads, cfg.index.kind)
-    index = ItemIndex.build(vectors, item_idx, item_idx, items["item_id"], cfg.index, queries=queries, seed=cfg.data.seed, content_vecs=content_vecs, bias=model.spec.config.item_bias)
+    index = ItemIndex.build(vectors, item_idx, item_idx, items["item_id"], cfg.index, queries=queries, seed=cfg.data.seed, content_vecs=content_vecs, bias=model.retrieval_coordinate)
     kept, dropped = reembed_logged(model, index, run.index / LOG_FILE)
     meta = index.save(run.index)
     stale = run.index / "added_items.parquet"  # texts of items added at serving time before the log existed

@@ -250,10 +250,10 @@ class Recommender:
         if index.added_texts:
             added = pl.DataFrame({"item_id": list(index.added_texts), "text": list(index.added_texts.values())}, schema={"item_id": texts.schema["item_id"], "text": pl.String})
             texts = pl.concat([texts, added])
-        if (index.dim, index.bias) != (model.vector_dim, model.spec.config.item_bias):
+        if (index.dim, index.bias) != (model.vector_dim, model.retrieval_coordinate):
             raise RunError(
                 f"{run.index} holds {index.dim}-d vectors{' with a bias' if index.bias else ''}, this run's model gives {model.vector_dim}-d"
-                f"{' with a bias' if model.spec.config.item_bias else ''} (another model's index): rebuild it with `recsys index --run {run.root}`"
+                f"{' with a bias' if model.retrieval_coordinate else ''} (another model's index): rebuild it with `recsys index --run {run.root}`"
             )
         if model.content_dim and index.content_vecs is None:
             raise RunError(f"{run.index} keeps no content vectors for this model's ranker: rebuild it with `recsys index --run {run.root}`")

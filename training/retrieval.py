@@ -114,12 +114,15 @@ def rank_catalogue(
     candidates: int = 0,
     content_vecs: torch.Tensor | None = None,
     propose: Proposer | None = None,
+    known: pl.DataFrame | None = None,
 ) -> RetrievalResult:
     """Rank the whole catalogue for each evaluated test user (module docstring); ``item_vecs`` is ``(n_items, d)``.
 
     ``content_vecs (n_items, C)``: the catalogue's content vectors, for a model whose user tower
     reads the history's content (``RecsysModel.content_history``); None for the baselines.
     ``propose`` (with ``rerank``): adds other sources' candidates to the towers' (``recsys.candidates``).
+    ``known``: the clicks the users' state and exclusions come from (default ``known_clicks(run)``, train +
+    valid); train clicks alone with the valid split as ``test`` measure the valid split the way test is measured.
 
     With ``rerank``, the two-stage protocol of ``served.*``: the towers' top ``candidates``
     eligible items (same exclusions) are reordered by ``rerank`` and the metrics read that order.
@@ -127,7 +130,7 @@ def rank_catalogue(
     n_items, history_len = model.spec.n_items, model.spec.history_len
     if content_vecs is None and getattr(model, "content_history", False):
         raise ValueError("this model's user tower reads the history's content: pass the catalogue's content_vecs (recsys.model.catalogue_states)")
-    known = known_clicks(run)
+    known = known_clicks(run) if known is None else known
     excluded = (known if cfg.exclude == "train_valid" else known.filter(pl.col("split") == "train")).select("user_idx", "item_idx").unique()
     relevant = test.filter(pl.col("click") == 1).select(pl.col("user_idx", "item_idx").cast(pl.Int64)).unique()
     users_with_clicks = relevant["user_idx"].n_unique()

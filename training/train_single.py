@@ -31,6 +31,7 @@ from recsys.errors import ConfigError
 from recsys.model import RecsysModel, model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_path, write_json
 from training.data import StreamedSplit, TrainingData, batches, concat_splits, load_training_data
+from training.prior import apply_prior, choose_prior
 from training.warm_start import warm_start
 from training.epochs import (
     add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
@@ -339,11 +340,15 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
             log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
 
     averaged = _keep_average_if_better(run, model, weighting, data, objective, cfg, state, average) if average is not None else None
+    prior = choose_prior(run, cfg)  # on the selected model, before a refit sees the valid rows
     refit = refit_on_valid(run, data, cfg, state) if cfg.train.refit else None
+    if prior is not None:
+        apply_prior(run, prior)
     summary = {
         **epochs_summary(state, resumed_from),
         **({"weight_average": averaged} if averaged else {}),
         **({"refit": refit} if refit else {}),
+        **({"popularity_prior": prior} if prior is not None else {}),
         "train_rows": len(data.train["click"]),
         "train_read": "in memory" if isinstance(data.train, dict) else f"in chunks of {data.train.chunk_rows} rows (train.memory_budget_mb)",
         "valid_rows": len(data.valid["click"]) if data.valid else 0,

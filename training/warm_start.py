@@ -54,7 +54,7 @@ def warm_start(model: torch.nn.Module, base: RunDir) -> dict[str, Any]:
             state[name] = value
             fresh.append(name)
             continue
-        if name.endswith(FEATURE_TABLES):  # this run's feature values per user / item (BASE's rows carried by features.update)
+        if name.endswith(FEATURE_TABLES) or name == "item_prior":  # this run's feature values per user / item (BASE's rows carried by features.update); the prior is chosen again after training
             state[name] = value
             continue
         if name.endswith(TRAINED_MASK):  # items with a trained id row: BASE's, and those this run trains
