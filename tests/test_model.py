@@ -92,7 +92,7 @@ def test_unknown_ids_fall_back_to_index_zero():
 
 
 def test_tower_vectors_are_unit_length():
-    model, batch = make_model(item_bias=False), make_batch()
+    model, batch = make_model(item_bias=False, popularity_prior="off"), make_batch()
     out = model(batch)
     torch.testing.assert_close(out["user_vec"].norm(dim=-1), torch.ones(6))
     torch.testing.assert_close(out["item_vec"].norm(dim=-1), torch.ones(6))

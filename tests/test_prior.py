@@ -77,7 +77,7 @@ def test_the_prior_survives_save_and_load_and_older_models_have_none(tmp_path):
     save_model(model, tmp_path)
     loaded = load_model(tmp_path)
     torch.testing.assert_close(loaded.item_prior, model.item_prior)
-    plain = make_model()
+    plain = make_model(popularity_prior="off")
     save_model(plain, tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "model.json").read_text())
     del meta["config"]["popularity_prior"], meta["config"]["popularity_prior_grid"]  # as written before the setting existed
@@ -136,5 +136,5 @@ def test_without_a_valid_split_there_is_no_prior(prior_run):
 def test_a_fixed_beta_is_taken_as_given(tmp_path):
     run = make_tiny_run(tmp_path / "run", ["model.popularity_prior=0.3"])
     assert choose_prior(run, run.config()) == {"beta": 0.3, "chosen_on": "config"}
-    off = make_tiny_run(tmp_path / "off")
+    off = make_tiny_run(tmp_path / "off", ["model.popularity_prior=off"])
     assert choose_prior(off, off.config()) is None
