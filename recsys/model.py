@@ -168,7 +168,7 @@ class RecsysModel(nn.Module):
             bias=cfg.item_bias,
         )
         self.user_num_names, self.item_num_names = user_nums, item_nums
-        ranker_in = 3 * self.vector_dim if cfg.ranker_input == "towers" else 3 * dim
+        ranker_in = 3 * (dim + int(cfg.item_bias)) if cfg.ranker_input == "towers" else 3 * dim  # towers-only: the vectors without a prior-only coordinate
         if self.sees_features:
             self.content_proj = nn.Linear(n_modalities * dim, self.content_dim) if self.content_dim else None
             self.attention_query = nn.Linear(dim, emb)  # from the candidate's item vector, so cold candidates have a query too
@@ -415,6 +415,8 @@ class RecsysModel(nn.Module):
                 parts += [dot, per_pair(user["user_part"]), item_part, attended]
                 logits, gates = self.ranker(self.ranker_norm(torch.cat(parts, dim=-1)))
         else:  # the towers-only input: [u, v, u * v] of the whole retrieval vectors, the bias coordinate included
+            if self.has_prior and not self.spec.config.item_bias:  # the coordinate is the prior's alone, 0 once it is taken out
+                full_user, full_item = full_user[:, :d], full_item[:, :d]
             logits, gates = self.ranker(torch.cat([full_user * scale, full_item * scale, full_user * full_item * scale], dim=-1))
         out: dict[str, torch.Tensor] = {"p_click": torch.sigmoid(logits["click"]), "retrieval_score": (user_vec * item_vec).sum(-1)}  # the towers' cosine
         if "conversion" in logits:

@@ -44,6 +44,18 @@ def test_the_prior_is_beta_log1p_clicks_in_the_last_coordinate(item_bias):
     assert model.item_prior[0] == 0  # padding / items added live
 
 
+@pytest.mark.parametrize("item_bias", [True, False])
+def test_the_towers_only_ranker_reads_the_trained_score_too(item_bias):
+    model, batch = make_model(item_bias=item_bias, popularity_prior="valid", ranker_input="towers"), make_batch()
+    with torch.inference_mode():
+        plain = model(batch)
+        model.set_popularity_prior(1.5, counts())
+        with_prior = model(batch)
+    for head in ("p_click", "p_ctcvr", "rating"):
+        torch.testing.assert_close(with_prior[head], plain[head])
+    assert not torch.allclose(with_prior["item_vec"], plain["item_vec"])
+
+
 def test_the_ranker_reads_the_trained_score_with_or_without_the_prior():
     """The prior is set after training: every ranking path takes it back out of the u . v column."""
     model, batch = make_model(item_bias=True, popularity_prior="valid"), make_batch()
