@@ -14,6 +14,7 @@ from recsys.model import load_model, save_model
 from recsys.ranking import score_candidates
 from serving.index import ItemIndex, build_index
 from serving.recommender import Recommender
+from training.evaluate import evaluate
 from training.prior import apply_prior, choose_prior, click_counts
 from training.retrieval import known_clicks
 from tests.test_index import make_tiny_run
@@ -137,6 +138,10 @@ def test_the_applied_prior_counts_train_and_valid_clicks_and_reaches_the_index_a
     np.testing.assert_allclose(index.vectors(faiss_ids)[:, -1], expected[item_idx].numpy(), rtol=1e-5, atol=1e-6)
     result = Recommender.load(prior_run).recommend(user_id="u3", k=5)
     assert len(result.items) == 5 and all(math.isfinite(r.score) for r in result.items)
+    metrics = evaluate(prior_run)
+    assert json.loads(prior_run.metrics_path.read_text())["retrieval_prior"] == {"beta": 0.5, "chosen_on": "test"}
+    assert "popularity prior, 0.5 &times; log(1 + train and valid clicks" in (prior_run.root / "report.html").read_text()
+    assert metrics["retrieval"]["recall@20"] >= 0
 
 
 def test_without_a_valid_split_there_is_no_prior(prior_run):

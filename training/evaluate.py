@@ -100,6 +100,9 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
         metrics_out["rating_distribution"] = rating_distribution(labels["rating"], scores["rating"], data_meta.get("rating_range", [1.0, 5.0]))
     metrics_out["slices"] = slices(run, test, labels, scores, retrieval, cfg)
     metrics_out["gates"] = {"ranker": model.spec.config.ranker, "tasks": list(model.tasks), "weights": mean_gates.tolist()}
+    if model.has_prior:  # the towers' score includes beta log(1 + clicks) (training.prior), as in the index
+        prior = read_json(run.model / "model.json").get("popularity_prior", {})
+        metrics_out["retrieval_prior"] = {"beta": prior.get("beta"), "chosen_on": prior.get("chosen_on")}
     metrics_out["counts"] = {
         "test_rows": test.height,
         "retrieval_users": int(retrieval.user_idx.size),

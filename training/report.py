@@ -253,11 +253,22 @@ def section_retrieval(metrics: dict[str, Any]) -> str:
         f"scored against all {counts.get('catalogue_items', '?')} catalogue items; items the user clicked in train "
         "or valid are excluded, and the user's clicked test items that are not re-clicks are relevant. The served row "
         "re-orders the towers' top <code>serve.candidates</code> by the ranker's blended score, as the service does. "
+        f"{_prior_sentence(metrics.get('retrieval_prior'))}"
         f"{counts.get('retrieval_users', '?')} users evaluated{_sampled(counts)} ({counts.get('retrieval_users_without_relevant', 0)} more had "
         "only re-clicks of training items). Coverage is the share of the catalogue recommended to anyone; the exposure "
         "Gini (0 = even, 1 = one item gets everything) and the mean log(1 + train clicks) of recommended items "
         f"(catalogue average {_fmt(extra.get('catalogue_mean_log_popularity'))}) show popularity bias.</p>"
         f"{table}<p>{ann_line}</p>{_img(fig, 'recall and ndcg by K')}{against}"
+    )
+
+
+def _prior_sentence(prior: dict[str, Any] | None) -> str:
+    """The towers' popularity prior (``model.popularity_prior``), when the model has one."""
+    if not prior or prior.get("beta") is None:
+        return ""
+    return (
+        f"The towers' score adds a popularity prior, {prior['beta']:g} &times; log(1 + train and valid clicks of the item) "
+        f"(beta chosen on: {html.escape(str(prior.get('chosen_on')))}). "
     )
 
 
