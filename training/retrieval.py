@@ -21,7 +21,8 @@ The protocol, as ``rank_catalogue`` implements it (RUN/data splits, item_idx 0 =
   temporal split it is their history at their first test event; with a random split (the
   GroupLens files) it is what a matrix factorisation of the same rows also sees.
 - Ranked items: item_idx 1 .. n_items - 1 (padding row 0 never), scored by the dot
-  product of the user vector and ``item_vecs[item_idx]``. Every item the user clicked in
+  product of the user vector and ``item_vecs[item_idx]`` (for the model: cosine, plus the item
+  bias and the popularity prior of ``training.prior`` in the last coordinate when it has them). Every item the user clicked in
   train or valid is excluded (``eval.exclude = "train"``: only train items, the protocol of
   MMRec and most papers; a valid item then stays rankable, and a test click of it relevant). The top ``min(max(ks), n_items - 1)`` eligible items are
   kept, by ``torch.topk``: equal scores are ordered as it returns them (no defined
