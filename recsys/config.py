@@ -142,6 +142,7 @@ class TrainConfig(_Section):
     uniform_negatives: int = Field(256, ge=0)  # sampled softmax: catalogue items drawn uniformly per batch (through the item tower, so cold and tail items are negatives too)
     selection_recall_k: int = Field(20, ge=1)  # model selection also weighs valid recall@K of the towers (0 rows: losses only)
     selection_recall_rows: int = Field(2000, ge=0)  # clicked valid rows that measure it (a fixed sample)
+    selection_recall: Literal["next_item", "user_state"] = "next_item"  # next_item: each clicked valid row scored from its own history; user_state (one process): each user's state at the end of train against their valid clicks, as test is measured (at most selection_recall_rows users)
     loss_weights: Literal["static", "uncertainty", "gradnorm", "dwa"] = "static"  # learned or performance-based weights cover the task losses, not the retrieval term
     click_weight: float = 1.0
     conversion_weight: float = 1.0

@@ -28,7 +28,7 @@ import polars as pl
 import torch
 
 from recsys.config import Config
-from recsys.model import load_model, save_model
+from recsys.model import RecsysModel, load_model, model_state_dict, save_model
 from recsys.rundir import RunDir
 from training.evaluate import all_item_states, load_content
 from training.retrieval import known_clicks, rank_catalogue, retrieval_section
@@ -71,7 +71,10 @@ def valid_recall_by_beta(run: RunDir, model, cfg: Config, betas) -> tuple[dict[s
     """
     n_items, k = model.spec.n_items, cfg.train.selection_recall_k
     train = known_clicks(run).filter(pl.col("split") == "train")
-    model.set_popularity_prior(0.0, torch.zeros(n_items))  # the trained score alone
+    if model.has_prior:
+        model.set_popularity_prior(0.0, torch.zeros(n_items))  # the trained score alone
+    elif any(beta != 0 for beta in betas):
+        raise ValueError("valid_recall_by_beta: a model without a prior coordinate measures beta 0 only")
     item_vecs, content_vecs = all_item_states(model, load_content(run, model))
     log_clicks = torch.log1p(click_counts(train, n_items).float())
     log_clicks[0] = 0.0
@@ -81,11 +84,12 @@ def valid_recall_by_beta(run: RunDir, model, cfg: Config, betas) -> tuple[dict[s
     users = 0
     for beta in sorted(set(betas)):
         vectors = item_vecs.clone()
-        vectors[:, -1] += beta * log_clicks
+        if beta:
+            vectors[:, -1] += beta * log_clicks
         result = rank_catalogue(run, model, vectors, valid, protocol, content_vecs=content_vecs, known=train)
         scores[repr(float(beta))] = retrieval_section(result, (k,))[f"recall@{k}"]
         users = len(result.user_idx)
-        log.info("popularity prior beta %g: valid recall@%d %.4f (%d users)", beta, k, scores[repr(float(beta))], users)
+        log.debug("popularity prior beta %g: valid recall@%d %.4f (%d users)", beta, k, scores[repr(float(beta))], users)
     return scores, users
 
 
@@ -99,3 +103,13 @@ def apply_prior(run: RunDir, choice: dict[str, Any]) -> None:
     meta = {k: v for k, v in saved.items() if k not in spec_keys}
     save_model(model, run.model, {**meta, "popularity_prior": {**choice, "counts": "clicks of train + valid"}})
     log.info("popularity prior beta %g set in %s", choice["beta"], run.model)
+
+
+def user_state_recall(run: RunDir, model, cfg: Config) -> float | None:
+    """``train.selection_recall = "user_state"``: the towers' valid recall@K measured like test (no prior), for model selection each epoch."""
+    if not (run.data / "valid.parquet").is_file() or cfg.train.selection_recall_rows <= 0:
+        return None
+    plain = RecsysModel(model.spec)  # a plain copy: the training job's fused table kernels do not run under inference mode
+    plain.load_state_dict(model_state_dict(model), strict=True)
+    value = valid_recall_by_beta(run, plain.eval(), cfg, [0.0])[0]["0.0"]
+    return value if np.isfinite(value) else None

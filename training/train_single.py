@@ -31,7 +31,7 @@ from recsys.errors import ConfigError
 from recsys.model import RecsysModel, model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_path, write_json
 from training.data import StreamedSplit, TrainingData, batches, concat_splits, load_training_data
-from training.prior import apply_prior, choose_prior
+from training.prior import apply_prior, choose_prior, user_state_recall
 from training.warm_start import warm_start
 from training.epochs import (
     add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
@@ -119,7 +119,7 @@ def train_epoch(
 
 
 @torch.no_grad()
-def validate(model, weighting, split, content, objective: RetrievalObjective, cfg: Config) -> dict[str, Any]:
+def validate(model, weighting, split, content, objective: RetrievalObjective, cfg: Config, run: RunDir | None = None) -> dict[str, Any]:
     """Losses, AUCs, rating RMSE, the towers' recall@K and mean MMoE gate weights per task over a split.
 
     Batches are shuffled (a fixed order): the split is sorted by user, and a batch of one
@@ -152,7 +152,10 @@ def validate(model, weighting, split, content, objective: RetrievalObjective, cf
     result["gates"] = {t: (gates_sum[i] / max(n, 1)).tolist() for i, t in enumerate(model.tasks)}
     if modality_gates is not None:  # gated fusion: mean weight of [id, text?, image?]
         result["modality_gates"] = (modality_gates / max(n, 1)).tolist()
-    result["recall"] = valid_recall(model, split, objective, cfg.train.selection_recall_k, cfg.train.selection_recall_rows, cfg.train.seed)
+    if cfg.train.selection_recall == "user_state" and run is not None:  # valid measured like test (training.prior)
+        result["recall"] = user_state_recall(run, model, cfg)
+    else:
+        result["recall"] = valid_recall(model, split, objective, cfg.train.selection_recall_k, cfg.train.selection_recall_rows, cfg.train.seed)
     return result
 
 
@@ -221,7 +224,7 @@ def _keep_average_if_better(run: RunDir, model, weighting, data, objective, cfg:
             log.info("weight average: %d epoch(s) averaged, not compared (needs 2 and a valid split)", len(average.epochs))
         return {"epochs": list(average.epochs), "kept": False, "reason": "fewer than 2 epochs averaged or no valid split"} if average.epochs else None
     model.load_state_dict(average.mean, strict=True)
-    valid = validate(model, weighting, data.valid, data.content, objective, cfg)
+    valid = validate(model, weighting, data.valid, data.content, objective, cfg, run)
     score = selection_score(valid, state["reference_loss"], cfg)
     kept = score > state["best_score"]
     if kept:
@@ -322,7 +325,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
         resume_at = None
         rates.append(rate)
         if data.valid is not None:
-            last_valid = validate(model, weighting, data.valid, data.content, objective, cfg)
+            last_valid = validate(model, weighting, data.valid, data.content, objective, cfg, run)
         else:
             last_valid = train_loss_as_valid(train_losses)
         epoch_lr = cfg.train.lr * state["lr_scale"]  # the dense lr this epoch ran with
