@@ -155,3 +155,18 @@ def test_a_fixed_beta_is_taken_as_given(tmp_path):
     assert choose_prior(run, run.config()) == {"beta": 0.3, "chosen_on": "config"}
     off = make_tiny_run(tmp_path / "off", ["model.popularity_prior=off"])
     assert choose_prior(off, off.config()) is None
+
+
+def test_selection_by_the_user_state_measure_reads_the_training_jobs_fused_model_like_the_saved_one(prior_run):
+    """``train.selection_recall = "user_state"``: the epoch's model (fused table kernels) measured on a plain copy, the same figure as the saved model's."""
+    from training.prior import user_state_recall, valid_recall_by_beta
+    from training.train_single import fuse_tables
+
+    cfg = prior_run.config()
+    saved = valid_recall_by_beta(prior_run, load_model(prior_run.model), cfg, [0.0])[0]["0.0"]
+    fused = load_model(prior_run.model)
+    fuse_tables(fused, 0.01)
+    assert 0 < saved <= 1
+    assert user_state_recall(prior_run, fused.eval(), cfg) == pytest.approx(saved, abs=1e-9)
+    (prior_run.data / "valid.parquet").unlink()
+    assert user_state_recall(prior_run, fused, cfg) is None
