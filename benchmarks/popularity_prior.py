@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from recsys.model import RecsysModel, load_model  # noqa: E402
 from recsys.rundir import RunDir  # noqa: E402
 from training.evaluate import all_item_states, load_content  # noqa: E402
-from training.prior import click_counts, valid_recall_by_beta  # noqa: E402
+from training.prior import log_click_counts, valid_recall_by_beta  # noqa: E402
 from training.retrieval import known_clicks, rank_catalogue, retrieval_section  # noqa: E402
 
 
@@ -64,8 +64,7 @@ def measure(run: RunDir, betas: list[float]) -> dict:
     valid, valid_users = valid_recall_by_beta(run, model, cfg, betas)
     content = load_content(run, model)
     item_vecs, content_vecs = all_item_states(model, content)  # the prior at 0
-    log_clicks = torch.log1p(click_counts(known_clicks(run), model.spec.n_items).float())
-    log_clicks[0] = 0.0
+    log_clicks = log_click_counts(known_clicks(run), model.spec.n_items)
     test = pl.read_parquet(run.data / "test.parquet")
     rows = []
     for beta in sorted(set(betas)):

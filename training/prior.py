@@ -41,6 +41,13 @@ def click_counts(known: pl.DataFrame, n_items: int) -> torch.Tensor:
     return torch.from_numpy(np.bincount(known["item_idx"].to_numpy(), minlength=n_items)[:n_items].astype(np.int64))
 
 
+def log_click_counts(known: pl.DataFrame, n_items: int) -> torch.Tensor:
+    """``log(1 + click_counts)`` as float32, row 0 (padding) 0: the prior per unit of beta."""
+    out = torch.log1p(click_counts(known, n_items).float())
+    out[0] = 0.0
+    return out
+
+
 @torch.inference_mode()
 def choose_prior(run: RunDir, cfg: Config) -> dict[str, Any] | None:
     """beta for RUN/model's towers (module docstring): ``{"beta", "chosen_on", ...}``; None with ``model.popularity_prior = "off"``."""
@@ -76,8 +83,7 @@ def valid_recall_by_beta(run: RunDir, model, cfg: Config, betas) -> tuple[dict[s
     elif any(beta != 0 for beta in betas):
         raise ValueError("valid_recall_by_beta: a model without a prior coordinate measures beta 0 only")
     item_vecs, content_vecs = all_item_states(model, load_content(run, model))
-    log_clicks = torch.log1p(click_counts(train, n_items).float())
-    log_clicks[0] = 0.0
+    log_clicks = log_click_counts(train, n_items)
     valid = pl.read_parquet(run.data / "valid.parquet", columns=["user_idx", "item_idx", "click"])
     protocol = cfg.eval.model_copy(update={"ks": (k,), "exclude": "train_valid", "max_eval_users": cfg.train.selection_recall_rows})
     scores: dict[str, float] = {}
