@@ -108,20 +108,43 @@ def retrieval_loss(
 
 
 def full_softmax_loss(
-    user_vec: torch.Tensor, positive_item: torch.Tensor, catalogue: torch.Tensor, temperature: float, exclude: tuple[torch.Tensor, torch.Tensor] | None = None
+    user_vec: torch.Tensor,
+    positive_item: torch.Tensor,
+    catalogue: torch.Tensor,
+    temperature: float,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
+    future: torch.Tensor | None = None,
+    future_weight: float = 1.0,
 ) -> torch.Tensor:
     """Softmax over the whole catalogue: ``user_vec (P, d)`` against ``catalogue (N, d)`` (row j = item_idx j; row 0 never a candidate).
 
     ``exclude = (rows, item_idx)`` masks (row, item) pairs, e.g. the user's other training
     positives; the row's own positive is never masked. No log-q: nothing is sampled.
+
+    ``future (P, W)``: item_idx of each row's later positives (0 = none) adds ``future_weight``
+    times a multinomial loss over them and the row's own item (Mult-VAE's likelihood on the
+    user's next clicks, PinnerFormer's dense all-action loss): minus the mean log-softmax of
+    those items, with the row's other excluded items still masked. The next-item term alone
+    asks the user's state for one item; the multinomial term for the set the user goes on to
+    click, which is what a recommendation from that state is measured against.
     """
     logits = user_vec @ catalogue.T / temperature  # (P, N)
     masked = torch.zeros_like(logits, dtype=torch.bool)
     masked[:, 0] = True
     if exclude is not None:
         masked[exclude[0], exclude[1]] = True
-    masked[torch.arange(len(positive_item)), positive_item] = False
-    return F.cross_entropy(logits.masked_fill(masked, float("-inf")), positive_item)
+    rows = torch.arange(len(positive_item))
+    masked[rows, positive_item] = False
+    loss = F.cross_entropy(logits.masked_fill(masked, float("-inf")), positive_item)
+    if future is None or future_weight == 0:
+        return loss
+    targets = torch.zeros_like(masked)
+    targets[rows.unsqueeze(1).expand_as(future), future] = True
+    targets[:, 0] = False
+    targets[rows, positive_item] = True
+    log_p = torch.log_softmax(logits.masked_fill(masked & ~targets, float("-inf")), dim=1)
+    multinomial = -(log_p.masked_fill(~targets, 0.0).sum(1) / targets.sum(1)).mean()
+    return loss + future_weight * multinomial
 
 
 def mixed_log_q(item_counts: torch.Tensor, candidates_per_batch: float, uniform: int) -> torch.Tensor:

@@ -359,6 +359,48 @@ def test_full_softmax_ranks_the_positive_against_the_whole_catalogue_but_padding
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([2, 4])))
 
 
+def test_full_softmax_future_term_is_the_multinomial_of_the_later_positives_and_the_own_item():
+    from recsys.losses import full_softmax_loss
+
+    torch.manual_seed(5)
+    users, catalogue = torch.randn(2, 8), torch.randn(6, 8)  # row 0 = padding
+    positive = torch.tensor([2, 4])
+    exclude = (torch.tensor([0, 0, 0, 1]), torch.tensor([3, 5, 1, 2]))  # row 0's other positives 3, 5, 1; row 1's 2
+    future = torch.tensor([[3, 5, 0], [0, 0, 0]])  # row 0 goes on to click 3 and 5; row 1 clicks nothing later
+    loss = full_softmax_loss(users, positive, catalogue, 0.5, exclude, future, future_weight=0.7)
+    next_item = full_softmax_loss(users, positive, catalogue, 0.5, exclude)
+    logits = (users @ catalogue.T / 0.5).tolist()
+
+    def log_softmax(row, allowed, at):
+        return logits[row][at] - math.log(sum(math.exp(logits[row][j]) for j in allowed))
+
+    row0 = [log_softmax(0, [2, 3, 4, 5], j) for j in (2, 3, 5)]  # 1 stays masked (an earlier positive), 3 and 5 are targets
+    row1 = [log_softmax(1, [1, 3, 4, 5], 4)]
+    expected = next_item.item() + 0.7 * (-(sum(row0) / 3) - row1[0]) / 2
+    assert abs(loss.item() - expected) < 1e-4
+    assert full_softmax_loss(users, positive, catalogue, 0.5, exclude, future, future_weight=0.0).item() == next_item.item()
+
+
+def test_later_positives_are_the_users_next_train_clicks_strictly_after_the_row():
+    from recsys.config import load_config
+    from training.epochs import RetrievalObjective
+
+    train = {  # user 1 clicks 5 @10, 6 @20, 7 @20, (8 @25 shown, not clicked), 11 @30; user 2 clicks 9 @5, 10 @6
+        "user_idx": torch.tensor([1, 1, 2, 1, 1, 2, 1]), "item_idx": torch.tensor([5, 6, 9, 7, 8, 10, 11]),
+        "click": torch.tensor([1.0, 1, 1, 1, 0, 1, 1]), "timestamp": torch.tensor([10, 20, 5, 20, 25, 6, 30]),
+    }  # fmt: skip
+    cfg = load_config(None, ["train.future_positives=2"])
+    objective = RetrievalObjective(cfg, train, 12, {})
+    later = objective.later_positives(torch.tensor([1, 1, 1, 2, 2, 1]), torch.tensor([10, 20, 30, 5, 6, 0]))
+    # a tie (6 and 7 at 20) is not "later"; the window keeps the next 2; other users' clicks never count
+    assert later.tolist() == [[6, 7], [11, 0], [0, 0], [10, 0], [0, 0], [5, 6]]
+    assert "multinomial" in objective.describe()
+    sampled = RetrievalObjective(load_config(None, ["train.future_positives=2", "train.retrieval_softmax=sampled"]), train, 12, {})
+    assert sampled.future == 0  # it extends the full softmax only
+    no_times = RetrievalObjective(cfg, {k: v for k, v in train.items() if k != "timestamp"}, 12, {})
+    assert no_times.future == 0
+
+
 def test_mixed_log_q_is_the_expected_count_of_in_batch_plus_uniform_candidates():
     from recsys.losses import mixed_log_q
 

@@ -52,13 +52,14 @@ class TrainingData:
         return int(self.content["image"].shape[1]) if "image" in self.content else 0
 
 
-def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.DataFrame | None = None) -> Split:
+def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.DataFrame | None = None, timestamps: bool = False) -> Split:
     """One split parquet -> columns: user_idx, item_idx, history (ragged, ``split["history"][rows]`` is ``(B, L)``), click, conversion, rating (NaN = unrated).
 
     ``frame``: rows of ``path`` already read (one rank's part); its ``is_padding`` column, if any, is kept.
+    ``timestamps``: also the int64 ``timestamp`` column (what ``train.future_positives`` orders a user's clicks by).
     """
     frame = pl.read_parquet(path) if frame is None else frame
-    required = ["user_idx", "item_idx", "history", "click"]
+    required = ["user_idx", "item_idx", "history", "click"] + (["timestamp"] if timestamps else [])
     required += ["conversion"] if tasks.get("conversion") else []
     required += ["rating"] if tasks.get("rating") else []
     missing = [c for c in required if c not in frame.columns]
@@ -74,19 +75,21 @@ def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.D
         split["conversion"] = torch.from_numpy(frame["conversion"].fill_null(0).to_numpy().astype(np.float32))
     if tasks.get("rating"):
         split["rating"] = torch.from_numpy(frame["rating"].cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32))
+    if timestamps:
+        split["timestamp"] = torch.from_numpy(frame["timestamp"].cast(pl.Int64).to_numpy())
     if "is_padding" in frame.columns:
         split["is_padding"] = torch.from_numpy(frame["is_padding"].to_numpy().astype(bool))
     return split
 
 
-def read_split_file(path: Path, history_len: int, tasks: dict[str, bool], read_rows: int = READ_ROWS) -> Split:
+def read_split_file(path: Path, history_len: int, tasks: dict[str, bool], read_rows: int = READ_ROWS, timestamps: bool = False) -> Split:
     """``read_split`` of the whole file's trained rows, read ``read_rows`` file rows at a time.
 
     Peak memory: the split held plus one read's polars frame, not the whole file's frame.
     """
     has_context = "context" in pl.scan_parquet(path).collect_schema().names()
     n_rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-    parts = [read_split(path, history_len, tasks, trained_slice(path, start, read_rows, has_context)) for start in range(0, max(n_rows, 1), read_rows)]
+    parts = [read_split(path, history_len, tasks, trained_slice(path, start, read_rows, has_context), timestamps) for start in range(0, max(n_rows, 1), read_rows)]
     return parts[0] if len(parts) == 1 else concat_splits(parts)
 
 
@@ -233,24 +236,27 @@ def trained_rows(path: str | Path) -> pl.LazyFrame:
     return lazy.filter(~pl.col("context")).drop("context") if "context" in lazy.collect_schema().names() else lazy
 
 
-def train_split(path: Path, history_len: int, tasks: dict[str, bool], memory_budget_mb: float, rank: int = 0, world_size: int = 1) -> Split | StreamedSplit:
+def train_split(
+    path: Path, history_len: int, tasks: dict[str, bool], memory_budget_mb: float, rank: int = 0, world_size: int = 1, timestamps: bool = False
+) -> Split | StreamedSplit:
     """This rank's train rows in memory when their padded rows fit ``memory_budget_mb`` (0: always), else a ``StreamedSplit`` within it.
 
     ``world_size > 1``: the rank's part (``read_rank_part(..., "drop", interleave=True)``), streamed or not.
+    ``timestamps``: the in-memory split also holds each row's timestamp (a streamed one never does).
     """
     n_rows, n_items = trained_rows(path).select(pl.len(), pl.col("history").list.len().sum()).collect(engine="streaming").row(0)
     rows, per_row = n_rows // world_size, bytes_per_row((n_items or 0) / max(n_rows, 1))
     fit = int(memory_budget_mb * 2**20 // per_row) if memory_budget_mb else rows
     if rows <= fit:
         if world_size > 1:
-            return read_split(path, history_len, tasks, read_rank_part(path, rank, world_size, "drop", interleave=True))
-        return read_split_file(path, history_len, tasks)
+            return read_split(path, history_len, tasks, read_rank_part(path, rank, world_size, "drop", interleave=True), timestamps)
+        return read_split_file(path, history_len, tasks, timestamps=timestamps)
     log.info("train: %d rows x %d B > train.memory_budget_mb = %d: read in chunks, about %d rows in memory", rows, per_row, memory_budget_mb, fit)
     return StreamedSplit(path, history_len, tasks, rows_in_memory=max(fit, 1), rank=rank, world_size=world_size)
 
 
 def load_training_data(
-    run: RunDir, use_text: bool = True, use_image: bool = True, rank: int = 0, world_size: int = 1, memory_budget_mb: float = 0
+    run: RunDir, use_text: bool = True, use_image: bool = True, rank: int = 0, world_size: int = 1, memory_budget_mb: float = 0, timestamps: bool = False
 ) -> TrainingData:
     """Everything the training job reads: meta, train/valid splits, feature tables, content.
 
@@ -259,18 +265,19 @@ def load_training_data(
     last ``n % N`` rows are left out), valid a contiguous range padded to equal length
     (``is_padding`` marks the repeats) for ``training.distributed.process_group.gather_to_rank0``.
     A train part (the whole split in one process, 1/N of it on each rank) beyond ``memory_budget_mb``
-    is streamed (``train_split``), each rank reading only its rows of each chunk.
+    is streamed (``train_split``), each rank reading only its rows of each chunk. ``timestamps``:
+    the splits held in memory also carry each row's timestamp.
     """
     meta_path = run.require(run.data / "meta.json", "prepare")
     meta = json.loads(meta_path.read_text())
     history_len, tasks = int(meta["history_len"]), meta["tasks"]
     train_path, valid_path = run.require(run.data / "train.parquet", "prepare"), run.data / "valid.parquet"
     valid_rows = pl.scan_parquet(valid_path).select(pl.len()).collect().item() if valid_path.is_file() else 0
-    train = train_split(train_path, history_len, tasks, memory_budget_mb, rank, world_size)
+    train = train_split(train_path, history_len, tasks, memory_budget_mb, rank, world_size, timestamps)
     if world_size > 1:
-        valid = read_split(valid_path, history_len, tasks, read_rank_part(valid_path, rank, world_size, "pad")) if valid_rows else None
+        valid = read_split(valid_path, history_len, tasks, read_rank_part(valid_path, rank, world_size, "pad"), timestamps) if valid_rows else None
     else:
-        valid = read_split_file(valid_path, history_len, tasks) if valid_rows else None
+        valid = read_split_file(valid_path, history_len, tasks, timestamps=timestamps) if valid_rows else None
     data = TrainingData(
         meta=meta, train=train, valid=valid, content=read_content(run, int(meta["n_items"]), use_text, use_image), valid_rows=valid_rows
     )

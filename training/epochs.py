@@ -157,15 +157,40 @@ class RetrievalObjective:
         uniform = 0 if self.full else cfg.train.uniform_negatives
         self.uniform = uniform
         self.log_q = cfg.train.logq_correction * mixed_log_q(torch.bincount(counted, minlength=n_items), candidates_per_batch, uniform)
-        # each user's training positives, as CSR over user_idx: the full softmax masks them
+        # each user's training positives, as CSR over user_idx (by time within a user when known): the full softmax masks them
         users, items = train["user_idx"][clicked], train["item_idx"][clicked]
-        order = torch.argsort(users, stable=True)
+        self.future = cfg.train.future_positives if self.full else 0
+        if cfg.train.future_positives and not self.full:
+            log.info("train.future_positives: not used (it extends the full softmax; this run's retrieval is %s)", self.describe())
+        if self.future and "timestamp" not in train:  # a streamed split, or a caller that did not read them
+            log.warning("train.future_positives: not used (the train split holds no timestamps in memory)")
+            self.future = 0
+        if self.future:  # by (user, timestamp): a row's later positives are the run after its own key
+            times = train["timestamp"][clicked]
+            self.times = torch.unique(times)  # sorted: a timestamp's rank is its position here
+            self.keys = users * (len(self.times) + 1) + torch.searchsorted(self.times, times)
+            order = torch.argsort(self.keys, stable=True)
+            self.keys = self.keys[order]
+        else:
+            order = torch.argsort(users, stable=True)
         self.positive_items = items[order]
         self.positive_ptr = torch.zeros(int(train["user_idx"].max()) + 2 if len(users) else 2, dtype=torch.int64)
         self.positive_ptr[1:] = torch.cumsum(torch.bincount(users, minlength=len(self.positive_ptr) - 1), 0)
 
     def describe(self) -> str:
-        return "full softmax over the catalogue" if self.full else f"sampled softmax (in-batch + {self.uniform} uniform, log-q corrected)"
+        if self.full:
+            return "full softmax over the catalogue" + (f" + the multinomial of each row's next {self.future} clicks" if self.future else "")
+        return f"sampled softmax (in-batch + {self.uniform} uniform, log-q corrected)"
+
+    def later_positives(self, users: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """``(P, W)``: item_idx of each (user, timestamp)'s next ``W = train.future_positives`` training positives
+        strictly later in time (0 = none left): the labels of the multinomial term (``full_softmax_loss(future=...)``)."""
+        rank = torch.searchsorted(self.times, times, right=True)  # timestamps <= t: a later one has a larger rank
+        start = torch.searchsorted(self.keys, users * (len(self.times) + 1) + rank - 1, right=True)  # past every key <= (user, t)
+        users = users.clamp(max=len(self.positive_ptr) - 2)
+        at = start.unsqueeze(1) + torch.arange(self.future)
+        inside = at < self.positive_ptr[users + 1].unsqueeze(1)
+        return torch.where(inside, self.positive_items[at.clamp(max=max(len(self.positive_items) - 1, 0))], 0)
 
     def known_positives(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, item_idx)``: every training positive of each of ``users`` (row r = users[r])."""
@@ -192,7 +217,10 @@ class RetrievalObjective:
             return outputs["user_vec"].sum() * 0.0
         catalogue = self.catalogue_vectors(model, torch.arange(self.n_items))
         exclude = self.known_positives(batch["user_idx"][clicked])
-        return full_softmax_loss(outputs["user_vec"][clicked], batch["item_idx"][clicked], catalogue, self.cfg.temperature, exclude)
+        future = self.later_positives(batch["user_idx"][clicked], batch["timestamp"][clicked]) if self.future else None
+        return full_softmax_loss(
+            outputs["user_vec"][clicked], batch["item_idx"][clicked], catalogue, self.cfg.temperature, exclude, future, self.cfg.future_weight
+        )
 
 
 @torch.no_grad()

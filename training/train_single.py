@@ -273,7 +273,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
     started = time.perf_counter()
     if cfg.train.refit and cfg.train.average_weights:
         raise ConfigError("train.refit and train.average_weights both replace the selected model: set one of them")
-    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, memory_budget_mb=cfg.train.memory_budget_mb)
+    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, memory_budget_mb=cfg.train.memory_budget_mb, timestamps=cfg.train.future_positives > 0)
     model = build_model(data, cfg)
     fuse_tables(model, cfg.train.embedding_lr)
     weighting = task_weighting(model.tasks, cfg)
