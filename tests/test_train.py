@@ -351,3 +351,16 @@ def test_refit_and_weight_averaging_are_refused_together(tmp_path):
 
     with pytest.raises(ConfigError, match="train.refit and train.average_weights"):
         train(make_run(tmp_path / "run", overrides=["train.refit=true", "train.average_weights=true"]))
+
+
+def test_future_positives_add_the_multinomial_term_of_later_clicks_to_the_retrieval_loss(tmp_path):
+    from training.train import train
+
+    losses = {}
+    for window in (0, 5):
+        run = make_run(tmp_path / f"run{window}", overrides=["train.epochs=1", f"train.future_positives={window}"])
+        train(run)
+        (line,) = read_log(run)
+        losses[window] = line["train_loss"]["retrieval"]
+    # the same first batches, plus minus the mean log-probability of each row's later clicks (about log of the catalogue each)
+    assert losses[5] > losses[0] + 1.0, losses

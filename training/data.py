@@ -76,7 +76,7 @@ def read_split(path: Path, history_len: int, tasks: dict[str, bool], frame: pl.D
     if tasks.get("rating"):
         split["rating"] = torch.from_numpy(frame["rating"].cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32))
     if timestamps:
-        split["timestamp"] = torch.from_numpy(frame["timestamp"].cast(pl.Int64).to_numpy())
+        split["timestamp"] = torch.from_numpy(frame["timestamp"].to_numpy().astype(np.int64))
     if "is_padding" in frame.columns:
         split["is_padding"] = torch.from_numpy(frame["is_padding"].to_numpy().astype(bool))
     return split

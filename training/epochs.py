@@ -135,6 +135,17 @@ def selection_score(valid: dict[str, Any], reference: dict[str, float], cfg: Con
 
 
 # -- the towers' objective and their validation recall ---------------------------------------------
+def uses_full_softmax(cfg: Config, n_items: int) -> bool:
+    """Whether one process's towers train on a softmax over the whole catalogue (``train.retrieval_softmax``)."""
+    mode = cfg.train.retrieval_softmax
+    return mode == "full" or (mode == "auto" and n_items - 1 <= cfg.train.full_softmax_max_items)
+
+
+def reads_timestamps(cfg: Config, n_items: int) -> bool:
+    """Whether the training data must carry each row's timestamp: ``train.future_positives`` on a full softmax."""
+    return cfg.train.future_positives > 0 and uses_full_softmax(cfg, n_items)
+
+
 class RetrievalObjective:
     """The retrieval loss of one run: a full softmax over the catalogue, or a sampled one.
 
@@ -148,8 +159,7 @@ class RetrievalObjective:
 
     def __init__(self, cfg: Config, train: dict[str, torch.Tensor], n_items: int, content: dict[str, torch.Tensor]):
         self.cfg, self.n_items, self.content = cfg.train, n_items, content
-        mode = cfg.train.retrieval_softmax
-        self.full = mode == "full" or (mode == "auto" and n_items - 1 <= cfg.train.full_softmax_max_items)
+        self.full = uses_full_softmax(cfg, n_items)
         self.all_rows = cfg.train.retrieval_negatives == "all_rows"
         clicked = train["click"] > 0
         counted = train["item_idx"] if self.all_rows else train["item_idx"][clicked]

@@ -277,7 +277,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
     log_q = cfg.train.logq_correction * log_q_from_counts(item_rows if cfg.train.retrieval_negatives == "all_rows" else item_clicks)
     train_rows = int(item_rows.sum())
     if ctx.is_main and (cfg.train.retrieval_softmax != "sampled" or cfg.train.uniform_negatives):
-        log.info("the N-process job trains the towers on in-batch negatives across ranks (train.retrieval_softmax and train.uniform_negatives apply to one process)")
+        log.info("the N-process job trains the towers on in-batch negatives across ranks (train.retrieval_softmax, train.uniform_negatives and train.future_positives apply to one process)")
     if ctx.is_main:
         log.info(
             "train: %d rows on %d ranks (%d each, global batch %d), valid: %d rows, tasks %s, sharding %s (plan in %s)",

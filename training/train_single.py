@@ -29,14 +29,14 @@ from tqdm import tqdm
 from recsys.config import Config
 from recsys.errors import ConfigError
 from recsys.model import RecsysModel, model_state_dict, save_model
-from recsys.rundir import RunDir, atomic_path, write_json
+from recsys.rundir import RunDir, atomic_path, read_json, write_json
 from training.data import StreamedSplit, TrainingData, batches, concat_splits, load_training_data
 from training.prior import apply_prior, choose_prior, user_state_recall
 from training.warm_start import warm_start
 from training.epochs import (
     add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
     epochs_summary, head_metrics, log_epoch, new_state, resume_digest, set_lr, task_weighting, train_loss_as_valid, truncate_log,
-    valid_summary, RetrievalObjective, WeightAverage, selection_score, valid_recall,
+    valid_summary, reads_timestamps, RetrievalObjective, WeightAverage, selection_score, valid_recall,
 )  # fmt: skip
 
 log = logging.getLogger("recsys.training")
@@ -273,7 +273,8 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
     started = time.perf_counter()
     if cfg.train.refit and cfg.train.average_weights:
         raise ConfigError("train.refit and train.average_weights both replace the selected model: set one of them")
-    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, memory_budget_mb=cfg.train.memory_budget_mb, timestamps=cfg.train.future_positives > 0)
+    n_items = int(read_json(run.require(run.data / "meta.json", "prepare"))["n_items"])
+    data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, memory_budget_mb=cfg.train.memory_budget_mb, timestamps=reads_timestamps(cfg, n_items))
     model = build_model(data, cfg)
     fuse_tables(model, cfg.train.embedding_lr)
     weighting = task_weighting(model.tasks, cfg)
