@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--content", choices=["clustered", "isotropic"], default="clustered", help="item content vectors (see build_run)")
     parser.add_argument("--run", help="serve this finished run instead (e.g. MovieLens); --users and --user-format then name its users")
     parser.add_argument("--user-format", default="u{}", help="user ids sent: the format of 1..--users ('{}' for integer ids)")
-    parser.add_argument("--add-calls", type=int, default=20, help="POST /items calls timed after the steady phase")
+    parser.add_argument("--add-calls", type=int, default=20, help="POST /items calls timed after the steady phase (0 = none)")
     parser.add_argument("--add-batch", type=int, default=10, help="new items per POST /items")
     parser.add_argument("--events-rate", type=float, default=0, help="also POST /events at this many events/s during the steady phase (0 = off)")
     parser.add_argument("--events-batch", type=int, default=10, help="events per POST /events")
@@ -291,7 +291,7 @@ def main() -> None:
             steps.append(result)
             if not (result["errors"] == 0 and result["achieved_rps"] >= 0.95 * rate and result["p99_ms"] <= args.max_p99_ms):
                 break
-        adds = add_items_latency(port, args.add_calls, args.add_batch, integer_ids=args.item_format == "{}")
+        adds = add_items_latency(port, args.add_calls, args.add_batch, integer_ids=args.item_format == "{}") if args.add_calls > 0 else None
         print(f"POST /items of {args.add_batch}: {adds}", file=sys.stderr)
         sustained = max([s["offered_rps"] for s in steps if s["errors"] == 0 and s["achieved_rps"] >= 0.95 * s["offered_rps"] and s["p99_ms"] <= args.max_p99_ms], default=0)
     finally:

@@ -284,7 +284,11 @@ def test_content_vectors_travel_with_their_items_through_add_save_and_load(tmp_p
         loaded.add(rng.normal(size=(1, 8)).astype(np.float32), ["no-content"])  # an index with content refuses an item without
 
 
-def test_many_adds_grow_the_maps_in_place_and_every_item_keeps_its_id_index_and_content(tmp_path):
+def test_many_adds_grow_the_maps_in_place_and_every_item_keeps_its_id_index_and_content(tmp_path, monkeypatch):
+    import serving.index as I
+
+    monkeypatch.setattr(I, "MIN_ADD_ROOM", 1)  # little room at load, so the adds below outgrow it
+    monkeypatch.setattr(I, "ADD_ROOM", 0.0)
     rng = np.random.default_rng(5)
     vectors, content = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
     ids = np.arange(1, 5)
@@ -305,3 +309,23 @@ def test_many_adds_grow_the_maps_in_place_and_every_item_keeps_its_id_index_and_
     loaded = ItemIndex.load(tmp_path / "index")
     assert loaded.item_ids(faiss_ids) == list(expected)
     np.testing.assert_array_equal(loaded.content(faiss_ids), index.content(faiss_ids))
+
+
+def test_the_first_adds_after_a_load_append_into_room_reserved_at_load(tmp_path):
+    """Doubling on the first add copied every row of the maps and content vectors (378 ms at 1M items); load leaves room."""
+    import serving.index as I
+
+    rng = np.random.default_rng(6)
+    n = 3000
+    ids = np.arange(1, n + 1)
+    index = ItemIndex.build(rng.normal(size=(n, 8)).astype(np.float32), ids, ids, [f"it{i}" for i in ids], IndexConfig(kind="flat"), content_vecs=rng.normal(size=(n, 3)).astype(np.float32))
+    index.save(tmp_path / "index")
+    loaded = ItemIndex.load(tmp_path / "index")
+    content, item_idx, row_of = loaded.content_vecs, loaded._item_idx, loaded._row_of
+    room = max(I.MIN_ADD_ROOM, int(n * I.ADD_ROOM))
+    for batch in range(room // 100):
+        loaded.add(rng.normal(size=(100, 8)).astype(np.float32), [f"new{batch}-{j}" for j in range(100)], content_vecs=np.full((100, 3), batch, np.float32))
+    assert loaded.count == n + 100 * (room // 100)
+    for before, after in ((content, loaded.content_vecs), (item_idx, loaded._item_idx), (row_of, loaded._row_of)):
+        assert np.shares_memory(before, after)  # the same buffers: nothing was copied
+    np.testing.assert_array_equal(loaded.content(np.array([1, n, n + 1, loaded.count])), np.concatenate([content[[0, n - 1]], [[0, 0, 0]], [[room // 100 - 1] * 3]]))

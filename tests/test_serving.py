@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import logging
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -526,6 +528,29 @@ def test_reload_swaps_in_another_run(template_run):
     assert response.status_code == 200
     after = client.get("/healthz").json()
     assert after["run"] == str(other.root) and after["model_version"] != before["model_version"]
+
+
+def test_the_loaded_heap_is_frozen_and_a_reload_still_frees_the_replaced_recommender(template_run):
+    other = make_tiny_run(template_run.root.parent / "other-seed3", seed=3)
+    build_index(other)
+    cycle = _Cycle()  # alive when the service freezes the heap, garbage (only a cycle holds it) afterwards
+    app = create_app(template_run.root, admin_token=TOKEN)
+    first = app.state.service.recommender
+    assert gc.get_freeze_count() > 10_000  # the libraries and the run, out of the collector's sight
+    assert not any(obj is first for obj in gc.get_objects())  # frozen objects are in no generation
+    old_recommender, old_cycle = weakref.ref(first), weakref.ref(cycle)
+    del first, cycle
+    gc.collect()
+    assert old_cycle() is not None  # frozen: the collector does not free it...
+    client = TestClient(app)
+    assert client.post("/admin/reload", json={"run": str(other.root)}, headers=ADMIN).status_code == 200
+    assert old_recommender() is None and old_cycle() is None  # ...until the reload unfreezes and collects
+    assert gc.get_freeze_count() > 10_000
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
 
 
 def test_reload_of_an_incomplete_run_is_409_and_keeps_serving_the_old_one(template_run):
