@@ -16,6 +16,9 @@ Last line: one JSON object.
     .venv/bin/python benchmarks/train_throughput.py                     # 1M users x 1M items, L=50, B=4096
     .venv/bin/python benchmarks/train_throughput.py --users 100000 --items 100000 --batch 1024 --steps 5
 
+``--bf16`` also times the fused step with the model's forward under bf16 autocast (losses in
+fp32), alternated with fp32: whether bf16 units (AMX) pay here, where the step is not matmul-bound.
+
 ``--nproc N`` instead compares the multi-process job's step (TorchRec DMP with ``--sharding``, DDP
 dense part, gloo/nccl, cross-rank retrieval negatives) in 1 process and in N processes on this
 machine, with the global batch ``--batch`` split over the ranks:
@@ -87,8 +90,11 @@ def build(args, fused: bool):
     return model, weighting, optimizers
 
 
-def train_step(model, weighting, optimizers, batch, log_q) -> float:
-    outputs = model(batch)
+def train_step(model, weighting, optimizers, batch, log_q, bf16: bool = False) -> float:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the model's matmuls in bf16; the losses below in fp32
+        outputs = model(batch)
+    if bf16:
+        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
     losses = task_losses(outputs, batch)
     loss = weighting(losses) + retrieval_loss(outputs, batch, log_q, 0.05)
     for opt in optimizers:
@@ -132,14 +138,14 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def measure(args, fused: bool, batches) -> dict:
+def measure(args, fused: bool, batches, bf16: bool = False) -> dict:
     model, weighting, optimizers = build(args, fused)
     log_q = torch.zeros(args.items)
     for batch in batches[: args.warmup]:
-        train_step(model, weighting, optimizers, batch, log_q)
+        train_step(model, weighting, optimizers, batch, log_q, bf16)
     started = time.perf_counter()
     for batch in batches[args.warmup :]:
-        train_step(model, weighting, optimizers, batch, log_q)
+        train_step(model, weighting, optimizers, batch, log_q, bf16)
     seconds = time.perf_counter() - started
     steps = len(batches) - args.warmup
     flops = dense_flops_per_step(model, batches[0], log_q)
@@ -309,6 +315,7 @@ def main() -> None:
     parser.add_argument("--sharding", default="auto", choices=["auto", "data_parallel", "table_wise", "column_wise", "row_wise"])
     parser.add_argument("--profile", action="store_true", help="also break the fused step down by phase, module and op kind (torch.profiler)")
     parser.add_argument("--fused-only", action="store_true", help="skip the plain-PyTorch variant (no speed-up figure)")
+    parser.add_argument("--bf16", action="store_true", help="also time the fused step with the model's forward under bf16 autocast (fp32 and bf16 alternated, twice each)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.nproc:
@@ -323,6 +330,13 @@ def main() -> None:
         results[name] = measure(args, fused, batches)
         r = results[name]
         print(f"{name:15s} {r['samples_per_s']:>10,.0f} samples/s  {r['step_s'] * 1e3:8.1f} ms/step  dense {r['dense_gflops_achieved']:.1f} GFLOP/s", flush=True)
+    if args.bf16:  # alternated, so the machine's drift falls on both
+        rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        for _ in range(2):
+            for name in rates:
+                rates[name].append(measure(args, True, batches, bf16=name == "bf16")["samples_per_s"])
+        results["bf16_autocast"] = {"fp32_samples_per_s": rates["fp32"], "bf16_samples_per_s": rates["bf16"], "ratio": sum(rates["bf16"]) / sum(rates["fp32"])}
+        print(f"fused step, bf16 autocast vs fp32: {', '.join(f'{r:,.0f}' for r in rates['bf16'])} vs {', '.join(f'{r:,.0f}' for r in rates['fp32'])} samples/s ({results['bf16_autocast']['ratio']:.2f}x)", flush=True)
     ratio = results["torchrec_fused"]["samples_per_s"] / results["plain_pytorch"]["samples_per_s"] if "plain_pytorch" in results else None
     dense = results["torchrec_fused"]["dense_gflops_achieved"]
     if ratio is not None:

@@ -475,6 +475,7 @@ class Service:
     def _swap_in(self, path: Path, contract: Contract) -> Recommender:
         with self.writing():
             fresh = Recommender.load(RunDir(path))  # the old one keeps serving reads meanwhile
+            fresh.adopt_encoders(self.recommender)  # the next add does not load them again
             if Contract.of(fresh) != contract:  # the published schema (id types, max_k) would no longer hold
                 raise HTTPException(409, f"{path} takes other requests ({Contract.of(fresh)}) than the served schema ({contract}): restart the service on it")
             with self._events:  # no event lands in the old log after its news were carried over
@@ -638,6 +639,13 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     return app
 
 
+def _load_encoders(recommender: Recommender) -> None:
+    try:
+        recommender.load_encoders()
+    except Exception as exc:  # noqa: BLE001 (e.g. weights not on this machine: the first POST /items says so with a 4xx)
+        log.warning("encoders for POST /items not loaded at start (%s); the first add tries again", exc)
+
+
 def configure_threads(threads: int) -> None:
     """Intra-op threads of torch and FAISS: requests run concurrently, each on few threads."""
     import faiss
@@ -661,6 +669,8 @@ def serve(run: RunDir, host: str = "127.0.0.1", port: int = 8000, follow: Path |
     if admin_token is None:
         log.warning("RECSYS_ADMIN_TOKEN is unset: POST /items, POST /events and /admin/reload are disabled")
     app = create_app(run, admin_token=admin_token)
+    if admin_token is not None:  # adds are on: load their encoders now, in the background, not in the first POST /items
+        threading.Thread(target=_load_encoders, args=(app.state.service.recommender,), name="encoders", daemon=True).start()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     access_log.addHandler(handler)

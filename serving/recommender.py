@@ -220,6 +220,7 @@ class Recommender:
         self.model_version = f"v{meta.get('version', 0)}-{weights}"  # format version + which weights
         self._encoders: tuple[Any, Any] | None = None
         self._add_lock = threading.Lock()
+        self._encoders_lock = threading.Lock()
         self.neighbours: ItemNeighbours | None = None  # the co-occurrence source, from every click the run knows
         serve = cfg.serve
         self.item_first = self._item_first_rows(serve.rank_cache_mb)  # (n_items, H + 2) by item_idx, or None
@@ -577,17 +578,32 @@ class Recommender:
             self._texts.update({key: item.text for key, item in zip(keys, items)})
         return faiss_ids.tolist(), warnings
 
-    def _embed_content(self, items: Sequence[NewItem]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def load_encoders(self) -> None:
+        """Load the encoders POST /items embeds with, once (the service does it in the background at start
+        when adds are enabled: the MiniLM load made the first add of the ML-100K model take 1.0-1.7 s)."""
         from features.encoders import build_image_encoder, build_text_encoder
 
-        if self._encoders is None:  # loaded on first use: a transformer takes seconds to load
+        with self._encoders_lock:
+            if self._encoders is not None:
+                return
             # torch's thread count is process-wide: encoders built with the serving count never change it under running requests
             embed = self.cfg.embed.model_copy(update={"threads": torch.get_num_threads()})
             self._encoders = (
                 build_text_encoder(embed) if self.model.use_text else None,
                 build_image_encoder(embed) if self.model.use_image else None,
             )
-        text_encoder, image_encoder = self._encoders
+
+    def adopt_encoders(self, other: "Recommender") -> None:
+        """Take ``other``'s loaded encoders when this run embeds with the same ones (a reload of a run with the same ``[embed]`` section)."""
+        same = other.cfg.embed == self.cfg.embed and (other.model.use_text, other.model.use_image) == (self.model.use_text, self.model.use_image)
+        if same and other._encoders is not None:
+            with self._encoders_lock:
+                if self._encoders is None:
+                    self._encoders = other._encoders
+
+    def _embed_content(self, items: Sequence[NewItem]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        self.load_encoders()  # a no-op once loaded; waits for a load in progress
+        text_encoder, image_encoder = self._encoders  # type: ignore[misc]
         content: dict[str, torch.Tensor] = {}
         warnings: list[str] = []
         n = len(items)

@@ -553,6 +553,19 @@ class _Cycle:
         self.me = self
 
 
+def test_a_reload_to_a_run_with_the_same_encoders_keeps_them_loaded(template_run):
+    other = make_tiny_run(template_run.root.parent / "other-seed4", seed=4)
+    build_index(other)
+    client = TestClient(create_app(template_run.root, admin_token=TOKEN))
+    service = client.app.state.service
+    assert client.post("/items", json={"items": [{"item_id": "enc-1", "text": "a new item"}]}, headers=ADMIN).status_code == 201
+    loaded = service.recommender._encoders
+    assert loaded is not None
+    assert client.post("/admin/reload", json={"run": str(other.root)}, headers=ADMIN).status_code == 200
+    assert service.recommender._encoders is loaded  # the same objects: the next add loads nothing
+    assert client.post("/items", json={"items": [{"item_id": "enc-2", "text": "another"}]}, headers=ADMIN).status_code == 201
+
+
 def test_reload_of_an_incomplete_run_is_409_and_keeps_serving_the_old_one(template_run):
     incomplete = make_tiny_run(template_run.root.parent / "noindex")  # no index built
     client = TestClient(create_app(template_run.root, admin_token=TOKEN))
