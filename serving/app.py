@@ -635,7 +635,8 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=recommender.cfg.serve.max_body_bytes)
     app.add_middleware(AccessLogMiddleware, metrics=metrics)  # outermost: it sees the 413s too
-    settle_heap()
+    collect_s = settle_heap()
+    log.info("heap settled: a full collection took %.1f ms; %d objects frozen, out of later collections", collect_s * 1e3, gc.get_freeze_count())
     return app
 
 
