@@ -588,10 +588,11 @@ class Recommender:
                 return
             # torch's thread count is process-wide: encoders built with the serving count never change it under running requests
             embed = self.cfg.embed.model_copy(update={"threads": torch.get_num_threads()})
-            self._encoders = (
-                build_text_encoder(embed) if self.model.use_text else None,
-                build_image_encoder(embed) if self.model.use_image else None,
-            )
+            text = build_text_encoder(embed) if self.model.use_text else None
+            catalogue = [t for t in self._texts.values() if t]
+            if text is not None and catalogue:  # its precision is chosen (timed) on the first texts it encodes: catalogue texts, now, not the first add's
+                text.encode_texts(catalogue[:: max(1, len(catalogue) // 64)][:64])
+            self._encoders = (text, build_image_encoder(embed) if self.model.use_image else None)
 
     def adopt_encoders(self, other: "Recommender") -> None:
         """Take ``other``'s loaded encoders when this run embeds with the same ones (a reload of a run with the same ``[embed]`` section)."""
