@@ -460,17 +460,16 @@ class Service:
             log.info("follow: now serving %s (model %s, %d items)", fresh.run.root, fresh.model_version, fresh.index.count)
             if on_reload is not None:
                 on_reload()
+            settle_heap()  # the replaced recommender is collected here, once, not by a later pause of some request
 
     def reload(self, raw: str, contract: Contract) -> Recommender:
         path = self.resolve_run(raw)  # before anything under it is opened
         if not self._reload_gate.acquire(blocking=False):
             raise HTTPException(409, "a reload is already in progress")
         try:
-            fresh = self._swap_in(path, contract)
+            return self._swap_in(path, contract)  # the caller then settles the heap (settle_heap), once it has counted the reload
         finally:
             self._reload_gate.release()
-        settle_heap()  # the replaced recommender is collected here, once, not by a later pause of some request
-        return fresh
 
     def _swap_in(self, path: Path, contract: Contract) -> Recommender:
         with self.writing():
@@ -621,6 +620,7 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
             raise HTTPException(409, f"reload refused, still serving {service.recommender.run.root}: {exc}") from None
         metrics.reloads.inc()
         log.info("reloaded %s (model %s, %d items)", fresh.run.root, fresh.model_version, fresh.index.count)
+        settle_heap()  # the replaced recommender is collected here, once, not by a later pause of some request
         return status(fresh)
 
     @app.get("/readyz", response_model=StatusResponse, responses=errors(503))

@@ -553,10 +553,10 @@ class _Cycle:
         self.me = self
 
 
-def test_a_reload_to_a_run_with_the_same_encoders_keeps_them_loaded(template_run):
-    other = make_tiny_run(template_run.root.parent / "other-seed4", seed=4)
+def test_a_reload_to_a_run_with_the_same_encoders_keeps_them_loaded(run):
+    other = make_tiny_run(run.root.parent / "other-seed4", seed=4)  # beside the private copy: under serve.runs_root
     build_index(other)
-    client = TestClient(create_app(template_run.root, admin_token=TOKEN))
+    client = TestClient(create_app(run.root, admin_token=TOKEN))
     service = client.app.state.service
     assert client.post("/items", json={"items": [{"item_id": "enc-1", "text": "a new item"}]}, headers=ADMIN).status_code == 201
     loaded = service.recommender._encoders
