@@ -304,7 +304,7 @@ def main() -> None:
         "benchmark": "serving", "content": args.content, "items": health["items"], "index": health["index_type"], "candidates": args.candidates, "k": args.k,
         "server_start_s": round(load_s, 1), "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "at_rate": steady, "where_time_goes": steady_breakdown, "steps": steps, "sustained_rps": sustained, "add_items": adds,
-        "targets_met": bool(steady["p99_ms"] is not None and steady["p99_ms"] <= 10 and sustained >= 500 and adds["p99_ms"] <= 50),
+        "targets_met": bool(steady["p99_ms"] is not None and steady["p99_ms"] <= 10 and sustained >= 500 and adds is not None and adds["p99_ms"] <= 50),
     }))
 
 
