@@ -138,10 +138,9 @@ ADD_ROOM = 1 / 8  # at load, the id maps and content vectors get room for this s
 MIN_ADD_ROOM = 1024  # so the first adds append in place: doubling on the first add copied every row, 378 ms at 1M items
 
 
-def _reserved(array: np.ndarray, extra: int, fill: Any = None) -> np.ndarray:
-    """A copy of ``array`` in a buffer with ``extra`` spare rows (filled with ``fill``, else left uninitialised)."""
-    shape = (len(array) + extra, *array.shape[1:])
-    buffer = np.empty(shape, dtype=array.dtype) if fill is None else np.full(shape, fill, dtype=array.dtype)
+def _reserved(array: np.ndarray, extra: int) -> np.ndarray:
+    """A copy of ``array`` in a buffer with ``extra`` spare rows (left uninitialised: the views stop before them)."""
+    buffer = np.empty((len(array) + extra, *array.shape[1:]), dtype=array.dtype)
     buffer[: len(array)] = array
     return buffer
 
