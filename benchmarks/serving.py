@@ -40,7 +40,24 @@ sys.path.insert(0, str(REPO))
 
 
 # -- the run ---------------------------------------------------------------------------------
-def build_run(root: Path, items: int, users: int, events: int, candidates: int, content: str = "clustered", seed: int = 0) -> None:
+def bench_config(candidates: int, overrides: list[str] = ()):
+    """The built run's config: no encoders, ``candidates`` for the ranker, history 20, then ``--set`` overrides."""
+    from recsys.config import load_config
+
+    return load_config(None, ["embed.text_model=none", "embed.image_model=none", f"serve.candidates={candidates}", "data.history_len=20", *overrides])
+
+
+def cached_run_dir(args) -> Path:
+    """The cache of a built run: its sizes and content in the name, and a digest of the model config (a changed default builds anew)."""
+    import hashlib
+
+    from recsys.config import section_dict
+
+    digest = hashlib.sha1(json.dumps(section_dict(bench_config(args.candidates, args.set).model), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}-model{digest}"
+
+
+def build_run(root: Path, items: int, users: int, events: int, candidates: int, content: str = "clustered", seed: int = 0, overrides: list[str] = ()) -> None:
     """A complete run (data, content, untrained model, index) with random data.
 
     ``content="clustered"``: item content vectors drawn around 2,000 topic centres, as real
@@ -51,13 +68,12 @@ def build_run(root: Path, items: int, users: int, events: int, candidates: int, 
     import torch
     from safetensors.numpy import save_file
 
-    from recsys.config import load_config
     from recsys.model import ModelSpec, RecsysModel, save_model
     from recsys.rundir import RunDir, write_json, write_parquet
     from serving.index import build_index
 
-    history_len, text_dim = 20, 32
-    cfg = load_config(None, ["embed.text_model=none", "embed.image_model=none", f"serve.candidates={candidates}", f"data.history_len={history_len}"])
+    cfg = bench_config(candidates, overrides)
+    history_len, text_dim = cfg.data.history_len, 32
     run = RunDir.create(root, cfg, root)
     rng = np.random.default_rng(seed)
     item_idx = np.arange(1, items + 1)
@@ -250,14 +266,17 @@ def main() -> None:
     parser.add_argument("--events-rate", type=float, default=0, help="also POST /events at this many events/s during the steady phase (0 = off)")
     parser.add_argument("--events-batch", type=int, default=10, help="events per POST /events")
     parser.add_argument("--item-format", default="it{}", help="history item ids sent (1 in 10 requests): the format of 1..1000")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for the built run (e.g. model.attention=mlp); repeatable")
     args = parser.parse_args()
+    if args.run and args.set:
+        raise SystemExit("--set configures the built run; a finished --run keeps its own config")
 
-    root = Path(args.run) if args.run else Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}"
+    root = Path(args.run) if args.run else cached_run_dir(args)
     if args.run and not (root / "index" / "index.json").is_file():
         raise SystemExit(f"{root} has no index: run `recsys index --run {root}` first")
     if not (root / "index" / "index.json").is_file():
         t0 = time.perf_counter()
-        build_run(root, args.items, args.users, args.events, args.candidates, args.content)
+        build_run(root, args.items, args.users, args.events, args.candidates, args.content, overrides=args.set)
         print(f"run built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     port = free_port()

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
 
 from recsys.config import ModelConfig, section_dict
 from recsys.errors import ConfigError, RunError
 from recsys.history import mean_content  # noqa: F401  (the model's callers build history_content with it)
-from recsys.attention import TargetAttention
+from recsys.attention import make_attention
 from recsys.mmoe import MultiTaskRanker
 from recsys.rundir import atomic_path, write_json
 from recsys.towers import ItemTower, UserTower
@@ -54,7 +54,7 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> "ModelSpec":
-        saved = {"item_bias": False, "popularity_prior": "off", **meta["config"]}  # models saved before the item bias / the prior had none
+        saved = {"item_bias": False, "popularity_prior": "off", "attention": "mlp", **meta["config"]}  # models saved before the item bias / the prior / the dot attention had none
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         names = cls.__dataclass_fields__.keys() - {"config", "tasks", "rating_range"}
         return cls(**{k: meta[k] for k in names if k in meta}, tasks=tuple(meta["tasks"]), rating_range=tuple(meta["rating_range"]), config=config)
@@ -172,7 +172,7 @@ class RecsysModel(nn.Module):
         if self.sees_features:
             self.content_proj = nn.Linear(n_modalities * dim, self.content_dim) if self.content_dim else None
             self.attention_query = nn.Linear(dim, emb)  # from the candidate's item vector, so cold candidates have a query too
-            self.attention = TargetAttention(emb)
+            self.attention = make_attention(cfg.attention, emb)
             user_part = emb * (1 + len(self.user_cat_keys)) + len(user_nums)
             item_part = emb * (1 + len(self.item_cat_keys)) + len(item_nums) + self.content_dim
             ranker_in += 1 + user_part + item_part + emb
@@ -206,9 +206,25 @@ class RecsysModel(nn.Module):
         keys = [*user, *item, *self.recent_keys]
         ids = torch.cat([*user.values(), *item.values(), recent], dim=1)
         pooled = self.embedding_tables(ids_to_kjt(keys, ids, "history", bag))  # KeyedTensor: read by key (sharding reorders the columns)
-        # One split instead of a slice per key: each slice's backward would zero-fill the whole (B, K * E) gradient.
-        by_key = dict(zip(pooled.keys(), pooled.values().split(pooled.length_per_key(), dim=1)))
-        return by_key, users, items, recent
+        return self._by_key(pooled), users, items, recent
+
+    def _by_key(self, pooled: KeyedTensor) -> dict[str, torch.Tensor]:
+        """The KeyedTensor's columns by feature, in one split: each slice's backward would zero-fill the whole ``(B, K * E)`` gradient.
+
+        When the ``recent_j`` columns stand side by side in order (the plain and fused tables; a
+        sharding may reorder them), they come out as one ``(B, A, E)`` view, ``"recent"``, instead
+        of A pieces that ``_user_state`` would stack (a copy forward, A pieces backward).
+        """
+        keys, sizes, values = pooled.keys(), list(pooled.length_per_key()), pooled.values()
+        recent = len(self.recent_keys)
+        start = keys.index(self.recent_keys[0]) if recent and self.recent_keys[0] in keys else -1
+        if start < 0 or keys[start : start + recent] != self.recent_keys:
+            return dict(zip(keys, values.split(sizes, dim=1)))
+        merged = sizes[:start] + [sum(sizes[start : start + recent])] + sizes[start + recent :]
+        pieces = values.split(merged, dim=1)
+        by_key = dict(zip(keys[:start] + ["recent"] + keys[start + recent :], pieces))
+        by_key["recent"] = by_key["recent"].view(values.shape[0], recent, -1)
+        return by_key
 
     def _direct_lookup(self) -> bool:
         """Eval mode without autograd on the plain ``EmbeddingBagCollection`` (not the training job's fused or sharded tables)."""
@@ -249,7 +265,7 @@ class RecsysModel(nn.Module):
         state = {"user_vec": self.user_tower(pooled, users, history_content)}
         if self.sees_features:
             state["user_part"] = torch.cat([pooled["user_id"], *(pooled[k] for k in self.user_cat_keys), self.user_num[users]], dim=-1)
-            stacked = pooled.get("recent")  # (B, A, E) from the direct reads; else one pooled feature per position
+            stacked = pooled.get("recent")  # (B, A, E): a view of the pooled columns, or the direct reads; else (a sharding reordered them) one pooled feature per position
             state["history_keys"] = stacked if stacked is not None else torch.stack([pooled[k] for k in self.recent_keys], dim=1)  # 0 rows at padding / untrained
             state["history_mask"] = recent != 0
         return state

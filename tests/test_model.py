@@ -13,7 +13,7 @@ from recsys.errors import ConfigError
 from recsys.losses import TaskWeighting, item_log_q, retrieval_logits, retrieval_loss, task_losses
 from recsys.mmoe import MultiTaskRanker
 from recsys.history import mean_content
-from recsys.model import ModelSpec, RecsysModel, active_tasks, catalogue_states, ids_to_kjt, load_model, save_model
+from recsys.model import ModelSpec, RecsysModel, active_tasks, catalogue_states, fit_history, ids_to_kjt, load_model, save_model
 from training.data import history_content_sums
 
 torch.set_num_threads(1)
@@ -125,6 +125,17 @@ def test_a_model_saved_before_the_item_bias_loads_without_one(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(meta))
     loaded = load_model(tmp_path)
     assert loaded.spec.config.item_bias is False and loaded.item_tower.bias is None
+
+
+def test_a_model_saved_before_the_attention_setting_loads_with_the_mlp_attention(tmp_path):
+    model = make_model(attention="mlp")
+    save_model(model, tmp_path)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    del meta["config"]["attention"]  # as written before the setting existed
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(batch)["p_click"], model(batch)["p_click"])  # strict load: the same parameters
 
 
 # -- modalities -----------------------------------------------------------------------------
@@ -512,11 +523,12 @@ def test_kept_item_and_content_vectors_give_the_scores_of_the_towers():
         torch.testing.assert_close(model.rank(user, full)["p_click"], model(batch)["p_click"])
 
 
-def test_target_attention_gives_padding_no_weight_and_follows_the_candidate():
-    from recsys.attention import TargetAttention
+@pytest.mark.parametrize("kind", ["mlp", "dot"])
+def test_target_attention_gives_padding_no_weight_and_follows_the_candidate(kind):
+    from recsys.attention import make_attention
 
     torch.manual_seed(0)
-    attention = TargetAttention(4)
+    attention = make_attention(kind, 4)
     keys = torch.randn(1, 3, 4)
     mask = torch.tensor([[True, True, False]])
     pooled, weights = attention(torch.randn(2, 4), keys, mask)
@@ -531,11 +543,12 @@ def test_target_attention_gives_padding_no_weight_and_follows_the_candidate():
     assert torch.count_nonzero(none) == 0 and torch.count_nonzero(w) == 0  # an empty history pools to zero
 
 
-def test_target_attention_over_grouped_candidates_equals_a_history_copied_per_candidate():
-    from recsys.attention import TargetAttention
+@pytest.mark.parametrize("kind", ["mlp", "dot"])
+def test_target_attention_over_grouped_candidates_equals_a_history_copied_per_candidate(kind):
+    from recsys.attention import make_attention
 
     torch.manual_seed(1)
-    attention = TargetAttention(4)
+    attention = make_attention(kind, 4)
     keys, mask = torch.randn(3, 5, 4), torch.rand(3, 5) > 0.3
     query = torch.randn(6, 4)  # 3 users x 2 candidates, user 0's first
     grouped, grouped_weights = attention(query, keys, mask)
@@ -546,6 +559,26 @@ def test_target_attention_over_grouped_candidates_equals_a_history_copied_per_ca
         attention(torch.randn(7, 4), keys, mask)
 
 
+def test_dot_attention_backward_equals_autograd_of_its_formula():
+    """The hand-written backward (training's path) against gradcheck and against autograd of the plain formula."""
+    from recsys.attention import DotAttention, _DotAttentionFunction
+
+    torch.manual_seed(2)
+    query = torch.randn(4, 5, dtype=torch.double, requires_grad=True)
+    keys = torch.randn(4, 3, 5, dtype=torch.double, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)  # an empty history and a padded one
+    assert torch.autograd.gradcheck(lambda q, k: _DotAttentionFunction.apply(q, k, mask)[0], (query, keys))
+    pooled, _ = DotAttention()(query, keys, mask)
+    upstream = torch.randn(4, 5, dtype=torch.double)
+    got = torch.autograd.grad(pooled, (query, keys), upstream)
+    logits = (keys * query.unsqueeze(1)).sum(-1) / 5**0.5
+    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    want = torch.autograd.grad((weights.unsqueeze(-1) * keys).sum(1), (query, keys), upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert torch.count_nonzero(got[1][1]) == 0 and torch.count_nonzero(got[1][0, 2]) == 0  # nothing reaches padding
+
+
 def three_users_and_candidates(model: RecsysModel, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``user_state`` of the batch's first 3 rows and ``item_state`` of all its candidates (call under no_grad or inference_mode)."""
     users = model.user_state(batch["user_idx"][:3], batch["history"][:3])
@@ -553,8 +586,9 @@ def three_users_and_candidates(model: RecsysModel, batch: dict[str, torch.Tensor
     return users, items
 
 
-def test_rank_of_users_against_their_candidates_equals_the_rows_one_by_one():
-    model = make_model()
+@pytest.mark.parametrize("attention", ["mlp", "dot"])
+def test_rank_of_users_against_their_candidates_equals_the_rows_one_by_one(attention):
+    model = make_model(attention=attention)
     batch = make_batch(n=6)
     with torch.no_grad():
         users, items = three_users_and_candidates(model, batch)
@@ -723,6 +757,28 @@ def test_stop_gradient_keeps_the_ranker_loss_out_of_the_towers():
         assert model.ranker.towers["click"][-1].weight.grad is not None  # the ranker itself still learns
 
 
+def test_recent_columns_come_out_as_one_view_equal_to_each_position_and_fall_back_when_reordered():
+    from torchrec import KeyedTensor
+
+    model = make_model().train()
+    users, history, items = torch.tensor([0, 3, 7]), torch.tensor([[2, 5, 0, 0, 0], [1, 2, 3, 5, 7], [0, 0, 0, 0, 0]]), torch.tensor([3, 0, 9])
+    keys = [*model.user_tower.lookup(users), *model.item_tower.lookup(items), *model.recent_keys]
+    ids = torch.cat([*model.user_tower.lookup(users).values(), *model.item_tower.lookup(items).values(), fit_history(history, len(model.recent_keys))], dim=1)
+    pooled = model.embedding_tables(ids_to_kjt(keys, ids, "history", history))
+    merged = model._by_key(pooled)
+    assert "recent" in merged and not any(key in merged for key in model.recent_keys)
+    for j, key in enumerate(model.recent_keys):
+        torch.testing.assert_close(merged["recent"][:, j], pooled[key])
+    # a sharding that reorders the columns (here: reversed): one piece per position, stacked by _user_state
+    order = list(reversed(pooled.keys()))
+    reordered = KeyedTensor.from_tensor_list(order, [pooled[key] for key in order])
+    apart = model._by_key(reordered)
+    assert "recent" not in apart and all(key in apart for key in model.recent_keys)
+    recent = fit_history(history, len(model.recent_keys))
+    content = torch.zeros(3, model.content_dim)
+    torch.testing.assert_close(model._user_state(apart, users, recent, content)["history_keys"], model._user_state(merged, users, recent, content)["history_keys"])
+
+
 def test_inference_reads_the_same_embeddings_as_the_kjt_pass():
     model = make_model()
     model.set_trained_items(torch.tensor([1, 2, 3, 5, 7]))
@@ -735,9 +791,7 @@ def test_inference_reads_the_same_embeddings_as_the_kjt_pass():
         assert model._direct_lookup()
         direct_user, direct_item = model.user_state(users, history, content), model.item_state(items)
         direct_pooled = model._pooled(users, history, items)[0]
-    recent = torch.stack([kjt_pooled.pop(key) for key in model.recent_keys], dim=1)  # the direct path reads them as one (B, A, E) gather
-    torch.testing.assert_close(direct_pooled.pop("recent"), recent.detach())
-    assert set(direct_pooled) == set(kjt_pooled)
+    assert set(direct_pooled) == set(kjt_pooled) and "recent" in kjt_pooled  # both read the attention positions as one (B, A, E) block
     for key in kjt_pooled:
         torch.testing.assert_close(direct_pooled[key], kjt_pooled[key].detach(), msg=key)
     for kjt, direct in ((kjt_user, direct_user), (kjt_item, direct_item)):
