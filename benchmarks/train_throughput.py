@@ -78,7 +78,7 @@ def build(args, fused: bool):
     torch.manual_seed(0)
     spec = ModelSpec(
         n_users=args.users, n_items=args.items, history_len=args.history, text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
-        tasks=("click", "conversion", "rating"), config=ModelConfig(dim=args.dim, embedding_dim=args.dim, expert_dim=args.dim, tower_dim=32, **({"attention": args.attention} if args.attention else {})),
+        tasks=("click", "conversion", "rating"), config=ModelConfig(dim=args.dim, embedding_dim=args.dim, expert_dim=args.dim, tower_dim=32, **({"attention": args.attention} if args.attention else {}), **({"attention_len": args.attention_len} if args.attention_len else {})),
     )
     model = RecsysModel(spec).train()
     weighting = TaskWeighting(["click", "ctcvr", "rating"], "static")
@@ -240,7 +240,7 @@ def _sharded_rank(rank: int, world_size: int, port: int, args, out: str) -> None
     torch.manual_seed(0)
     spec = ModelSpec(
         n_users=args.users, n_items=args.items, history_len=args.history, text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
-        tasks=("click", "conversion", "rating"), config=ModelConfig(dim=args.dim, embedding_dim=args.dim, expert_dim=args.dim, tower_dim=32, **({"attention": args.attention} if args.attention else {})),
+        tasks=("click", "conversion", "rating"), config=ModelConfig(dim=args.dim, embedding_dim=args.dim, expert_dim=args.dim, tower_dim=32, **({"attention": args.attention} if args.attention else {}), **({"attention_len": args.attention_len} if args.attention_len else {})),
     )  # fmt: skip
     model = RecsysModel(spec).train()
     _apply_optimizer_in_backward(trec_optim.RowWiseAdagrad, model.embedding_tables.parameters(), {"lr": 0.05})
@@ -314,6 +314,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=0, help="compare the sharded job step in 1 vs N processes instead")
     parser.add_argument("--sharding", default="auto", choices=["auto", "data_parallel", "table_wise", "column_wise", "row_wise"])
     parser.add_argument("--attention", choices=["mlp", "dot"], default=None, help="the target attention's scoring (default: model.attention's default)")
+    parser.add_argument("--attention-len", type=int, default=None, help="history positions the target attention reads (default: model.attention_len's default)")
     parser.add_argument("--profile", action="store_true", help="also break the fused step down by phase, module and op kind (torch.profiler)")
     parser.add_argument("--fused-only", action="store_true", help="skip the plain-PyTorch variant (no speed-up figure)")
     parser.add_argument("--bf16", action="store_true", help="also time the fused step with the model's forward under bf16 autocast (fp32 and bf16 alternated, twice each)")
