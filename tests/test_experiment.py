@@ -26,7 +26,9 @@ def test_ablation_trains_each_variant_and_reports_efficiency_beside_the_ceiling(
     assert read_json(tmp_path / "out" / "mmoe_both" / "model" / "model.json")["config"]["ranker_input"] == "features"
     for name in ("mmoe_both", "ranker_towers_only"):
         row = table[name]
-        assert 0.5 <= row["click.auc"] <= 1.0
+        # an AUC, not a learning check: one epoch on 3,000 rows lands anywhere in 0.43-0.59 across data seeds for
+        # either attention (tests/test_quality.py asserts learning, on enough data)
+        assert 0.0 <= row["click.auc"] <= 1.0
         for column in TRUTH:
             assert math.isfinite(row[column]), (name, column, row)
         assert (row["efficiency.click"] > 0) == (row["click.auc"] > 0.5)  # lift over chance, as a share of the oracle's
