@@ -85,7 +85,7 @@ class DotAttention(nn.Module):
 
     No parameters of its own. With a history per query (training), one autograd function whose
     backward is four batched products over the ``(B, L, E)`` history, the history's gradient
-    written once: about a fifth of the MLP scoring's forward and backward time at B 4096, L 20,
+    written once: about a quarter of the MLP scoring's forward and backward time at B 4096, L 20,
     E 64 on one thread. Grouped queries (the service) take batched matrix products.
     """
 
