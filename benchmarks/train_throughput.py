@@ -74,11 +74,17 @@ def make_batches(args, n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def model_config(args) -> ModelConfig:
+    """The benchmarked model: ``--dim`` wide, the attention as ``--attention`` / ``--attention-len`` say (else the defaults)."""
+    chosen = {"attention": args.attention, "attention_len": args.attention_len}
+    return ModelConfig(dim=args.dim, embedding_dim=args.dim, expert_dim=args.dim, tower_dim=32, **{k: v for k, v in chosen.items() if v is not None})
+
+
 def build(args, fused: bool):
     torch.manual_seed(0)
     spec = ModelSpec(
         n_users=args.users, n_items=args.items, history_len=args.history, text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
-        tasks=("click", "conversion", "rating"), config=ModelConfig(dim=args.dim, embedding_dim=args.dim, expert_dim=args.dim, tower_dim=32, **({"attention": args.attention} if args.attention else {}), **({"attention_len": args.attention_len} if args.attention_len else {})),
+        tasks=("click", "conversion", "rating"), config=model_config(args),
     )
     model = RecsysModel(spec).train()
     weighting = TaskWeighting(["click", "ctcvr", "rating"], "static")
@@ -240,7 +246,7 @@ def _sharded_rank(rank: int, world_size: int, port: int, args, out: str) -> None
     torch.manual_seed(0)
     spec = ModelSpec(
         n_users=args.users, n_items=args.items, history_len=args.history, text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
-        tasks=("click", "conversion", "rating"), config=ModelConfig(dim=args.dim, embedding_dim=args.dim, expert_dim=args.dim, tower_dim=32, **({"attention": args.attention} if args.attention else {}), **({"attention_len": args.attention_len} if args.attention_len else {})),
+        tasks=("click", "conversion", "rating"), config=model_config(args),
     )  # fmt: skip
     model = RecsysModel(spec).train()
     _apply_optimizer_in_backward(trec_optim.RowWiseAdagrad, model.embedding_tables.parameters(), {"lr": 0.05})

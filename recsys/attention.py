@@ -27,7 +27,7 @@ def make_attention(kind: str, dim: int) -> nn.Module:
     raise ValueError(f"model.attention: unknown scoring {kind!r} (expected 'mlp' or 'dot')")
 
 
-def _groups(query: torch.Tensor, keys: torch.Tensor) -> int:
+def _queries_per_history(query: torch.Tensor, keys: torch.Tensor) -> int:
     """Queries per history: 1 (a history per query), B (one history against every query) or B / G (grouped by user)."""
     batch, groups = query.shape[0], keys.shape[0]
     if groups not in (1, batch) and batch % groups:
@@ -61,7 +61,7 @@ class TargetAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, (groups, length, dim) = query.shape[0], keys.shape
-        per = _groups(query, keys)
+        per = _queries_per_history(query, keys)
         if per == 1:  # a history per query (training): (B, L, .) tensors, and the pooling as a weighted sum, not B tiny (1 x L)(L x E) products
             hidden = self.key_proj(keys) + self.query_proj(query).unsqueeze(1) + self.product_proj(keys * query.unsqueeze(1))  # (B, L, hidden)
             weights = self._weights(hidden, mask)  # (B, L)
@@ -91,7 +91,7 @@ class DotAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, (groups, _, dim) = query.shape[0], keys.shape
-        per = _groups(query, keys)
+        per = _queries_per_history(query, keys)
         if per == 1:
             return _DotAttentionFunction.apply(query, keys, mask)
         q = query.reshape(groups, per, dim)  # (G, n, E)
