@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def short_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits, -1)`` for a short last axis (the gates' E experts): torch's kernel vectorises
+    along that axis and took 0.51 ms at (2000, 3, 4) on one thread, these three passes 0.10 ms
+    (forward + backward at (4096, 3, 4): 0.69 vs 1.56 ms)."""
+    e = (logits - logits.amax(-1, keepdim=True).detach()).exp()  # the shift is a constant of the softmax: no gradient through it
+    return e / e.sum(-1, keepdim=True)
+
+
 def mlp(dims: list[int], last_activation: bool = False) -> nn.Sequential:
     """Linear-ReLU stack through ``dims`` (no activation after the last layer unless asked)."""
     layers: list[nn.Module] = []
@@ -58,15 +66,24 @@ class MultiTaskRanker(nn.Module):
 
     def from_first_layer(self, h: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The rest of ``forward`` from the first layer's output ``h (B, E D + T E)``."""
-        expert_out, gate_logits = self._experts_batched(h)  # (B, E, expert_dim), (B, T, E) or None
+        expert_out, gate_logits = self._experts_batched(h)  # (E, B, expert_dim), (B, T, E) or None
         if gate_logits is not None:
-            gate_weights = torch.softmax(gate_logits, dim=-1)  # (B, T, E)
+            gate_weights = short_softmax(gate_logits)  # (B, T, E)
         else:
             gate_weights = self.fixed_gates.expand(h.shape[0], -1, -1)
-        # sum_e gate[b, t, e] * expert[b, e, :] as E multiply-adds over (B, T, D): a bmm here would be B products of (T x E)(E x D)
-        mixed = sum(gate_weights[:, :, e : e + 1] * expert_out[:, e : e + 1] for e in range(expert_out.shape[1]))  # (B, T, expert_dim)
-        logits = {t: self.towers[t](mixed[:, i]).squeeze(-1) for i, t in enumerate(self.tasks)}
-        return logits, gate_weights
+        # sum_e gate[b, t, e] * expert[e, b, :]: one batched product (0.26 ms at B 2000, T 3, E 4, D 64 on one
+        # thread, against 1.6 ms as E multiply-adds over (B, T, D) broadcasts; at B 4096 0.40 vs 2.77 ms)
+        mixed = torch.einsum("bte,ebd->tbd", gate_weights, expert_out)  # (T, B, expert_dim)
+        return dict(zip(self.tasks, self._towers_batched(mixed).unbind(0))), gate_weights
+
+    def _towers_batched(self, mixed: torch.Tensor) -> torch.Tensor:
+        """Every task's tower (``towers[t]``, Linear-ReLU-Linear) over its mixture ``mixed (T, B, D)`` as two
+        batched products: ``(T, B)`` logits."""
+        towers = [self.towers[t] for t in self.tasks]
+        first = torch.stack([tower[0].weight for tower in towers]).transpose(1, 2)  # (T, D, tower_dim)
+        hidden = torch.relu(torch.baddbmm(torch.stack([tower[0].bias for tower in towers]).unsqueeze(1), mixed, first))
+        last = torch.stack([tower[2].weight for tower in towers]).transpose(1, 2)  # (T, tower_dim, 1)
+        return torch.baddbmm(torch.stack([tower[2].bias for tower in towers]).unsqueeze(1), hidden, last).squeeze(-1)
 
     def _experts_batched(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``expert(x)`` of every expert and the gates' logits from the joint first layer ``h`` (``first_layer``),
@@ -83,7 +100,7 @@ class MultiTaskRanker(nn.Module):
         seconds = [expert[2] for expert in self.experts]
         weight = torch.stack([layer.weight for layer in seconds]).transpose(1, 2)  # (E, D, D_out)
         bias = torch.stack([layer.bias for layer in seconds]).unsqueeze(1)  # (E, 1, D_out)
-        expert_out = torch.relu(torch.baddbmm(bias, hidden, weight)).transpose(0, 1)  # (B, E, D_out)
+        expert_out = torch.relu(torch.baddbmm(bias, hidden, weight))  # (E, B, D_out)
         gates = h.shape[1] - n * width
         gate_logits = h[:, n * width :].reshape(-1, gates // n, n) if gates else None
         return expert_out, gate_logits
