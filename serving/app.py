@@ -546,7 +546,7 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
     metrics = Metrics()
     metrics.watch(service)
     serve_cfg = recommender.cfg.serve
-    batcher = MicroBatcher(serve_cfg.batch_max, serve_cfg.batch_wait_ms) if serve_cfg.batch_max > 1 else None
+    batcher = MicroBatcher(serve_cfg.batch_max, serve_cfg.batch_wait_ms, serve_cfg.batch_workers) if serve_cfg.batch_max > 1 else None
     app = FastAPI(title="recsys", description="Retrieval and ranking service", version="1")
     app.state.service = service
     app.state.contract = contract

@@ -8,6 +8,10 @@ more), runs ``Recommender.recommend_many`` and hands each thread its result. At 
 is one request and nothing waits; under load the per-call overheads (Python, torch dispatch, FAISS
 setup) are paid once per batch. Requests of a batch share one recommender: after a reload, the
 requests prepared on the old one finish on it.
+
+``serve.batch_workers`` workers take batches from the one queue: while one is inside a torch or
+FAISS call (which let go of the GIL), another assembles or finishes its batch, so a second core
+does model work. Each worker runs its own batch on one intra-op thread (``serve.threads``).
 """
 
 from __future__ import annotations
@@ -25,16 +29,20 @@ log = logging.getLogger("recsys.serving")
 
 
 class MicroBatcher:
-    """One worker thread that runs waiting requests together (``submit`` blocks until its result is ready)."""
+    """Worker threads that run waiting requests together (``submit`` blocks until its result is ready)."""
 
-    def __init__(self, max_batch: int, wait_ms: float = 0.0):
+    def __init__(self, max_batch: int, wait_ms: float = 0.0, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"MicroBatcher needs at least one worker, got {workers}")
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1000
         self.batches = 0
         self.requests = 0
+        self._counts = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[Recommender, Prepared, Future] | None] = queue.SimpleQueue()
-        self._worker = threading.Thread(target=self._run, name="recommend-batcher", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, name=f"recommend-batcher-{i}", daemon=True) for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, recommender: Recommender, request: Prepared) -> Result:
         future: Future[Result] = Future()
@@ -42,12 +50,14 @@ class MicroBatcher:
         return future.result()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._worker.join(timeout=10)
+        self._queue.put(None)  # each worker that meets it puts it back for the next
+        for worker in self._workers:
+            worker.join(timeout=10)
 
     def _take(self) -> list[tuple[Recommender, Prepared, Future]] | None:
         first = self._queue.get()
         if first is None:
+            self._queue.put(None)
             return None
         batch = [first]
         deadline = time.perf_counter() + self.wait_s
@@ -79,7 +89,8 @@ class MicroBatcher:
             for _, _, future in entries:
                 future.set_exception(exc)
             return
-        self.batches += 1
-        self.requests += len(entries)
+        with self._counts:
+            self.batches += 1
+            self.requests += len(entries)
         for (_, _, future), result in zip(entries, results):
             future.set_result(result)

@@ -710,7 +710,8 @@ def test_a_batch_of_requests_gets_what_each_would_get_alone(planted):
     assert together[0].batch == len(asks) and alone[0].batch == 1
 
 
-def test_concurrent_requests_through_the_batcher_are_batched_and_each_gets_its_own_answer(planted):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_requests_through_the_batcher_are_batched_and_each_gets_its_own_answer(planted, workers):
     from concurrent.futures import ThreadPoolExecutor
 
     from serving.batcher import MicroBatcher
@@ -718,7 +719,7 @@ def test_concurrent_requests_through_the_batcher_are_batched_and_each_gets_its_o
     recommender = planted.client.app.state.service.recommender
     users = [f"u{g}{n:02d}" for g in "ab" for n in range(1, 9)]
     expected = {user: recommender.recommend(user_id=user, k=3).items for user in users}
-    batcher = MicroBatcher(max_batch=8, wait_ms=20)
+    batcher = MicroBatcher(max_batch=8, wait_ms=20, workers=workers)
     try:
         with ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda user: (user, batcher.submit(recommender, recommender.prepare(user_id=user, k=3))), users * 3))
@@ -734,3 +735,4 @@ def test_concurrent_requests_through_the_batcher_are_batched_and_each_gets_its_o
         assert {i.item_id for i in result.items} == {i.item_id for i in want} or abs(result.items[-1].score - want[-1].score) <= 1e-6, (user, result.items, want)
     assert batcher.requests == len(results) and batcher.batches < len(results)  # some ran together
     assert max(result.batch for _, result in results) > 1
+    assert all(not worker.is_alive() for worker in batcher._workers)  # close() stops every worker
