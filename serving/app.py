@@ -9,6 +9,7 @@ The live ``Recommender`` is one attribute: a reload builds the new one off to th
 swaps the reference, so a request that started on the old model and index finishes on them.
 """
 
+import asyncio
 import gc
 import hmac
 import json
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 import polars as pl
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -580,12 +582,17 @@ def create_app(run_dir: str | Path | RunDir, admin_token: str | None = None) -> 
         return status(service.recommender)
 
     @app.post("/recommend", response_model=RecommendResponse, responses=errors(400, 413, 422))
-    def recommend(body: RecommendRequest) -> RecommendResponse:  # type: ignore[valid-type]
+    async def recommend(body: RecommendRequest) -> RecommendResponse:  # type: ignore[valid-type]
+        # On the event loop: the request's own checks and lookups are short, and awaiting the batcher's
+        # future costs no thread of the pool (a pool thread per waiting request competed for the GIL).
         recommender = service.recommender  # one model + index for the whole request
         user = recommender.user_key(body.user_id) if body.user_id is not None else None
         live = service.live.items(user) if user is not None else []
         prepared = recommender.prepare(user_id=body.user_id, history=body.history, k=body.k, live=live)  # a bad request fails here, alone
-        result = batcher.submit(recommender, prepared) if batcher is not None else recommender.recommend_many([prepared])[0]
+        if batcher is not None:
+            result = await asyncio.wrap_future(batcher.enqueue(recommender, prepared))
+        else:
+            result = (await run_in_threadpool(recommender.recommend_many, [prepared]))[0]
         metrics.stage_times(result.timings_ms, result.batch)
         return RecommendResponse(items=[RecommendedItem(**vars(item)) for item in result.items], warnings=result.warnings, source=result.source)
 

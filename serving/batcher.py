@@ -44,10 +44,14 @@ class MicroBatcher:
         for worker in self._workers:
             worker.start()
 
-    def submit(self, recommender: Recommender, request: Prepared) -> Result:
+    def enqueue(self, recommender: Recommender, request: Prepared) -> Future:
+        """Queue ``request``; its result (or error) arrives in the returned future (``asyncio.wrap_future`` awaits it)."""
         future: Future[Result] = Future()
         self._queue.put((recommender, request, future))
-        return future.result()
+        return future
+
+    def submit(self, recommender: Recommender, request: Prepared) -> Result:
+        return self.enqueue(recommender, request).result()
 
     def close(self) -> None:
         self._queue.put(None)  # each worker that meets it puts it back for the next
