@@ -81,8 +81,9 @@ class MicroBatcher:
         while (batch := self._take()) is not None:
             groups: dict[int, list[tuple[Recommender, Prepared, Future]]] = {}
             for entry in batch:
-                groups.setdefault(id(entry[0]), []).append(entry)  # one recommender per pass (a reload may have swapped it)
-            for entries in groups.values():
+                if entry[2].set_running_or_notify_cancel():  # False: its waiter gave up (a cancelled await) before the batch ran
+                    groups.setdefault(id(entry[0]), []).append(entry)  # one recommender per pass (a reload may have swapped it)
+            for entries in groups.values():  # running futures cannot be cancelled: every result below lands
                 self._serve(entries)
 
     def _serve(self, entries: list[tuple[Recommender, Prepared, Future]]) -> None:

@@ -710,6 +710,39 @@ def test_a_batch_of_requests_gets_what_each_would_get_alone(planted):
     assert together[0].batch == len(asks) and alone[0].batch == 1
 
 
+def test_a_request_cancelled_while_queued_is_skipped_and_the_batcher_keeps_serving(planted):
+    """An await cancelled while its request waits (``asyncio.wrap_future`` cancels the future) must not
+    take the worker down: setting a result on a cancelled future raises, and the rest of its batch would hang."""
+    import threading
+
+    from serving.batcher import MicroBatcher
+
+    recommender = planted.client.app.state.service.recommender
+    entered, gate = threading.Event(), threading.Event()
+
+    class Gated:  # the real recommender, held at the first batch until the test opens the gate
+        def recommend_many(self, requests):
+            entered.set()
+            gate.wait(10)
+            return recommender.recommend_many(requests)
+
+    gated = Gated()
+    batcher = MicroBatcher(max_batch=8, workers=1)
+    try:
+        first = batcher.enqueue(gated, recommender.prepare(user_id="ua01", k=3))
+        assert entered.wait(10)
+        cancelled = batcher.enqueue(gated, recommender.prepare(user_id="ua02", k=3))
+        after = batcher.enqueue(gated, recommender.prepare(user_id="ua03", k=3))
+        assert cancelled.cancel()  # still queued: cancellable
+        gate.set()
+        assert [i.item_id for i in first.result(timeout=10).items] == [i.item_id for i in recommender.recommend(user_id="ua01", k=3).items]
+        assert [i.item_id for i in after.result(timeout=10).items] == [i.item_id for i in recommender.recommend(user_id="ua03", k=3).items]
+        assert batcher.requests == 2 and all(worker.is_alive() for worker in batcher._workers)
+    finally:
+        gate.set()
+        batcher.close()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_concurrent_requests_through_the_batcher_are_batched_and_each_gets_its_own_answer(planted, workers):
     from concurrent.futures import ThreadPoolExecutor
