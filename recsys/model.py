@@ -54,7 +54,7 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> "ModelSpec":
-        saved = {"item_bias": False, "popularity_prior": "off", "attention": "mlp", **meta["config"]}  # models saved before the item bias / the prior / the dot attention had none
+        saved = {"item_bias": False, "popularity_prior": "off", "attention": "mlp", "cross_dim": 0, **meta["config"]}  # models saved before the item bias / the prior / the dot attention / the cross columns had none
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         names = cls.__dataclass_fields__.keys() - {"config", "tasks", "rating_range"}
         return cls(**{k: meta[k] for k in names if k in meta}, tasks=tuple(meta["tasks"]), rating_range=tuple(meta["rating_range"]), config=config)
@@ -144,6 +144,7 @@ class RecsysModel(nn.Module):
         self.use_text = cfg.use_text and spec.text_dim > 0
         self.use_image = cfg.use_image and spec.image_dim > 0
         self.sees_features = cfg.ranker_input == "features"
+        self.cross_dim = cfg.cross_dim if self.sees_features else 0  # the towers-only input has no feature columns to cross
         n_modalities = int(self.use_text) + int(self.use_image)
         self.content_dim = cfg.ranker_content_dim if self.sees_features and n_modalities else 0
         # The user tower reads the history's mean content vector: needs the content vector (a features ranker with a modality).
@@ -176,6 +177,10 @@ class RecsysModel(nn.Module):
             user_part = emb * (1 + len(self.user_cat_keys)) + len(user_nums)
             item_part = emb * (1 + len(self.item_cat_keys)) + len(item_nums) + self.content_dim
             ranker_in += 1 + user_part + item_part + emb
+            if self.cross_dim:  # the user's and the candidate's sides projected to k columns each, multiplied (``_cross``)
+                self.user_cross = nn.Linear(dim + user_part, self.cross_dim)
+                self.item_cross = nn.Linear(dim + item_part, self.cross_dim)
+                ranker_in += self.cross_dim
             self._part_widths = (user_part, item_part)  # the ranker input's user and candidate feature columns (``_grouped_weights``)
             self.ranker_norm = nn.LayerNorm(ranker_in)  # ids, unit vectors and content live on different scales
         self.ranker = MultiTaskRanker(ranker_in, list(self.tasks), cfg.ranker, cfg.experts, cfg.expert_dim, cfg.tower_dim)
@@ -417,18 +422,26 @@ class RecsysModel(nn.Module):
             if not torch.is_grad_enabled() and (users < batch or precomputed is not None):  # the user's columns through the first layer once per user
                 shared = torch.cat([user["user_vec"][:, :d] * scale, user["user_part"]], dim=-1)  # (U, .)
                 if precomputed is not None:
-                    paired, own = torch.cat([parts[2], dot, attended], dim=-1), per_pair(precomputed)
+                    own = per_pair(precomputed)
+                    paired = [parts[2], dot, attended]
+                    item_cross = own[:, -self.cross_dim :] if self.cross_dim else None  # kept beside the first-layer columns
                 else:
-                    paired, own = torch.cat([parts[1], parts[2], dot, per_pair(item["item_part"]), attended], dim=-1), None
-                logits, gates = self.ranker.from_first_layer(self._grouped_first_layer(shared, paired, batch // users, own))
+                    own, item_part = None, per_pair(item["item_part"])
+                    paired = [parts[1], parts[2], dot, item_part, attended]
+                    item_cross = self.item_cross(torch.cat([parts[1], item_part], dim=-1)) if self.cross_dim else None
+                if self.cross_dim:
+                    paired.append(per_pair(self.user_cross(shared)) * item_cross)
+                logits, gates = self.ranker.from_first_layer(self._grouped_first_layer(shared, torch.cat(paired, dim=-1), batch // users, own))
             else:
-                item_part = per_pair(item["item_part"])
+                item_part, user_part = per_pair(item["item_part"]), per_pair(user["user_part"])
                 dropout = self.spec.config.ranker_id_dropout
                 if self.training and dropout > 0:  # rows whose candidate id the ranker does not see: it must rank by content, as for cold items
                     emb = self.spec.config.embedding_dim
                     hidden = (torch.rand(batch, 1) < dropout).to(item_part.dtype)
                     item_part = torch.cat([item_part[:, :emb] * (1 - hidden), item_part[:, emb:]], dim=1)
-                parts += [dot, per_pair(user["user_part"]), item_part, attended]
+                parts += [dot, user_part, item_part, attended]
+                if self.cross_dim:
+                    parts.append(self.user_cross(torch.cat([parts[0], user_part], dim=-1)) * self.item_cross(torch.cat([parts[1], item_part], dim=-1)))
                 logits, gates = self.ranker(self.ranker_norm(torch.cat(parts, dim=-1)))
         else:  # the towers-only input: [u, v, u * v] of the whole retrieval vectors, the bias coordinate included
             if self.has_prior and not self.spec.config.item_bias:  # the coordinate is the prior's alone, 0 once it is taken out
@@ -443,7 +456,7 @@ class RecsysModel(nn.Module):
         return out, gates, logits
 
     def _grouped_first_layer(self, shared: torch.Tensor, paired: torch.Tensor, per: int, own: torch.Tensor | None = None) -> torch.Tensor:
-        """The ranker's first layer over ``LayerNorm([u, v, u * v, u . v, user_part, item_part, attended])``
+        """The ranker's first layer over ``LayerNorm([u, v, u * v, u . v, user_part, item_part, attended(, cross)])``
         with the user's columns (``shared (U, S)``: u and user_part) multiplied once per user, not once per candidate.
 
         ``paired (B, P)``: the other columns in order, B = U per rows grouped by user; or, given
@@ -463,21 +476,23 @@ class RecsysModel(nn.Module):
         else:
             width = w["item"].shape[1]
             product = product + paired @ w["interaction"] + own[:, :width]
-            total, square = total + own[:, width : width + 1], square + own[:, width + 1 :]
+            total, square = total + own[:, width : width + 1], square + own[:, width + 1 : width + 2]
         mean, square = total / self.ranker_norm.normalized_shape[0], square / self.ranker_norm.normalized_shape[0]
         inv_std = torch.rsqrt((square - mean.square()).clamp(min=0) + self.ranker_norm.eps)
         return (product - mean * w["sums"]) * inv_std + w["offset"]
 
     def item_first_layer(self, item: dict[str, torch.Tensor]) -> torch.Tensor:
         """A candidate's own ranker-input columns (``[v, item_part]``) through ``_grouped_first_layer``'s
-        weights, with their sum and sum of squares: ``(B, H + 2)``, a function of the item alone.
+        weights, with their sum and sum of squares (and with ``model.cross_dim`` k, the candidate's cross
+        projection): ``(B, H + 2 + k)``, a function of the item alone.
 
         The service keeps these rows for its catalogue (``serve.rank_cache_mb``) and hands them to
         ``rank`` as ``item["first_layer"]``: per candidate only the pair's columns remain. Inference only.
         """
         d = self.spec.config.dim
         x = torch.cat([item["item_vec"][:, :d] * d ** 0.5, item["item_part"]], dim=-1)
-        return torch.cat([x @ self._grouped_weights()["item"], x.sum(1, keepdim=True), x.square().sum(1, keepdim=True)], dim=1)
+        cross = [self.item_cross(x)] if self.cross_dim else []  # the candidate's side of the cross products (``model.cross_dim``)
+        return torch.cat([x @ self._grouped_weights()["item"], x.sum(1, keepdim=True), x.square().sum(1, keepdim=True), *cross], dim=1)
 
     @property
     def vector_dim(self) -> int:
@@ -486,8 +501,8 @@ class RecsysModel(nn.Module):
 
     @property
     def item_first_width(self) -> int:
-        """Columns of an ``item_first_layer`` row: the first layer's width (every expert's and gate's), then the sum and the sum of squares."""
-        return self.ranker.first_layer()[0].shape[0] + 2
+        """Columns of an ``item_first_layer`` row: the first layer's width (every expert's and gate's), then the sum and the sum of squares, then the ``model.cross_dim`` candidate projections."""
+        return self.ranker.first_layer()[0].shape[0] + 2 + self.cross_dim
 
     def _grouped_weights(self) -> dict[str, torch.Tensor]:
         """``_grouped_first_layer``'s weights: ``W diag(gamma)`` split by column (the user's, the pair's; the

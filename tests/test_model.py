@@ -601,12 +601,14 @@ def test_rank_of_users_against_their_candidates_equals_the_rows_one_by_one(atten
             model.rank({k: v[:4] for k, v in model.user_state(batch["user_idx"], batch["history"]).items()}, items)  # 4 users, 6 candidates
 
 
-@pytest.mark.parametrize("item_bias", [False, True])
-def test_grouped_rank_through_the_factored_first_layer_equals_the_plain_per_pair_path(item_bias):
+@pytest.mark.parametrize(("item_bias", "cross_dim"), [(False, 0), (True, 0), (False, 6)])
+def test_grouped_rank_through_the_factored_first_layer_equals_the_plain_per_pair_path(item_bias, cross_dim):
     """Under inference the user's columns go through the ranker's first layer once per user
     (``_grouped_first_layer``, LayerNorm split into shared and paired sums): the same heads as the
-    plain path, which ``rank`` takes when every candidate has its own user row."""
-    model = make_model(item_bias=item_bias)
+    plain path, which ``rank`` takes when every candidate has its own user row; with
+    ``model.cross_dim`` the candidate's cross projection rides in the kept ``item_first_layer`` row."""
+    model = make_model(item_bias=item_bias, cross_dim=cross_dim)
+    assert model.item_first_width == model.ranker.first_layer()[0].shape[0] + 2 + cross_dim
     if item_bias:  # biases that differ between items, so the ranker's u . v column carries them
         with torch.no_grad():
             model.item_tower.bias.weight.normal_()
@@ -626,6 +628,27 @@ def test_grouped_rank_through_the_factored_first_layer_equals_the_plain_per_pair
         torch.testing.assert_close(from_kept[head], copied[head], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(single[head], copied[head][8:9], rtol=1e-5, atol=1e-6)
     assert grouped["p_click"].std() > 1e-3  # the candidates are told apart: not a constant that any path would match
+
+
+def test_cross_columns_are_products_of_the_user_and_the_candidate_projections():
+    """``model.cross_dim``: the ranker's last k input columns are ``user_cross([u, user_part]) * item_cross([v, item_part])``;
+    zeroing the user projection (every pair's cross 0) changes the heads: the columns are read."""
+    model = make_model(cross_dim=4)
+    batch = make_batch(n=6)
+    with torch.no_grad():
+        users, items = three_users_and_candidates(model, batch)
+        with_cross = model.rank(users, items)
+        seen = {}
+        hook = model.ranker_norm.register_forward_hook(lambda _m, args, _out: seen.update(x=args[0]))
+        model.rank({k: v.repeat_interleave(2, 0) for k, v in users.items()}, items)  # the plain path, whose input the hook sees
+        hook.remove()
+        d = model.spec.config.dim
+        user_side = torch.cat([users["user_vec"][:, :d] * d**0.5, users["user_part"]], dim=-1).repeat_interleave(2, 0)
+        item_side = torch.cat([items["item_vec"][:, :d] * d**0.5, items["item_part"]], dim=-1)
+        torch.testing.assert_close(seen["x"][:, -4:], model.user_cross(user_side) * model.item_cross(item_side))
+        model.user_cross.weight.zero_(), model.user_cross.bias.zero_()
+        without = model.rank(users, items)
+    assert (with_cross["p_click"] - without["p_click"]).abs().max() > 1e-4
 
 
 # -- cold items ------------------------------------------------------------------------------
