@@ -105,6 +105,7 @@ class _DotAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor):
         scale = keys.shape[-1] ** -0.5
+        query = query.to(keys.dtype)  # under autocast the query (a projection) may be bf16, the keys (table rows) fp32
         weights = _masked_softmax(torch.einsum("ble,be->bl", keys, query) * scale, mask)
         pooled = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)
         ctx.save_for_backward(query, keys, weights)
@@ -115,7 +116,7 @@ class _DotAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_pooled: torch.Tensor, _grad_weights: torch.Tensor | None):
         query, keys, weights = ctx.saved_tensors
-        grad_pooled = grad_pooled.contiguous()  # an expanded gradient (of a sum) would make bmm loop over the batch
+        grad_pooled = grad_pooled.to(keys.dtype).contiguous()  # an expanded gradient (of a sum) would make bmm loop over the batch
         grad_weights = torch.einsum("ble,be->bl", keys, grad_pooled)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True)) * ctx.scale  # softmax backward; padding stays 0
         grad_query = torch.bmm(grad_logits.unsqueeze(1), keys).squeeze(1)

@@ -579,6 +579,23 @@ def test_dot_attention_backward_equals_autograd_of_its_formula():
     assert torch.count_nonzero(got[1][1]) == 0 and torch.count_nonzero(got[1][0, 2]) == 0  # nothing reaches padding
 
 
+@pytest.mark.parametrize("attention", ["mlp", "dot"])
+def test_bf16_autocast_trains_and_stays_near_fp32(attention):
+    """Under CPU bf16 autocast (benchmarks/train_throughput.py --bf16) the forward mixes bf16 projections with fp32 table
+    rows and gate softmaxes: forward and backward run, and the heads stay within bf16 rounding of fp32."""
+    model, batch = make_model(attention=attention, cross_dim=4), make_batch()
+    model.train()
+    fp32 = model(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(batch)
+    loss = sum(task_losses({k: v.float() for k, v in low.items()}, batch).values())
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.ranker.parameters())
+    for key in ("p_click", "p_cvr", "rating"):
+        torch.testing.assert_close(low[key].float(), fp32[key], atol=0.05, rtol=0.05)
+
+
 def three_users_and_candidates(model: RecsysModel, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``user_state`` of the batch's first 3 rows and ``item_state`` of all its candidates (call under no_grad or inference_mode)."""
     users = model.user_state(batch["user_idx"][:3], batch["history"][:3])
