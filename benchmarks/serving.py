@@ -48,13 +48,13 @@ def bench_config(candidates: int, overrides: list[str] = ()):
 
 
 def cached_run_dir(args) -> Path:
-    """The cache of a built run: its sizes and content in the name, and a digest of the model config (a changed default builds anew)."""
-    import hashlib
+    """The cache of a built run: its sizes and content in the name, and a digest of its whole config.
 
-    from recsys.config import section_dict
-
-    digest = hashlib.sha1(json.dumps(section_dict(bench_config(args.candidates, args.set).model), sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}-model{digest}"
+    The server reads the cached run's ``config.toml``, so every section keys the cache: a changed
+    default or a ``--set serve.*`` builds anew instead of serving the cached run's old settings.
+    """
+    digest = bench_config(args.candidates, args.set).digest()[:8]
+    return Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}-config{digest}"
 
 
 def build_run(root: Path, items: int, users: int, events: int, candidates: int, content: str = "clustered", seed: int = 0, overrides: list[str] = ()) -> None:
@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--events-rate", type=float, default=0, help="also POST /events at this many events/s during the steady phase (0 = off)")
     parser.add_argument("--events-batch", type=int, default=10, help="events per POST /events")
     parser.add_argument("--item-format", default="it{}", help="history item ids sent (1 in 10 requests): the format of 1..1000")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for the built run (e.g. model.attention=mlp); repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for the built run (e.g. model.attention=mlp, serve.batch_max=16): each set of overrides is its own cached run; repeatable")
     args = parser.parse_args()
     if args.run and args.set:
         raise SystemExit("--set configures the built run; a finished --run keeps its own config")
