@@ -41,6 +41,7 @@ GRID: dict[str, list[str]] = {
     "mmoe_image": ["model.ranker=mmoe", "model.use_text=false", "model.use_image=true"],
     "ranker_towers_only": ["model.ranker_input=towers"],
     "ranker_stop_gradient": ["model.ranker_stop_gradient=true"],
+    "ranker_cross": ["model.cross_dim=16"],
     "weights_uncertainty": ["train.loss_weights=uncertainty"],
     "weights_gradnorm": ["train.loss_weights=gradnorm"],
     "weights_dwa": ["train.loss_weights=dwa"],
