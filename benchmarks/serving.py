@@ -48,13 +48,15 @@ def bench_config(candidates: int, overrides: list[str] = ()):
 
 
 def cached_run_dir(args) -> Path:
-    """The cache of a built run: its sizes and content in the name, and a digest of its whole config.
-
-    The server reads the cached run's ``config.toml``, so every section keys the cache: a changed
-    default or a ``--set serve.*`` builds anew instead of serving the cached run's old settings.
-    """
-    digest = bench_config(args.candidates, args.set).digest()[:8]
+    """The cache of a built run: its sizes and content in the name, and a digest of its whole config
+    (a changed default builds anew); ``--set serve.*`` goes to ``recsys serve --set`` instead."""
+    digest = bench_config(args.candidates, build_overrides(args.set)).digest()[:8]
     return Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}-config{digest}"
+
+
+def build_overrides(overrides: list[str]) -> list[str]:
+    """The ``--set`` overrides the built run is made with; ``serve.*`` ones are the server's (``recsys serve --set``)."""
+    return [o for o in overrides if not o.strip().startswith("serve.")]
 
 
 def build_run(root: Path, items: int, users: int, events: int, candidates: int, content: str = "clustered", seed: int = 0, overrides: list[str] = ()) -> None:
@@ -266,22 +268,30 @@ def main() -> None:
     parser.add_argument("--events-rate", type=float, default=0, help="also POST /events at this many events/s during the steady phase (0 = off)")
     parser.add_argument("--events-batch", type=int, default=10, help="events per POST /events")
     parser.add_argument("--item-format", default="it{}", help="history item ids sent (1 in 10 requests): the format of 1..1000")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for the built run (e.g. model.attention=mlp, serve.batch_max=16): each set of overrides is its own cached run; repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable): serve.* keys go to `recsys serve --set` (also with --run), the others build their own cached run (e.g. model.attention=mlp)")
     args = parser.parse_args()
-    if args.run and args.set:
-        raise SystemExit("--set configures the built run; a finished --run keeps its own config")
+    from recsys.config import load_config
+    from recsys.errors import ConfigError
+
+    try:
+        load_config(None, args.set)  # a bad key or value stops here, named, not as a server that exits during start-up
+    except ConfigError as exc:
+        raise SystemExit(f"--set: {exc}") from None
+    if args.run and build_overrides(args.set):
+        raise SystemExit("--set model.* (and other sections but serve.*) configures the built run; a finished --run keeps its own config")
 
     root = Path(args.run) if args.run else cached_run_dir(args)
     if args.run and not (root / "index" / "index.json").is_file():
         raise SystemExit(f"{root} has no index: run `recsys index --run {root}` first")
     if not (root / "index" / "index.json").is_file():
         t0 = time.perf_counter()
-        build_run(root, args.items, args.users, args.events, args.candidates, args.content, overrides=args.set)
+        build_run(root, args.items, args.users, args.events, args.candidates, args.content, overrides=build_overrides(args.set))
         print(f"run built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_ADMIN_TOKEN": TOKEN}
-    server = subprocess.Popen([sys.executable, "-m", "recsys", "-q", "serve", "--run", str(root), "--port", str(port)],
+    serve_overrides = [arg for o in args.set if o not in build_overrides(args.set) for arg in ("--set", o)]
+    server = subprocess.Popen([sys.executable, "-m", "recsys", "-q", "serve", "--run", str(root), "--port", str(port), *serve_overrides],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import httpx
@@ -320,7 +330,7 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             server.kill()
     print(json.dumps({
-        "benchmark": "serving", "content": args.content, "items": health["items"], "index": health["index_type"], "candidates": args.candidates, "k": args.k,
+        "benchmark": "serving", "content": args.content, "set": args.set, "items": health["items"], "index": health["index_type"], "candidates": args.candidates, "k": args.k,
         "server_start_s": round(load_s, 1), "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "at_rate": steady, "where_time_goes": steady_breakdown, "steps": steps, "sustained_rps": sustained, "add_items": adds,
         "targets_met": bool(steady["p99_ms"] is not None and steady["p99_ms"] <= 10 and sustained >= 500 and adds is not None and adds["p99_ms"] <= 50),

@@ -216,7 +216,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _call("serving.app:serve", RunDir(args.run), host=args.host, port=args.port, follow=Path(args.follow) if args.follow else None)
+    overrides = list(args.set or [])
+    foreign = [o for o in overrides if not o.strip().startswith("serve.")]
+    if foreign:  # the model, index and data settings are those the run was built with
+        raise ConfigError(f"recsys serve --set takes serve.* keys only, got {', '.join(map(repr, foreign))}: the other sections are fixed by the run's own config.toml")
+    run = RunDir(args.run, overrides)
+    run.config()  # an unknown key or a bad value fails here, naming it, before anything loads
+    _call("serving.app:serve", run, host=args.host, port=args.port, follow=Path(args.follow) if args.follow else None)
     return 0
 
 
@@ -332,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--follow", default=None, metavar="DIR", help="reload each generation `recsys update --follow --out DIR` publishes (DIR/published.json)")
+    serve.add_argument("--set", action="append", metavar="serve.KEY=VALUE", help="override a serve.* key of the run's config for this process (repeatable; kept across reloads, never written back)")
     serve.set_defaults(func=cmd_serve)
 
     exp = sub.add_parser("experiment", help="experiment grids")

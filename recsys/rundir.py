@@ -28,10 +28,15 @@ PUBLISHED_FILE = "published.json"  # `recsys update --follow OUT` writes OUT/pub
 
 
 class RunDir:
-    """Paths of one run (``RUN/``) and its resolved config."""
+    """Paths of one run (``RUN/``) and its resolved config.
 
-    def __init__(self, root: str | Path):
+    ``overrides``: ``section.key=value`` applied on top of ``config.toml`` by ``config()``, never
+    written back (``recsys serve --set serve.*`` serves a run with other serving settings).
+    """
+
+    def __init__(self, root: str | Path, overrides: tuple[str, ...] | list[str] = ()):
         self.root = Path(root)
+        self.overrides = tuple(overrides)
         self.config_path = self.root / "config.toml"
         self.data = self.root / "data"
         self.quarantine = self.root / "data" / "quarantine"
@@ -61,7 +66,7 @@ class RunDir:
     def config(self) -> Config:
         if not self.config_path.is_file():
             raise RunError(f"{self.root} is not a run directory (no config.toml); start one with `recsys run --data DIR --out {self.root}`")
-        return load_config(self.config_path)
+        return load_config(self.config_path, list(self.overrides))
 
     def dataset_dir(self) -> Path:
         if not self.source_path.is_file():

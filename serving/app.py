@@ -475,7 +475,7 @@ class Service:
 
     def _swap_in(self, path: Path, contract: Contract) -> Recommender:
         with self.writing():
-            fresh = Recommender.load(RunDir(path))  # the old one keeps serving reads meanwhile
+            fresh = Recommender.load(RunDir(path, self.recommender.run.overrides))  # the old one keeps serving reads meanwhile; `recsys serve --set` holds for the new run too
             fresh.adopt_encoders(self.recommender)  # the next add does not load them again
             if Contract.of(fresh) != contract:  # the published schema (id types, max_k) would no longer hold
                 raise HTTPException(409, f"{path} takes other requests ({Contract.of(fresh)}) than the served schema ({contract}): restart the service on it")

@@ -530,6 +530,29 @@ def test_reload_swaps_in_another_run(template_run):
     assert after["run"] == str(other.root) and after["model_version"] != before["model_version"]
 
 
+def test_serve_overrides_hold_for_this_process_and_across_a_reload_and_are_never_written_back(template_run):
+    """``recsys serve --set serve.max_k=7``: the published schema and the handlers take 7 (the run says 20);
+    a reload keeps it (without, the reloaded run's max_k 20 would differ from the served schema: 409)."""
+    other = make_tiny_run(template_run.root.parent / "other-seed4", seed=4)
+    build_index(other)
+    before = template_run.config_path.read_text()
+    client = TestClient(create_app(RunDir(template_run.root, ["serve.max_k=7"]), admin_token=TOKEN))
+    assert client.post("/recommend", json={"user_id": "u1", "k": 7}).status_code == 200
+    assert client.post("/recommend", json={"user_id": "u1", "k": 8}).status_code == 422
+    assert client.post("/admin/reload", json={"run": str(other.root)}, headers=ADMIN).status_code == 200
+    assert client.get("/healthz").json()["run"] == str(other.root)
+    assert client.post("/recommend", json={"user_id": "u1", "k": 8}).status_code == 422
+    assert template_run.config_path.read_text() == before and "max_k = 20" in other.config_path.read_text()
+
+
+@pytest.mark.parametrize(("override", "named"), [("model.dim=8", "serve.* keys only"), ("serve.no_such_key=1", "no_such_key"), ("serve.max_k=0", "max_k")])
+def test_recsys_serve_refuses_an_override_it_cannot_apply_before_loading_anything(template_run, capsys, override, named):
+    from recsys.cli import main
+
+    assert main(["serve", "--run", str(template_run.root), "--port", "1", "--set", override]) == 2
+    assert named in capsys.readouterr().err
+
+
 def test_the_loaded_heap_is_frozen_and_a_reload_still_frees_the_replaced_recommender(template_run):
     other = make_tiny_run(template_run.root.parent / "other-seed3", seed=3)
     build_index(other)
