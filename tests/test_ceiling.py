@@ -11,7 +11,7 @@ import pytest
 from features.synth import TEXTURES, TOPICS, synthesize
 from recsys import metrics as m
 from recsys.errors import DataError
-from training.ceiling import ceiling_scores, fit_ceiling
+from training.ceiling import ceiling_scores, decode_attributes, fit_ceiling
 
 
 def _hand_made_items(n_items: int, rng: np.random.Generator) -> pl.DataFrame:
@@ -176,6 +176,44 @@ def test_without_the_item_latent_the_ceiling_misses_what_only_ids_reveal(synthet
     with_latent, content_only = _test_efficiency(synthetic, synthetic["ceiling"]), _test_efficiency(synthetic, synthetic["content_ceiling"])
     assert content_only["click"] < with_latent["click"] - 0.08, (content_only, with_latent)  # measured 0.78 vs 0.94
     assert content_only["conversion"] > 0.5, content_only  # measured 0.74: text and image attributes alone carry most of it
+
+
+# -- the decoded ceiling: texture and quality as the encoders show them ---------------------------
+def _encoders(truth_items: pl.DataFrame, signal: float, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fake encoder vectors: ``signal`` x the quality (text) and the texture one-hot (image) in the first columns, unit noise elsewhere."""
+    rng = np.random.default_rng(seed)
+    text, image = rng.standard_normal((truth_items.height, dim)), rng.standard_normal((truth_items.height, dim))
+    text[:, 0] += signal * truth_items["quality"].to_numpy()
+    for k, t in enumerate(TEXTURES):
+        image[:, k] += signal * (truth_items["texture"] == t).to_numpy()
+    return text, image
+
+
+def test_a_probe_of_clear_encoders_recovers_the_attributes_and_the_ceiling(synthetic: dict) -> None:
+    decoded, probe = decode_attributes(synthetic["truth_items"], *_encoders(synthetic["truth_items"], signal=20.0, dim=16, seed=0))
+    assert probe.quality_r2 > 0.95 and probe.texture_accuracy > 0.97, probe
+    true, read = _test_efficiency(synthetic, synthetic["ceiling"]), _test_efficiency(synthetic, fit_ceiling(synthetic["rows"], decoded))
+    assert abs(read["conversion"] - true["conversion"]) < 0.03, (read, true)
+
+
+def test_a_probe_of_blind_encoders_reads_nothing_and_the_conversion_ceiling_drops(synthetic: dict) -> None:
+    """Pure-noise vectors with more dimensions than items: a probe fitted in-sample would reproduce every
+    label (R^2 1); out of fold it reads nothing, so no item's own label reaches its decoded value."""
+    items = synthetic["truth_items"]
+    decoded, probe = decode_attributes(items, *_encoders(items, signal=0.0, dim=items.height + 20, seed=1))
+    assert probe.quality_r2 < 0.1 and probe.texture_accuracy < 0.4, probe  # chance: 0 and about 0.25
+    true, read = _test_efficiency(synthetic, synthetic["ceiling"]), _test_efficiency(synthetic, fit_ceiling(synthetic["rows"], decoded))
+    assert read["conversion"] < true["conversion"] - 0.05, (read, true)  # measured 0.73 vs 0.81: texture and quality are what the item latent lacks
+
+
+def test_a_missing_modality_decodes_as_the_attributes_mean() -> None:
+    items = _hand_made_items(40, np.random.default_rng(2))
+    text, _ = _encoders(items, signal=5.0, dim=4, seed=2)
+    text[:3] = np.nan  # three items without text
+    decoded, probe = decode_attributes(items, text, None)
+    assert np.isnan(probe.texture_accuracy) and probe.quality_r2 > 0.5
+    assert np.allclose(decoded["quality"].to_numpy()[:3], items["quality"].mean())
+    assert np.allclose(np.stack(decoded["texture_scores"].to_numpy()), 0.25)  # 4 textures, 10 items each
 
 
 # -- errors for people ---------------------------------------------------------------------------

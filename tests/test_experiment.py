@@ -21,7 +21,8 @@ def test_ablation_trains_each_variant_and_reports_efficiency_beside_the_ceiling(
     table = ablation(data, tmp_path / "out", overrides=FAST, variants=["mmoe_both", "ranker_towers_only"])
 
     ceiling = "ceiling (true item attributes, per-user weights)"
-    assert list(table) == ["mmoe_both", "ranker_towers_only", ceiling]
+    decoded = "decoded ceiling (texture and quality as the encoders show them)"
+    assert list(table) == ["mmoe_both", "ranker_towers_only", ceiling, decoded]
     assert read_json(tmp_path / "out" / "ranker_towers_only" / "model" / "model.json")["config"]["ranker_input"] == "towers"
     assert read_json(tmp_path / "out" / "mmoe_both" / "model" / "model.json")["config"]["ranker_input"] == "features"
     for name in ("mmoe_both", "ranker_towers_only"):
@@ -37,6 +38,8 @@ def test_ablation_trains_each_variant_and_reports_efficiency_beside_the_ceiling(
     saved = read_json(tmp_path / "out" / "ablation.json")
     assert saved["variants"] == {name: GRID[name] for name in ("mmoe_both", "ranker_towers_only")}
     assert saved["metrics"][ceiling]["efficiency.ctcvr"] == pytest.approx(table[ceiling]["efficiency.ctcvr"])
+    assert math.isfinite(table[decoded]["efficiency.conversion"]) and 0.0 <= saved["probe"]["probe_texture_accuracy"] <= 1.0
+    assert math.isnan(saved["probe"]["probe_quality_r2"])  # FAST has no text encoder: the quality is invisible
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| ranker_towers_only |" in markdown and "efficiency.click" in markdown and "| ceiling" in markdown
 

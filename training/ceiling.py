@@ -24,6 +24,12 @@ same rows, should not beat it by more than noise.
   ``S = mean_u(d d^T + H_u^-1)``). ``S`` couples the heads, as one user latent drives every
   task in the generator: a user's many click rows inform their few conversion rows.
 
+The decoded ceiling (``decode_attributes``): the same learner, with the two attributes that only the
+content shows (the texture from the image, the quality from the text) replaced by what a linear
+probe reads of them from the run's encoder vectors (out-of-fold ridge regressions on the items). What
+the true-attribute ceiling has over it is what the encoders lose (or a linear read of them misses); what
+it has over the model is what the model leaves of what its inputs show.
+
 Not used: users.parquet (region, age). A model that reads the region (a fifth of the user
 latent's variance is regional) can gain a little over this ceiling on users with few rows.
 """
@@ -46,6 +52,7 @@ FINAL_NEWTON_STEPS = 5  # Newton steps of the users' MAP under the final prior
 GLOBAL_L2 = 1e-3  # ridge of the shared weights: only keeps collinear one-hots solvable
 INITIAL_PRECISION = 10.0  # the prior precision EM starts from (S = I / 10)
 COVARIANCE_FLOOR = 1e-4  # added to S's diagonal so that it stays invertible
+PROBE_RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)  # ridge weights (per row, on standardised encoder dimensions) of the content probes
 
 
 @dataclass(frozen=True)
@@ -90,13 +97,67 @@ def item_features(truth_items: pl.DataFrame, item_latent: bool = True) -> tuple[
         columns |= {f"topic={t}": (truth_items["topic"] == t).cast(pl.Float64).to_numpy() for t in TOPICS}
         angle = 2 * np.pi * truth_items["hue"].to_numpy()
         columns |= {"hue_cos": np.cos(angle), "hue_sin": np.sin(angle)}
-    columns |= {f"texture={t}": (truth_items["texture"] == t).cast(pl.Float64).to_numpy() for t in TEXTURES}
+    if "texture_scores" in truth_items.columns:  # decoded from the image (decode_attributes): one probe score per texture
+        scores = np.stack(truth_items["texture_scores"].to_numpy()).astype(np.float64)
+        columns |= {f"texture~{t}": scores[:, k] for k, t in enumerate(TEXTURES)}
+    else:
+        columns |= {f"texture={t}": (truth_items["texture"] == t).cast(pl.Float64).to_numpy() for t in TEXTURES}
     columns |= {
         "quality": truth_items["quality"].to_numpy(),
         "log_price": (log_price - log_price.mean()) / max(float(log_price.std()), 1e-9),
         "popularity": truth_items["popularity"].to_numpy(),
     }
     return pl.DataFrame({"item_id": truth_items["item_id"], "features": np.stack(list(columns.values()), axis=1)}), tuple(columns)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How well the encoders show the content-only attributes (out-of-fold, over the items with that modality)."""
+
+    quality_r2: float  # R^2 of the text probe's quality (nan without text)
+    texture_accuracy: float  # share of items whose largest image-probe score is their texture (nan without images)
+    items: int
+
+
+def _ridge_out_of_fold(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold predictions of ``y`` (n, k) from ``x`` (n, d), each fold by ridge on the others; the ridge
+    weight of PROBE_RIDGE_GRID with the best out-of-fold squared error (a mild optimism of the probe, said in the doc)."""
+    fold = np.random.default_rng(seed).permutation(len(x)) % folds
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-9)
+    best, best_error = np.zeros_like(y), np.inf
+    for ridge in PROBE_RIDGE_GRID:
+        predicted = np.zeros_like(y)
+        for k in range(folds):
+            fit, held = fold != k, fold == k
+            mean = y[fit].mean(0)
+            gram = x[fit].T @ x[fit] + ridge * len(x[fit]) * np.eye(x.shape[1])
+            predicted[held] = x[held] @ np.linalg.solve(gram, x[fit].T @ (y[fit] - mean)) + mean
+        error = float(((predicted - y) ** 2).sum())
+        if error < best_error:
+            best, best_error = predicted, error
+    return best
+
+
+def decode_attributes(truth_items: pl.DataFrame, text: np.ndarray | None, image: np.ndarray | None, folds: int = 5, seed: int = 0) -> tuple[pl.DataFrame, Probe]:
+    """``truth_items`` with ``quality`` as a probe reads it from ``text`` and ``texture_scores`` from ``image``.
+
+    ``text`` / ``image``: ``(I, d)`` encoder vectors in ``truth_items``' row order, NaN rows for items
+    without that modality (or None: the attribute is invisible, decoded as its mean). Each item's
+    decoded value comes from a ridge fitted on the other folds' items, so no item's own label is read.
+    """
+    quality = truth_items["quality"].to_numpy().astype(np.float64)
+    textures = np.stack([(truth_items["texture"] == t).to_numpy() for t in TEXTURES], axis=1).astype(np.float64)
+    decoded_quality = np.full(len(quality), quality.mean())
+    decoded_texture = np.tile(textures.mean(0), (len(quality), 1))
+    r2 = accuracy = float("nan")
+    if text is not None and (seen := np.isfinite(text).all(1)).sum() >= 2 * folds:
+        decoded_quality[seen] = _ridge_out_of_fold(text[seen], quality[seen, None], folds, seed)[:, 0]
+        r2 = float(1 - ((decoded_quality[seen] - quality[seen]) ** 2).sum() / max(((quality[seen] - quality[seen].mean()) ** 2).sum(), 1e-12))
+    if image is not None and (seen := np.isfinite(image).all(1)).sum() >= 2 * folds:
+        decoded_texture[seen] = _ridge_out_of_fold(image[seen], textures[seen], folds, seed)
+        accuracy = float((decoded_texture[seen].argmax(1) == textures[seen].argmax(1)).mean())
+    decoded = truth_items.with_columns(pl.Series("quality", decoded_quality), pl.Series("texture_scores", decoded_texture, dtype=pl.Array(pl.Float64, len(TEXTURES))))
+    return decoded, Probe(r2, accuracy, truth_items.height)
 
 
 def fit_ceiling(rows: pl.DataFrame, truth_items: pl.DataFrame, item_latent: bool = True) -> Ceiling:

@@ -82,9 +82,13 @@ def ablation(data: Path, out: Path, config: str | None = None, overrides: list[s
             quality = truth_quality(run, data, ceiling=position == 0)  # the ceiling reads only the (shared) train rows and the truth
             table[name].update({column: quality[key] for column, key in TRUTH.items()})
             if position == 0:
-                ceiling = {column: quality.get(f"ceiling_{key}") for column, key in TRUTH.items()}
-        table["ceiling (true item attributes, per-user weights)"] = ceiling
-    write_json(out / "ablation.json", {"data": str(data), "config_sha256": base_cfg.digest(), "variants": {n: GRID[n] for n in names}, "metrics": table})
+                ceilings = {prefix: {column: quality.get(f"{prefix}{key}") for column, key in TRUTH.items()} for prefix in ("ceiling_", "decoded_ceiling_")}
+                probe = {key: quality[key] for key in ("probe_quality_r2", "probe_texture_accuracy")}
+        table["ceiling (true item attributes, per-user weights)"] = ceilings["ceiling_"]
+        table["decoded ceiling (texture and quality as the encoders show them)"] = ceilings["decoded_ceiling_"]
+        log.info("ablation: linear probes of the base run's encoders: quality R^2 %.3f (text), texture accuracy %.3f (image)", probe["probe_quality_r2"], probe["probe_texture_accuracy"])
+    write_json(out / "ablation.json", {"data": str(data), "config_sha256": base_cfg.digest(), "variants": {n: GRID[n] for n in names}, "metrics": table,
+                                        **({"probe": probe} if has_truth(data) else {})})
     # The base run's report with every other variant side by side, copied up as the grid's report.
     report.write_report(base, read_json(base.metrics_path), [runs[n].root for n in names[1:]])
     shutil.copyfile(base.report_html, out / "report.html")

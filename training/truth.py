@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from safetensors.torch import load_file
 
 from recsys import metrics as m
 from recsys.model import load_model
 from recsys.rundir import RunDir
-from training.ceiling import ceiling_scores, fit_ceiling
+from training.ceiling import ceiling_scores, decode_attributes, fit_ceiling
 from training.evaluate import load_content, score_rows
 
 TRUTH_FILES = ("truth.parquet", "truth_items.parquet")
@@ -37,7 +38,9 @@ def truth_quality(run: RunDir, dataset: Path, ceiling: bool = True) -> dict[str,
 
     Keys: ``click``, ``conversion`` (clicked rows), ``ctcvr``, ``rating_rmse_ratio``, ``click_cold``,
     ``click_warm``, ``click_cold_content`` (cold rows against what their content can tell at best),
-    ``cold_rows``, and ``ceiling_*`` for the first four.
+    ``cold_rows``, and ``ceiling_*`` for the first four; with ``ceiling`` also ``decoded_ceiling_*``
+    (the ceiling with the texture and quality as a linear probe reads them from this run's encoder
+    vectors, ``training.ceiling.decode_attributes``), ``probe_quality_r2`` and ``probe_texture_accuracy``.
     """
     dataset = Path(dataset)
     model = load_model(run.model)
@@ -68,11 +71,34 @@ def truth_quality(run: RunDir, dataset: Path, ceiling: bool = True) -> dict[str,
     }
     if ceiling:
         train = pl.read_parquet(run.data / "train.parquet", columns=["user_id", "item_id", "click", "conversion", "rating", "sampled"])
-        best = ceiling_scores(fit_ceiling(train, pl.read_parquet(dataset / "truth_items.parquet")), test)
-        out.update({
-            "ceiling_click": _efficiency(click, best["p_click"], p_click),
-            "ceiling_conversion": _efficiency(conversion, best["p_cvr"], p_conversion, clicked),
-            "ceiling_ctcvr": _efficiency(click * conversion, best["p_ctcvr"], p_ctcvr),
-            "ceiling_rating_rmse_ratio": float(m.rmse(rating[rated], best["rating"][rated]) / oracle_rmse),
-        })  # fmt: skip
+        truth_items = pl.read_parquet(dataset / "truth_items.parquet")
+        decoded, probe = decode_attributes(truth_items, *_encoder_vectors(run, truth_items["item_id"]))
+        for prefix, items in (("ceiling_", truth_items), ("decoded_ceiling_", decoded)):
+            best = ceiling_scores(fit_ceiling(train, items), test)
+            out.update({
+                f"{prefix}click": _efficiency(click, best["p_click"], p_click),
+                f"{prefix}conversion": _efficiency(conversion, best["p_cvr"], p_conversion, clicked),
+                f"{prefix}ctcvr": _efficiency(click * conversion, best["p_ctcvr"], p_ctcvr),
+                f"{prefix}rating_rmse_ratio": float(m.rmse(rating[rated], best["rating"][rated]) / oracle_rmse),
+            })  # fmt: skip
+        out.update({"probe_quality_r2": probe.quality_r2, "probe_texture_accuracy": probe.texture_accuracy})
     return out
+
+
+def _encoder_vectors(run: RunDir, item_ids: pl.Series) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The run's text and image encoder vectors (``RUN/content``) in ``item_ids``' order; NaN rows where an item has none."""
+    path = run.content / "embeddings.safetensors"
+    tensors = load_file(str(path)) if path.is_file() else {}
+    index = pl.DataFrame({"item_id": item_ids}).join(pl.read_parquet(run.data / "items.parquet", columns=["item_id", "item_idx"]), on="item_id", how="left", maintain_order="left")
+    rows = index["item_idx"].fill_null(-1).to_numpy()
+
+    def aligned(name: str) -> np.ndarray | None:
+        if name not in tensors:
+            return None
+        vectors, present = tensors[name].float().numpy().astype(np.float64), tensors[f"{name}_mask"].numpy().astype(bool)
+        out = np.full((len(rows), vectors.shape[1]), np.nan)
+        known = (rows >= 0) & present[np.maximum(rows, 0)]
+        out[known] = vectors[rows[known]]
+        return out
+
+    return aligned("text"), aligned("image")
