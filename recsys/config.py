@@ -201,7 +201,7 @@ class ServeConfig(_Section):
     threads: int = 1  # torch and FAISS threads per request (requests run concurrently); 0 = library default
     batch_max: int = Field(32, ge=1)  # concurrent /recommend requests run as one batch (serving.batcher) of at most this many; 1 = each on its own
     batch_workers: int = Field(2, ge=1)  # threads that run batches (serving.batcher): with 2, a second core does model work while one thread holds the GIL (1M items: see README)
-    rank_cache_mb: float = Field(256.0, ge=0)  # keep each catalogue item's share of the ranker's first layer (model.item_first_layer: 4 (H + 2) bytes an item, about 1.1 KB) when the catalogue's fits in this; 0 = off
+    rank_cache_mb: float = Field(256.0, ge=0)  # keep each catalogue item's share of the ranker's first layer (model.item_first_layer: 4 (H + 2 + model.cross_dim) bytes an item, about 1.1 KB) when the catalogue's fits in this; 0 = off
     batch_wait_ms: float = Field(0.0, ge=0)  # how long a batch waits for more requests (0: it takes those already waiting, so a lone request never waits)
     access_log: bool = True  # one JSON line per request on stderr
     runs_root: str = ""  # /admin/reload only loads run directories under this one; "" = the parent of the served run

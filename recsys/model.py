@@ -422,6 +422,8 @@ class RecsysModel(nn.Module):
             if not torch.is_grad_enabled() and (users < batch or precomputed is not None):  # the user's columns through the first layer once per user
                 shared = torch.cat([user["user_vec"][:, :d] * scale, user["user_part"]], dim=-1)  # (U, .)
                 if precomputed is not None:
+                    if precomputed.shape[-1] != self.item_first_width:  # rows kept for another model would score silently wrong
+                        raise ValueError(f"item first-layer rows have {precomputed.shape[-1]} columns, this model's are {self.item_first_width} wide (item_first_layer)")
                     own = per_pair(precomputed)
                     paired = [parts[2], dot, attended]
                     item_cross = own[:, -self.cross_dim :] if self.cross_dim else None  # kept beside the first-layer columns

@@ -47,7 +47,7 @@ def score_candidates(
     ``item_idx (U, N)``, ``item_vec (U, N, d)``, ``content_vec (U, N, C)`` or None; one user row
     (U = 1) is the service's case. ``cooccurrence (U, N)`` (``recsys.candidates.cooccurrence_feature``
     of a table of kind ``item_item``) joins the blend with ``serve.item_item_blend(item_item)``.
-    ``item_first (U, N, H + 2)``: the candidates' ``model.item_first_layer`` rows (the service keeps
+    ``item_first (U, N, model.item_first_width)``: the candidates' ``model.item_first_layer`` rows (the service keeps
     them per item): the same scores without the candidates' id lookups and their share of the first layer.
     """
     users, n = item_idx.shape

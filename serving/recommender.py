@@ -223,7 +223,7 @@ class Recommender:
         self._encoders_lock = threading.Lock()
         self.neighbours: ItemNeighbours | None = None  # the co-occurrence source, from every click the run knows
         serve = cfg.serve
-        self.item_first = self._item_first_rows(serve.rank_cache_mb)  # (n_items, H + 2) by item_idx, or None
+        self.item_first = self._item_first_rows(serve.rank_cache_mb)  # (n_items, model.item_first_width) by item_idx, or None
         if item_item_wanted(model.spec.n_items, serve):
             started = time.perf_counter()
             users = np.repeat(np.arange(len(behaviour.seen_ptr) - 1), np.diff(behaviour.seen_ptr))  # seen_items: by user, oldest first

@@ -585,7 +585,9 @@ def test_bf16_autocast_trains_and_stays_near_fp32(attention):
     rows and gate softmaxes: forward and backward run, and the heads stay within bf16 rounding of fp32."""
     model, batch = make_model(attention=attention, cross_dim=4), make_batch()
     model.train()
+    torch.manual_seed(0)  # the same id-dropout masks in both calls: what differs is the precision alone
     fp32 = model(batch)
+    torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(batch)
     loss = sum(task_losses({k: v.float() for k, v in low.items()}, batch).values())
@@ -594,6 +596,16 @@ def test_bf16_autocast_trains_and_stays_near_fp32(attention):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.ranker.parameters())
     for key in ("p_click", "p_cvr", "rating"):
         torch.testing.assert_close(low[key].float(), fp32[key], atol=0.05, rtol=0.05)
+
+
+def test_kept_first_layer_rows_of_another_width_are_refused_not_scored():
+    """Rows kept for a model without the cross columns (4 columns narrower) must not be sliced as if they had them."""
+    model = make_model(cross_dim=4)
+    with torch.inference_mode():
+        users, items = three_users_and_candidates(model, make_batch(n=12))
+        rows = model.item_first_layer(items)
+        with pytest.raises(ValueError, match="columns"):
+            model.rank(users, {"item_vec": items["item_vec"], "first_layer": rows[:, :-4]})
 
 
 def three_users_and_candidates(model: RecsysModel, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
