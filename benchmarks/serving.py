@@ -50,13 +50,14 @@ def bench_config(candidates: int, overrides: list[str] = ()):
 def cached_run_dir(args) -> Path:
     """The cache of a built run: its sizes and content in the name, and a digest of its whole config
     (a changed default builds anew); ``--set serve.*`` goes to ``recsys serve --set`` instead."""
-    digest = bench_config(args.candidates, build_overrides(args.set)).digest()[:8]
+    digest = bench_config(args.candidates, split_overrides(args.set)[0]).digest()[:8]
     return Path(args.run_dir) / f"items{args.items}-c{args.candidates}-{args.content}-config{digest}"
 
 
-def build_overrides(overrides: list[str]) -> list[str]:
-    """The ``--set`` overrides the built run is made with; ``serve.*`` ones are the server's (``recsys serve --set``)."""
-    return [o for o in overrides if not o.strip().startswith("serve.")]
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """The ``--set`` overrides the built run is made with, and the ``serve.*`` ones, the server's (``recsys serve --set``)."""
+    serve = [o for o in overrides if o.strip().startswith("serve.")]
+    return [o for o in overrides if o not in serve], serve
 
 
 def build_run(root: Path, items: int, users: int, events: int, candidates: int, content: str = "clustered", seed: int = 0, overrides: list[str] = ()) -> None:
@@ -277,7 +278,8 @@ def main() -> None:
         load_config(None, args.set)  # a bad key or value stops here, named, not as a server that exits during start-up
     except ConfigError as exc:
         raise SystemExit(f"--set: {exc}") from None
-    if args.run and build_overrides(args.set):
+    build_set, serve_set = split_overrides(args.set)
+    if args.run and build_set:
         raise SystemExit("--set model.* (and other sections but serve.*) configures the built run; a finished --run keeps its own config")
 
     root = Path(args.run) if args.run else cached_run_dir(args)
@@ -285,13 +287,13 @@ def main() -> None:
         raise SystemExit(f"{root} has no index: run `recsys index --run {root}` first")
     if not (root / "index" / "index.json").is_file():
         t0 = time.perf_counter()
-        build_run(root, args.items, args.users, args.events, args.candidates, args.content, overrides=build_overrides(args.set))
+        build_run(root, args.items, args.users, args.events, args.candidates, args.content, overrides=build_set)
         print(f"run built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_ADMIN_TOKEN": TOKEN}
-    serve_overrides = [arg for o in args.set if o not in build_overrides(args.set) for arg in ("--set", o)]
-    server = subprocess.Popen([sys.executable, "-m", "recsys", "-q", "serve", "--run", str(root), "--port", str(port), *serve_overrides],
+    serve_args = [arg for o in serve_set for arg in ("--set", o)]
+    server = subprocess.Popen([sys.executable, "-m", "recsys", "-q", "serve", "--run", str(root), "--port", str(port), *serve_args],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import httpx

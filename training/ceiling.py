@@ -116,7 +116,6 @@ class Probe:
 
     quality_r2: float  # R^2 of the text probe's quality (nan without text)
     texture_accuracy: float  # share of items whose largest image-probe score is their texture (nan without images)
-    items: int
 
 
 def _ridge_out_of_fold(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -157,7 +156,7 @@ def decode_attributes(truth_items: pl.DataFrame, text: np.ndarray | None, image:
         decoded_texture[seen] = _ridge_out_of_fold(image[seen], textures[seen], folds, seed)
         accuracy = float((decoded_texture[seen].argmax(1) == textures[seen].argmax(1)).mean())
     decoded = truth_items.with_columns(pl.Series("quality", decoded_quality), pl.Series("texture_scores", decoded_texture, dtype=pl.Array(pl.Float64, len(TEXTURES))))
-    return decoded, Probe(r2, accuracy, truth_items.height)
+    return decoded, Probe(r2, accuracy)
 
 
 def fit_ceiling(rows: pl.DataFrame, truth_items: pl.DataFrame, item_latent: bool = True) -> Ceiling:
