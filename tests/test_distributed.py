@@ -2,7 +2,9 @@
 
 Starting processes is the expensive part on a small machine, so one 2-process session (a
 module-scoped fixture) runs every sharding type and writes what it measured; each test then
-asserts one behaviour on those values.
+asserts one behaviour on those values. The 1-process resume of its checkpoint runs in a fresh
+process after both ranks have left the group, and every child's stderr is kept, so a child
+that dies (a C++ abort included) fails the test with its own output.
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ def _retrieval_across_ranks(local: slice) -> dict[str, float]:
 
 def _session(rank: int, world_size: int, port: int, out: str) -> None:
     """One rank of the 2-process session; writes ``out/rank<k>.pt`` with what it measured."""
+    _capture_stderr(out, f"rank{rank}")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.optim import RowWiseAdagrad
@@ -254,38 +257,73 @@ def _session(rank: int, world_size: int, port: int, out: str) -> None:
     padded = DATA.read_rank_part(Path(out) / "rows.parquet", rank, world_size, tail="pad")
     gathered = PG.gather_to_rank0({"row": padded["row"].to_numpy() * 10}, n_rows=10)
     results["gather"] = {"local_rows": padded["row"].to_list(), "padding": padded["is_padding"].to_list(), "gathered": None if gathered is None else gathered["row"].tolist()}
+    torch.save(results, Path(out) / f"rank{rank}.pt")  # before the teardown: what was measured is kept whatever happens there
     PG.destroy_process_group()
 
-    # Resume with M = 1: rank 0 alone loads the 2-process row_wise checkpoint into a 1-process,
-    # table_wise DMP (tables and their Adagrad state resharded by DCP) and takes one more step.
-    if rank == 0:
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-            os.environ.pop(key)
-        ctx = PG.init_process_group("cpu")
-        model = TwoTableModel(seed=5)
-        _apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": EMBEDDING_LR, "eps": EPS})
-        dmp = SH.shard_model(model, "table_wise", ctx.device, ctx.world_size)
-        optimizer = SH.keyed_optimizer(dmp, dense_optimizer=lambda params: torch.optim.SGD(params, lr=DENSE_LR))
-        state = CK.load_checkpoint(Path(out) / "ckpt" / "row_wise", dmp, optimizer)
-        loaded = _shard_diffs(dmp, reference_training(STEPS)[0].state_dict())
-        optimizer.zero_grad()
-        ((dmp(to_kjt(users, items, history)) - target) ** 2).mean().backward()
-        optimizer.step()
-        results["resume_one_process"] = {
-            "world_size": ctx.world_size,
-            "train_state": state,
-            "loaded": loaded,
-            "next_step": _shard_diffs(dmp, reference_training(STEPS + 1)[0].state_dict()),
-        }
-        PG.destroy_process_group()
-    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+def _resume_alone(_index: int, out: str) -> None:
+    """Resume with M = 1, in a fresh process after the 2-process session has ended: the 2-process
+    row_wise checkpoint loads into a 1-process, table_wise DMP (tables and their Adagrad state
+    resharded by DCP), which takes one more step. Writes ``out/resume.pt``."""
+    _capture_stderr(out, "resume")
+    from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec.optim import RowWiseAdagrad
+
+    users, items, history, target = make_batch()
+    ctx = PG.init_process_group("cpu")  # no RANK/WORLD_SIZE in this process: the in-process 1-process group
+    model = TwoTableModel(seed=5)
+    _apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": EMBEDDING_LR, "eps": EPS})
+    dmp = SH.shard_model(model, "table_wise", ctx.device, ctx.world_size)
+    optimizer = SH.keyed_optimizer(dmp, dense_optimizer=lambda params: torch.optim.SGD(params, lr=DENSE_LR))
+    state = CK.load_checkpoint(Path(out) / "ckpt" / "row_wise", dmp, optimizer)
+    loaded = _shard_diffs(dmp, reference_training(STEPS)[0].state_dict())
+    optimizer.zero_grad()
+    ((dmp(to_kjt(users, items, history)) - target) ** 2).mean().backward()
+    optimizer.step()
+    resumed = {
+        "world_size": ctx.world_size,
+        "train_state": state,
+        "loaded": loaded,
+        "next_step": _shard_diffs(dmp, reference_training(STEPS + 1)[0].state_dict()),
+    }
+    torch.save(resumed, Path(out) / "resume.pt")
+    PG.destroy_process_group()
+
+
+def _capture_stderr(out: str, name: str) -> None:
+    """Send this child's stderr (C++ aborts included) and faulthandler's stack dumps to ``out/<name>.stderr``,
+    so a child that dies shows why in the fixture's failure instead of only its exit signal."""
+    import faulthandler
+
+    log = open(Path(out) / f"{name}.stderr", "w", buffering=1)  # kept open until the process exits
+    os.dup2(log.fileno(), 2)
+    sys.stderr = log
+    faulthandler.enable(file=log, all_threads=True)
+
+
+def _spawn(fn, nprocs: int, args: tuple, out: Path) -> None:
+    """Start ``nprocs`` spawned children and wait; a child that fails fails the test with every child's stderr."""
+    try:
+        mp.start_processes(fn, args=args, nprocs=nprocs, start_method="spawn", join=True)
+        return
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        failure = str(exc)
+    logs = "\n".join(f"--- {log.name} (last 4000 characters) ---\n{log.read_text(errors='replace')[-4000:]}" for log in sorted(out.glob("*.stderr")))
+    pytest.fail(f"{failure}\n{logs}", pytrace=False)
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("distributed")
-    mp.start_processes(_session, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn", join=True)
+    _spawn(_session, 2, (2, _free_port(), str(out)), out)
     return out, [torch.load(out / f"rank{k}.pt", weights_only=False) for k in range(2)]
+
+
+@pytest.fixture(scope="module")
+def resumed(session) -> dict:
+    out = session[0]
+    _spawn(_resume_alone, 1, (str(out),), out)
+    return torch.load(out / "resume.pt", weights_only=False)
 
 
 # -- sharded forward == unsharded forward -------------------------------------------------------
@@ -414,8 +452,7 @@ def test_latest_checkpoint_names_the_complete_one(session) -> None:
         CK.load_checkpoint(session[0] / "nowhere", TwoTableModel())
 
 
-def test_checkpoint_of_two_processes_resumes_in_one_process_with_optimizer_state(session) -> None:
-    resumed = session[1][0]["resume_one_process"]
+def test_checkpoint_of_two_processes_resumes_in_one_process_with_optimizer_state(resumed) -> None:
     assert resumed["world_size"] == 1
     assert resumed["train_state"] == {"step": STEPS, "sharding": "row_wise"}
     assert max(resumed["loaded"].values()) < 1e-5, resumed["loaded"]
