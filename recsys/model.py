@@ -13,7 +13,7 @@ contributes a zero vector.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +45,28 @@ class ModelSpec:
     image_dim: int = 0
     tasks: tuple[str, ...] = ("click",)  # heads that are built
     rating_range: tuple[float, float] = (1.0, 5.0)
+    # (center, slope): the rating head's prediction r becomes center + slope (r - center), clipped to
+    # rating_range; set after training (training.calibration), identity while training
+    rating_calibration: tuple[float, float] = (0.0, 1.0)
     user_features: dict[str, int | None] = field(default_factory=dict)  # {"cat_x": cardinality+1, "num_y": None}
     item_features: dict[str, int | None] = field(default_factory=dict)
     config: ModelConfig = field(default_factory=ModelConfig)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "tasks": list(self.tasks), "rating_range": list(self.rating_range), "config": _config_json(self.config)}
+        return {
+            **asdict(self), "tasks": list(self.tasks), "rating_range": list(self.rating_range),
+            "rating_calibration": list(self.rating_calibration), "config": _config_json(self.config),
+        }  # fmt: skip
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> "ModelSpec":
         saved = {"item_bias": False, "popularity_prior": "off", "attention": "mlp", "cross_dim": 0, **meta["config"]}  # models saved before the item bias / the prior / the dot attention / the cross columns had none
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-        names = cls.__dataclass_fields__.keys() - {"config", "tasks", "rating_range"}
-        return cls(**{k: meta[k] for k in names if k in meta}, tasks=tuple(meta["tasks"]), rating_range=tuple(meta["rating_range"]), config=config)
+        names = cls.__dataclass_fields__.keys() - {"config", "tasks", "rating_range", "rating_calibration"}
+        return cls(
+            **{k: meta[k] for k in names if k in meta}, tasks=tuple(meta["tasks"]), rating_range=tuple(meta["rating_range"]),
+            rating_calibration=tuple(meta.get("rating_calibration", (0.0, 1.0))), config=config,  # models saved before it: none
+        )  # fmt: skip
 
 
 def _config_json(config: ModelConfig) -> dict[str, Any]:
@@ -186,6 +195,7 @@ class RecsysModel(nn.Module):
         self.ranker = MultiTaskRanker(ranker_in, list(self.tasks), cfg.ranker, cfg.experts, cfg.expert_dim, cfg.tower_dim)
         lo, hi = spec.rating_range
         self.rating_lo, self.rating_span = float(lo), float(hi - lo)
+        self.rating_center, self.rating_slope = (float(x) for x in spec.rating_calibration)
 
     # -- embedding lookups -------------------------------------------------------------
     def _pooled(self, user_idx: torch.Tensor | None, history: torch.Tensor | None, item_idx: torch.Tensor | None):
@@ -389,6 +399,11 @@ class RecsysModel(nn.Module):
         prior[0] = 0.0
         self.item_prior.copy_(prior)
 
+    def set_rating_calibration(self, center: float, slope: float) -> None:
+        """Rating predictions ``center + slope (r - center)``, clipped to the rating range, from now on (kept in ``spec``, so in model.json)."""
+        self.rating_center, self.rating_slope = float(center), float(slope)
+        self.spec = replace(self.spec, rating_calibration=(self.rating_center, self.rating_slope))
+
     def rank(self, user: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Scores ``(B,)`` for the heads that are on: ``p_click``, ``p_cvr``, ``p_ctcvr``, ``rating``; and ``retrieval_score``, the towers' cosine.
 
@@ -455,6 +470,9 @@ class RecsysModel(nn.Module):
             out["p_ctcvr"] = out["p_click"] * out["p_cvr"]  # ESMM: p(click & convert) = p(click) p(convert | click)
         if "rating" in logits:
             out["rating"] = self.rating_lo + self.rating_span * torch.sigmoid(logits["rating"])
+            if self.rating_slope != 1.0:
+                calibrated = self.rating_center + self.rating_slope * (out["rating"] - self.rating_center)
+                out["rating"] = calibrated.clamp(self.rating_lo, self.rating_lo + self.rating_span)
         return out, gates, logits
 
     def _grouped_first_layer(self, shared: torch.Tensor, paired: torch.Tensor, per: int, own: torch.Tensor | None = None) -> torch.Tensor:
@@ -588,6 +606,14 @@ def save_model(model: RecsysModel, model_dir: str | Path, meta: dict[str, Any] |
     with atomic_path(model_dir / "model.safetensors") as tmp:
         save_file(model_state_dict(model), str(tmp))
     write_json(model_dir / "model.json", {**model.spec.to_json(), "version": MODEL_VERSION, **(meta or {})})
+
+
+def resave_model(model: RecsysModel, model_dir: str | Path, meta: dict[str, Any]) -> None:
+    """``save_model`` over a saved model after a post-training change: the old ``model.json``'s own
+    entries (``best_epoch``, ``valid``, ...) are kept, ``meta`` is added, the spec is the model's."""
+    saved = json.loads((Path(model_dir) / "model.json").read_text())
+    spec_keys = set(model.spec.to_json()) | {"version"}
+    save_model(model, model_dir, {**{k: v for k, v in saved.items() if k not in spec_keys}, **meta})
 
 
 def load_model(model_dir: str | Path) -> RecsysModel:

@@ -98,6 +98,10 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     metrics_out["calibration"] = calibration(labels, scores)
     if "rating" in labels:
         metrics_out["rating_distribution"] = rating_distribution(labels["rating"], scores["rating"], data_meta.get("rating_range", [1.0, 5.0]))
+        center, slope = model.spec.rating_calibration
+        if slope != 1.0:  # the rating head's calibration (training.calibration), fitted on valid
+            fit = read_json(run.model / "model.json").get("rating_calibration_fit", {})
+            metrics_out["rating_calibration"] = {"center": center, "slope": slope, **{k: fit[k] for k in ("valid_rows", "valid_rmse_before", "valid_rmse_after") if k in fit}}
     metrics_out["slices"] = slices(run, test, labels, scores, retrieval, cfg)
     metrics_out["gates"] = {"ranker": model.spec.config.ranker, "tasks": list(model.tasks), "weights": mean_gates.tolist()}
     if model.has_prior:  # the towers' score includes beta log(1 + clicks) (training.prior), as in the index

@@ -19,7 +19,6 @@ The deployed prior counts the clicks of train + valid, the data the test rows an
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -28,7 +27,7 @@ import polars as pl
 import torch
 
 from recsys.config import Config
-from recsys.model import RecsysModel, load_model, model_state_dict, save_model
+from recsys.model import RecsysModel, load_model, model_state_dict, resave_model
 from recsys.rundir import RunDir
 from training.evaluate import all_item_states, load_content
 from training.retrieval import known_clicks, rank_catalogue, retrieval_section
@@ -104,10 +103,7 @@ def apply_prior(run: RunDir, choice: dict[str, Any]) -> None:
     model = load_model(run.model)
     counts = click_counts(known_clicks(run), model.spec.n_items)
     model.set_popularity_prior(choice["beta"], counts)
-    saved = json.loads((run.model / "model.json").read_text())
-    spec_keys = set(model.spec.to_json()) | {"version"}
-    meta = {k: v for k, v in saved.items() if k not in spec_keys}
-    save_model(model, run.model, {**meta, "popularity_prior": {**choice, "counts": "clicks of train + valid"}})
+    resave_model(model, run.model, {"popularity_prior": {**choice, "counts": "clicks of train + valid"}})
     log.info("popularity prior beta %g set in %s", choice["beta"], run.model)
 
 

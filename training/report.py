@@ -208,6 +208,14 @@ def section_rating(metrics: dict[str, Any]) -> str:
         f"{_fmt(dist.get('predicted_mean'))} (sd {_fmt(dist.get('predicted_std'))}). A predicted spread much "
         "narrower than the true one means the head mostly predicts the average."
     )
+    calibration = metrics.get("rating_calibration")
+    if calibration:
+        note += (
+            f" Predictions are calibrated: r &rarr; {_fmt(calibration.get('center'))} + {_fmt(calibration.get('slope'))} (r &minus; "
+            f"{_fmt(calibration.get('center'))}), the train split's mean rating and a slope fitted on "
+            f"{calibration.get('valid_rows', '?')} rated valid rows (valid RMSE {_fmt(calibration.get('valid_rmse_before'))} &rarr; "
+            f"{_fmt(calibration.get('valid_rmse_after'))}; <code>train.rating_calibration</code>)."
+        )
     return f"<h2>Rating distribution</h2><p class='muted'>{note}</p>{_img(fig, 'rating histogram')}"
 
 

@@ -38,6 +38,7 @@ from training.distributed.checkpoint import save_checkpoint as save_sharded_chec
 from training.distributed.launch import in_torchrun, launch
 from training.distributed.process_group import DistContext, destroy_process_group, gather_to_rank0, init_process_group
 from training.distributed.sharding import keyed_optimizer, load_unsharded_state, shard_model, unwrap
+from training.calibration import calibrate_ratings
 from training.prior import apply_prior, choose_prior
 from training.epochs import (
     add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
@@ -332,14 +333,16 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
                 log.info("early stopping after epoch %d: no improvement for %d epochs", epoch, cfg.train.patience)
         dist.barrier()  # model.safetensors is written before any rank goes on
 
-    prior = None
+    prior = calibration = None
     if ctx.is_main:
         prior = choose_prior(run, cfg)
         if prior is not None:
             apply_prior(run, prior)
+        calibration = calibrate_ratings(run, cfg)
     summary = {
         **epochs_summary(state, resumed_from),
         **({"popularity_prior": prior} if prior is not None else {}),
+        **({"rating_calibration": calibration} if calibration is not None else {}),
         "train_rows": train_rows,
         "train_read": "in memory" if isinstance(data.train, dict) else f"in chunks of {data.train.chunk_rows} file rows per rank (train.memory_budget_mb)",
         "train_rows_left_out": _file_rows(run.data / "train.parquet") - train_rows,  # the n % N tail

@@ -31,6 +31,7 @@ from recsys.errors import ConfigError
 from recsys.model import RecsysModel, model_state_dict, save_model
 from recsys.rundir import RunDir, atomic_path, read_json, write_json
 from training.data import StreamedSplit, TrainingData, batches, concat_splits, load_training_data
+from training.calibration import calibrate_ratings
 from training.prior import apply_prior, choose_prior, user_state_recall
 from training.warm_start import warm_start
 from training.epochs import (
@@ -348,11 +349,13 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
     refit = refit_on_valid(run, data, cfg, state) if cfg.train.refit else None
     if prior is not None:
         apply_prior(run, prior)
+    calibration = calibrate_ratings(run, cfg)
     summary = {
         **epochs_summary(state, resumed_from),
         **({"weight_average": averaged} if averaged else {}),
         **({"refit": refit} if refit else {}),
         **({"popularity_prior": prior} if prior is not None else {}),
+        **({"rating_calibration": calibration} if calibration is not None else {}),
         "train_rows": len(data.train["click"]),
         "train_read": "in memory" if isinstance(data.train, dict) else f"in chunks of {data.train.chunk_rows} rows (train.memory_budget_mb)",
         "valid_rows": len(data.valid["click"]) if data.valid else 0,
