@@ -91,6 +91,8 @@ def test_calibration_is_fitted_on_valid_about_the_train_mean_and_never_reads_tes
     np.testing.assert_allclose(rescored, np.clip(fit["center"] + fit["slope"] * (predicted - fit["center"]), 1, 5), atol=1e-5)
     meta = json.loads((rated_run.model / "model.json").read_text())
     assert meta["rating_calibration_fit"]["valid_rows"] == 200
+    assert calibrate_ratings(rated_run, rated_run.config()) == fit  # a second fit (a resume after the last epoch) refits the head, not the calibrated scores
+    assert load_model(rated_run.model).spec.rating_calibration == (fit["center"], fit["slope"])
 
 
 @pytest.mark.parametrize("setting", ["train.rating_calibration=off", "train.refit=true"])

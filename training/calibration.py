@@ -62,6 +62,7 @@ def calibrate_ratings(run: RunDir, cfg: Config) -> dict[str, Any] | None:
         return None
     if valid.height > MAX_ROWS:
         valid = valid.sample(n=MAX_ROWS, seed=cfg.train.seed)
+    model.set_rating_calibration(0.0, 1.0)  # fit on the head's own predictions: a second call (e.g. a resume after the last epoch) refits, never compounds
     predicted = score_rows(model, valid, load_content(run, model))[0]["rating"].astype(np.float64)
     true = valid["rating"].cast(pl.Float64).to_numpy()
     fitted = shrink_slope(predicted, true, center)
