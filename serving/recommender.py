@@ -283,7 +283,7 @@ class Recommender:
             log.info("ranker rows per item not kept: %d items x %d floats exceed serve.rank_cache_mb = %g", model.spec.n_items, width, budget_mb)
             return None
         ids = self.index.ids.filter(pl.col("item_idx") > 0)
-        faiss_ids, item_idx = ids["faiss_id"].to_numpy(), ids["item_idx"].to_numpy()
+        faiss_ids, item_idx = ids["faiss_id"].to_numpy(), ids["item_idx"].to_numpy(writable=True)  # torch.from_numpy wants writable memory
         rows = torch.zeros(model.spec.n_items, width)
         with torch.inference_mode():
             for start in range(0, len(faiss_ids), ITEM_BLOCK):
