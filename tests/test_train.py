@@ -257,6 +257,33 @@ def test_weight_average_is_the_running_mean_of_what_it_was_given():
     assert again.epochs == [5, 6, 7] and all(torch.equal(again.mean[k], v) for k, v in average.mean.items())
 
 
+@pytest.mark.parametrize(
+    ("overrides", "limit_mb", "expected"),
+    [
+        ([], 1024.0, True),  # auto, one process, a small model
+        (["train.refit=true"], 1024.0, False),  # auto leaves the selected model to the refit
+        ([], 0.001, False),  # auto, a model state over the limit: no second copy
+        (["train.average_weights=true"], 0.001, True),  # asked for: averaged whatever its size
+        (["train.average_weights=false"], 1024.0, False),
+    ],
+)
+def test_auto_weight_averaging_is_on_for_one_process_unless_refit_or_the_model_is_large(monkeypatch, overrides, limit_mb, expected):
+    from tests.test_model import make_model
+    from training import epochs
+
+    monkeypatch.setattr(epochs, "AVERAGE_AUTO_MAX_MB", limit_mb)
+    assert epochs.averages_weights(load_config(None, overrides), make_model()) is expected
+
+
+def test_an_explicit_average_with_more_than_one_process_is_refused(tmp_path):
+    """(The default, auto, trains sharded: tests/test_train_distributed.py runs it with --nproc 2.)"""
+    from training.train_sharded import train_sharded
+
+    run = make_run(tmp_path / "run", overrides=["train.average_weights=true"])
+    with pytest.raises(RecsysError, match="train.average_weights works with one process only"):
+        train_sharded(run, run.config(), False, 2)
+
+
 def test_weight_average_starts_at_the_first_plateau_survives_a_resume_and_replaces_the_model_only_when_better(tmp_path):
     from training.train import train
 

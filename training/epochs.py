@@ -256,6 +256,24 @@ def valid_recall(model, split: dict[str, torch.Tensor], objective: RetrievalObje
     return hits / len(rows)
 
 
+AVERAGE_AUTO_MAX_MB = 1024.0  # train.average_weights = "auto" averages models whose state is at most this (the mean holds a second copy)
+
+
+def averages_weights(cfg: Config, model: torch.nn.Module) -> bool:
+    """Whether a one-process job keeps a ``WeightAverage``: ``train.average_weights`` true, or "auto" without
+    ``train.refit`` (which replaces the selected model itself) and for a model state of at most ``AVERAGE_AUTO_MAX_MB``."""
+    setting = cfg.train.average_weights
+    if setting != "auto":
+        return bool(setting)
+    if cfg.train.refit:
+        return False
+    state_mb = sum(v.numel() * v.element_size() for v in model.state_dict().values() if isinstance(v, torch.Tensor)) / 2**20
+    if state_mb > AVERAGE_AUTO_MAX_MB:
+        log.info("train.average_weights = auto: off, the model state is %.0f MB (> %.0f MB; set it to true to average anyway)", state_mb, AVERAGE_AUTO_MAX_MB)
+        return False
+    return True
+
+
 class WeightAverage:
     """A running mean of the model's weights at the end of epochs (stochastic weight averaging, Izmailov et al., 2018).
 

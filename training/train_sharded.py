@@ -65,7 +65,7 @@ def train_sharded(run: RunDir, cfg: Config, resume: bool, nproc: int) -> dict[st
         raise ConfigError("train.loss_weights = 'gradnorm' works with one process only (its per-task gradient norms are not all-reduced); use 'uncertainty' or 'static' with --nproc > 1")
     if cfg.train.checkpoint_every_steps:
         raise ConfigError("train.checkpoint_every_steps works with one process only (the sharded job checkpoints at the end of each epoch); set it to 0 with --nproc > 1")
-    if cfg.train.average_weights:
+    if cfg.train.average_weights is True:  # "auto" is off here
         raise ConfigError("train.average_weights works with one process only (the sharded tables are not averaged across ranks); set it to false with --nproc > 1")
     if nproc > 1 and not in_torchrun():
         launch(run.root, nproc, ["--resume"] if resume else [])  # each worker runs train_worker

@@ -35,7 +35,7 @@ from training.calibration import calibrate_ratings
 from training.prior import apply_prior, choose_prior, user_state_recall
 from training.warm_start import warm_start
 from training.epochs import (
-    add_losses, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
+    add_losses, averages_weights, batch_losses, build_model, check_finite, check_resume_digest, clear_checkpoints, end_of_epoch, epoch_seed,
     epochs_summary, head_metrics, log_epoch, new_state, resume_digest, set_lr, task_weighting, train_loss_as_valid, truncate_log,
     valid_summary, reads_timestamps, RetrievalObjective, WeightAverage, selection_score, valid_recall,
 )  # fmt: skip
@@ -272,7 +272,7 @@ def refit_on_valid(run: RunDir, data: TrainingData, cfg: Config, state: dict[str
 def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Train on RUN/data (+ RUN/content) in this process; write RUN/model/ and RUN/train_log.jsonl; return the summary."""
     started = time.perf_counter()
-    if cfg.train.refit and cfg.train.average_weights:
+    if cfg.train.refit and cfg.train.average_weights is True:
         raise ConfigError("train.refit and train.average_weights both replace the selected model: set one of them")
     n_items = int(read_json(run.require(run.data / "meta.json", "prepare"))["n_items"])
     data = load_training_data(run, cfg.model.use_text, cfg.model.use_image, memory_budget_mb=cfg.train.memory_budget_mb, timestamps=reads_timestamps(cfg, n_items))
@@ -291,7 +291,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
 
     ckpt_dir = run.model / "checkpoint"
     state = new_state()
-    average = WeightAverage() if cfg.train.average_weights else None
+    average = WeightAverage() if averages_weights(cfg, model) else None
     resumed_from, position = None, None
     warm: dict[str, Any] | None = None
     if resume and (ckpt_dir / "state.json").is_file():
