@@ -256,7 +256,7 @@ def valid_recall(model, split: dict[str, torch.Tensor], objective: RetrievalObje
     return hits / len(rows)
 
 
-AVERAGE_AUTO_MAX_MB = 1024.0  # train.average_weights = "auto" averages models whose state is at most this (the mean holds a second copy)
+AVERAGE_AUTO_MAX_MB = 256.0  # train.average_weights = "auto" averages models whose state is at most this (the mean holds a second copy; the scale runs of 1M users x 1M items stay as measured)
 
 
 def averages_weights(cfg: Config, model: torch.nn.Module) -> bool:
