@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recsys import metrics  # noqa: E402
 from recsys.model import load_model  # noqa: E402
 from recsys.rundir import RunDir  # noqa: E402
 from training.calibration import shrink_slope  # noqa: E402
@@ -104,7 +105,7 @@ def measure(run: RunDir, neighbours: int, shrink: float) -> None:
     calibrated = np.clip(center + slope * (raw_test - center), lo, hi)
 
     def rmse(p):
-        return float(np.sqrt(np.mean((p - true_test) ** 2)))
+        return metrics.rmse(true_test, p)
 
     knn = knn_predictor(pl.concat([train.select("user_idx", "item_idx", "rating"), valid.select("user_idx", "item_idx", "rating")]),
                         model.spec.n_users, model.spec.n_items, neighbours, shrink)(test["user_idx"].to_numpy(), test["item_idx"].to_numpy())  # fmt: skip
@@ -113,7 +114,7 @@ def measure(run: RunDir, neighbours: int, shrink: float) -> None:
         "run": str(run.root), "calibration": {"center": center, "slope": slope}, "train_mean": mean,
         "slope_valid": shrink_slope(raw_valid, true_valid, mean), "slope_test_check": shrink_slope(raw_test, true_test, mean),
         "test_rows": test.height, "test_rmse_uncalibrated": rmse(raw_test), "test_rmse_calibrated": rmse(calibrated),
-        "test_mae_uncalibrated": float(np.mean(np.abs(raw_test - true_test))), "test_mae_calibrated": float(np.mean(np.abs(calibrated - true_test))),
+        "test_mae_uncalibrated": metrics.mae(true_test, raw_test), "test_mae_calibrated": metrics.mae(true_test, calibrated),
         "diagnostic_fitted_on_test": {
             "knn_rmse": rmse(knn), "residual_correlation": float(np.corrcoef(calibrated - true_test, knn - true_test)[0, 1]),
             "blend_rmse": {f"{w:.1f}": rmse((1 - w) * calibrated + w * knn) for w in (0.1, 0.2, 0.3, 0.4)},

@@ -157,7 +157,7 @@ class TrainConfig(_Section):
     checkpoint_every_steps: int = Field(0, ge=0)  # one process: also checkpoint every this many batches within an epoch, so --resume continues mid-epoch (0 = at the end of each epoch only)
     refit: bool = False  # one process: after model selection, train a fresh model on train + valid for the selected number of epochs (the same seed and lr per epoch) and keep that one
     rating_calibration: Literal["valid", "off"] = "valid"  # after training: ratings shrunk toward the train mean, r -> m + a (r - m), a fitted on the valid split's ratings (least squares; training.calibration); u1 RMSE in the README
-    average_weights: bool | Literal["auto"] = "auto"  # one process: also average the end-of-epoch weights from the first plateau on (SWA) and keep the mean when it validates better; auto = on unless train.refit, --nproc > 1 or a model state over training.epochs.AVERAGE_AUTO_MAX_MB (README: kept on 3 of 6 runs, better heads and RMSE where kept)
+    average_weights: bool | Literal["auto"] = "auto"  # one process: also average the end-of-epoch weights from the first plateau on (SWA) and keep the mean when it validates better; auto = on unless train.refit, --nproc > 1 or a model state over training.epochs.AVERAGE_AUTO_MAX_MB (README: kept on 4 of 6 runs, better heads and RMSE where kept)
     seed: int = 0
     nproc: int = Field(1, ge=1)
     sharding: Literal["auto", "data_parallel", "table_wise", "column_wise", "row_wise"] = "auto"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys import metrics
 from recsys.config import Config
 from recsys.model import load_model, resave_model
 from recsys.rundir import RunDir
@@ -71,7 +72,7 @@ def calibrate_ratings(run: RunDir, cfg: Config) -> dict[str, Any] | None:
     calibrated = np.clip(center + slope * (predicted - center), lo, hi)
     out = {
         "center": round(float(center), 6), "slope": round(slope, 6), "fitted_slope": round(fitted, 6), "valid_rows": valid.height,
-        "valid_rmse_before": float(np.sqrt(np.mean((predicted - true) ** 2))), "valid_rmse_after": float(np.sqrt(np.mean((calibrated - true) ** 2))),
+        "valid_rmse_before": metrics.rmse(true, predicted), "valid_rmse_after": metrics.rmse(true, calibrated),
         "fitted_on": "valid (rated rows); center: mean rating of train",
     }  # fmt: skip
     model.set_rating_calibration(out["center"], out["slope"])
