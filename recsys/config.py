@@ -11,7 +11,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -144,6 +144,8 @@ class TrainConfig(_Section):
     uniform_negatives: int = Field(256, ge=0)  # sampled softmax: catalogue items drawn uniformly per batch (through the item tower, so cold and tail items are negatives too)
     future_positives: int = Field(0, ge=0)  # full softmax, one process: also a multinomial loss over each clicked row's next N train clicks of its user (strictly later: labels, never inputs); 200: towers' recall@20 +0.020 on ML-100K u1 and +0.021 on u2, but the synthetic heads' efficiency -0.02 to -0.08 over 3 seeds (README), hence 0 = off
     future_weight: float = Field(1.0, ge=0)  # weight of that multinomial term beside the next-item softmax
+    set_weight: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"  # full softmax, one process: also a user-level multinomial each step: each clicked user's state, built from a random part of their train clicks, scores the rest (train.set_holdout of them; Mult-DAE's task, as test asks the state at the end of the known data for held-out items); train clicks only, as inputs and labels; auto = AUTO_SET_WEIGHT of training.epochs on data without impressions, else 0 (README: ML-100K u1 towers' recall@20 0.240 -> 0.285, the synthetic heads lower); 0 = off
+    set_holdout: float = Field(0.2, gt=0, lt=1)  # the share of a user's train clicks that the set term holds out as its labels (the rest, up to data.history_len, is the state's history)
     selection_recall_k: int = Field(20, ge=1)  # model selection also weighs valid recall@K of the towers (0 rows: losses only)
     selection_recall_rows: int = Field(2000, ge=0)  # clicked valid rows that measure it (a fixed sample)
     selection_recall: Literal["next_item", "user_state"] = "next_item"  # next_item: each clicked valid row scored from its own history; user_state (one process): each user's state at the end of train against their valid clicks, as test is measured (at most selection_recall_rows users)

@@ -147,6 +147,25 @@ def full_softmax_loss(
     return loss + future_weight * multinomial
 
 
+def set_softmax_loss(user_vec: torch.Tensor, catalogue: torch.Tensor, temperature: float, targets: tuple[torch.Tensor, torch.Tensor], masked: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A multinomial over held-out items: ``user_vec (U, d)`` against ``catalogue (N, d)`` (row 0 never a candidate).
+
+    ``targets = (rows, item_idx)``: each row's held-out items, the labels; ``masked = (rows,
+    item_idx)``: items that are neither candidates nor labels (the user's items that the state
+    was built from, or left out of both). Minus the mean log-softmax of each row's labels,
+    averaged over rows (Mult-VAE's likelihood). A row without labels counts 0.
+    """
+    logits = user_vec @ catalogue.T / temperature  # (U, N)
+    hidden = torch.zeros_like(logits, dtype=torch.bool)
+    hidden[:, 0] = True
+    hidden[masked[0], masked[1]] = True
+    is_target = torch.zeros_like(hidden)
+    is_target[targets[0], targets[1]] = True
+    log_p = torch.log_softmax(logits.masked_fill(hidden & ~is_target, float("-inf")), dim=1)
+    per_row = log_p.masked_fill(~is_target, 0.0).sum(1) / is_target.sum(1).clamp(min=1)
+    return -per_row.mean()
+
+
 def mixed_log_q(item_counts: torch.Tensor, candidates_per_batch: float, uniform: int) -> torch.Tensor:
     """log of each item's expected count among a batch's candidates: ``C q(item) + S / N`` (in-batch share plus uniform draws)."""
     counts = item_counts.double().clamp(min=1.0)

@@ -329,16 +329,19 @@ class RecsysModel(nn.Module):
         return torch.where(n > 0, self.content_proj(torch.cat(parts, dim=-1)), torch.zeros(()))
 
     # -- public surface ----------------------------------------------------------------
-    def user_state(self, user_idx: torch.Tensor, history: torch.Tensor, history_content: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def user_state(
+        self, user_idx: torch.Tensor, history: torch.Tensor, history_content: torch.Tensor | None = None, history_sums: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 -> what ``rank`` needs of the user (``user_vec`` (B, d) among it).
 
         ``history_content (B, C)``: the mean content vector of the history items, ``mean_content``
         of the catalogue's content vectors (the service adds those of items added live), for a
         model that reads it (``content_history``). Without it every history item counts as an
         item without content (the stand-ins), as ``item_state`` treats candidates given no content.
+        ``history_sums``: instead of it, the history's raw content sums (``training.data.history_content_sums``), as in training.
         """
         if self.content_history and history_content is None:
-            history_content = self._history_content_from_sums({"history": history})
+            history_content = self._history_content_from_sums({"history": history, **(history_sums or {})})
         pooled, users, _, looked_up = self._pooled(user_idx, history, None)
         return self._user_state(pooled, users, looked_up, history_content if self.content_history else None)
 
@@ -360,12 +363,14 @@ class RecsysModel(nn.Module):
         pooled, _, items, _ = self._pooled(None, None, item_idx)
         return self._item_state(pooled, items, text, text_mask, image, image_mask, item_vec, content_vec)
 
-    def user_vectors(self, user_idx: torch.Tensor, history: torch.Tensor, history_content: torch.Tensor | None = None) -> torch.Tensor:
-        """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 (``history_content`` as in ``user_state``) -> ``(B, d)``, L2-normalised.
+    def user_vectors(
+        self, user_idx: torch.Tensor, history: torch.Tensor, history_content: torch.Tensor | None = None, history_sums: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``user_idx (B,)``, ``history (B, L)`` int64 padded with 0 (``history_content``, ``history_sums`` as in ``user_state``) -> ``(B, d)``, L2-normalised.
 
         With ``model.item_bias``: ``(B, d + 1)``, a constant 1 last, so that ``user_vec @ item_vec`` is cosine + the item's bias.
         """
-        return self.user_state(user_idx, history, history_content)["user_vec"]
+        return self.user_state(user_idx, history, history_content, history_sums)["user_vec"]
 
     def item_vectors(
         self,

@@ -412,6 +412,66 @@ def test_later_positives_are_the_users_next_train_clicks_strictly_after_the_row(
     assert no_times.future == 0
 
 
+def test_set_softmax_is_the_multinomial_of_the_held_out_items_with_the_others_masked():
+    from recsys.losses import set_softmax_loss
+
+    torch.manual_seed(6)
+    users, catalogue = torch.randn(2, 8), torch.randn(6, 8)  # row 0 = padding
+    targets = (torch.tensor([0, 0, 1]), torch.tensor([2, 5, 3]))
+    masked = (torch.tensor([0, 0, 1, 1]), torch.tensor([1, 4, 3, 2]))  # row 1 masks its own label 3: the label wins
+    loss = set_softmax_loss(users, catalogue, 0.5, targets, masked)
+    logits = (users @ catalogue.T / 0.5).tolist()
+
+    def log_softmax(row, allowed, at):
+        return logits[row][at] - math.log(sum(math.exp(logits[row][j]) for j in allowed))
+
+    row0 = [log_softmax(0, [2, 3, 5], j) for j in (2, 5)]
+    row1 = log_softmax(1, [1, 3, 4, 5], 3)
+    assert abs(loss.item() - (-(sum(row0) / 2) - row1) / 2) < 1e-4
+
+
+def test_set_examples_hold_out_part_of_each_users_train_clicks_and_build_the_state_from_the_rest():
+    from recsys.config import load_config
+    from training.epochs import RetrievalObjective
+
+    clicked = {1: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 2: [13], 3: [14, 15, 16]}  # user 2 has one click: no example
+    users = [u for u, items in clicked.items() for _ in items]
+    train = {"user_idx": torch.tensor(users + [1]), "item_idx": torch.tensor(sum(clicked.values(), []) + [2]), "click": torch.tensor([1.0] * len(users) + [0.0])}
+    cfg = load_config(None, ["train.set_weight=1", "train.set_holdout=0.3", "data.history_len=4"])
+    objective = RetrievalObjective(cfg, train, 17, {})
+    assert "set term" in objective.describe()
+    torch.manual_seed(0)
+    kept, history, targets, masked = objective.set_examples(torch.tensor([1, 2, 3]))
+    assert kept.tolist() == [1, 3]
+    for row, user in enumerate((1, 3)):
+        labels = targets[1][targets[0] == row].tolist()
+        hidden = masked[1][masked[0] == row].tolist()
+        inputs = [i for i in history[row].tolist() if i]
+        assert len(labels) == {1: 3, 3: 1}[user]  # round(0.3 n), at least one
+        assert sorted(labels + hidden) == clicked[user]  # every train click is a label or masked, none both
+        assert len(inputs) == min(4, len(clicked[user]) - len(labels)) and set(inputs) <= set(hidden)  # the state's history: non-labels only
+        assert 2 not in labels + hidden + inputs  # a shown, not clicked row is no positive
+    torch.manual_seed(1)
+    again = objective.set_examples(torch.tensor([1, 2, 3]))
+    assert again[2][1].tolist() != targets[1].tolist()  # a fresh random split each step
+    sampled = RetrievalObjective(load_config(None, ["train.set_weight=1", "train.retrieval_softmax=sampled"]), train, 17, {})
+    assert sampled.set_weight == 0  # it extends the full softmax only
+
+
+def test_set_weight_auto_is_on_for_data_without_impressions_only():
+    from recsys.config import load_config
+    from training.epochs import AUTO_SET_WEIGHT, RetrievalObjective, set_term_weight
+
+    auto, explicit, off = load_config(None, []), load_config(None, ["train.set_weight=0.5"]), load_config(None, ["train.set_weight=0"])
+    assert auto.train.set_weight == "auto" and AUTO_SET_WEIGHT > 0
+    assert set_term_weight(auto, {"impressions": False}) == AUTO_SET_WEIGHT
+    assert set_term_weight(auto, {"impressions": True}) == 0.0 and set_term_weight(auto, None) == 0.0
+    assert set_term_weight(explicit, {"impressions": True}) == 0.5 and set_term_weight(off, {"impressions": False}) == 0.0
+    train = {"user_idx": torch.tensor([1, 1, 2]), "item_idx": torch.tensor([3, 4, 5]), "click": torch.tensor([1.0, 1, 1])}
+    assert RetrievalObjective(auto, train, 6, {}, {"impressions": False}).set_weight == AUTO_SET_WEIGHT
+    assert RetrievalObjective(auto, train, 6, {}, {"impressions": True}).set_weight == 0.0
+
+
 def test_mixed_log_q_is_the_expected_count_of_in_batch_plus_uniform_candidates():
     from recsys.losses import mixed_log_q
 

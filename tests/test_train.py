@@ -380,6 +380,20 @@ def test_refit_and_weight_averaging_are_refused_together(tmp_path):
         train(make_run(tmp_path / "run", overrides=["train.refit=true", "train.average_weights=true"]))
 
 
+def test_set_weight_adds_the_held_out_multinomial_to_training_only(tmp_path):
+    from training.train import train
+
+    lines = {}
+    for weight in (0, 1):
+        run = make_run(tmp_path / f"run{weight}", overrides=["train.epochs=1", f"train.set_weight={weight}"])
+        train(run)
+        (lines[weight],) = read_log(run)
+    # training adds minus the mean log-probability of each user's held-out clicks (about log of the catalogue);
+    # validation measures the rows' own next-item loss, unchanged by the term apart from what it trained
+    assert lines[1]["train_loss"]["retrieval"] > lines[0]["train_loss"]["retrieval"] + 1.0, lines
+    assert abs(lines[1]["valid_loss"]["retrieval"] - lines[0]["valid_loss"]["retrieval"]) < 1.0, lines
+
+
 def test_future_positives_add_the_multinomial_term_of_later_clicks_to_the_retrieval_loss(tmp_path):
     from training.train import train
 

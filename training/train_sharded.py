@@ -278,7 +278,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
     log_q = cfg.train.logq_correction * log_q_from_counts(item_rows if cfg.train.retrieval_negatives == "all_rows" else item_clicks)
     train_rows = int(item_rows.sum())
     if ctx.is_main and (cfg.train.retrieval_softmax != "sampled" or cfg.train.uniform_negatives):
-        log.info("the N-process job trains the towers on in-batch negatives across ranks (train.retrieval_softmax, train.uniform_negatives and train.future_positives apply to one process)")
+        log.info("the N-process job trains the towers on in-batch negatives across ranks (train.retrieval_softmax, train.uniform_negatives, train.future_positives and train.set_weight apply to one process)")
     if ctx.is_main:
         log.info(
             "train: %d rows on %d ranks (%d each, global batch %d), valid: %d rows, tasks %s, sharding %s (plan in %s)",
@@ -349,6 +349,7 @@ def _train_sharded_worker(run: RunDir, cfg: Config, resume: bool, ctx: DistConte
         "valid_rows": data.valid_rows,
         "tasks": list(tasks),
         "modalities": {"text": unwrap(dmp).use_text, "image": unwrap(dmp).use_image},
+        "retrieval_objective": "in-batch softmax across ranks (log-q corrected)",
         "processes": ctx.world_size,
         "sharding": cfg.train.sharding,
         "sharding_plan": str(run.model / "sharding_plan.txt"),

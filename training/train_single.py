@@ -255,7 +255,7 @@ def refit_on_valid(run: RunDir, data: TrainingData, cfg: Config, state: dict[str
     fuse_tables(model, cfg.train.embedding_lr)
     weighting = task_weighting(model.tasks, cfg)
     dense_opt = torch.optim.Adam(model.dense_parameters() + list(weighting.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    objective = RetrievalObjective(cfg, both.train, model.spec.n_items, both.content)
+    objective = RetrievalObjective(cfg, both.train, model.spec.n_items, both.content, both.meta)
     log.info("train.refit: %d train + %d valid rows, %d epoch(s) (the selected count)", len(data.train["click"]), len(data.valid["click"]), epochs)
     global_step = 0
     for epoch in range(1, epochs + 1):
@@ -280,7 +280,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
     fuse_tables(model, cfg.train.embedding_lr)
     weighting = task_weighting(model.tasks, cfg)
     dense_opt = torch.optim.Adam(model.dense_parameters() + list(weighting.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    objective = RetrievalObjective(cfg, data.train, model.spec.n_items, data.content)
+    objective = RetrievalObjective(cfg, data.train, model.spec.n_items, data.content, data.meta)
     log.info(
         "train: %d rows, valid: %d rows, tasks %s, text %s, image %s, ranker %s over %s, retrieval: %s",
         len(data.train["click"]), len(data.valid["click"]) if data.valid else 0, ",".join(model.tasks),
@@ -361,6 +361,7 @@ def train_single(run: RunDir, cfg: Config, resume: bool = False) -> dict[str, An
         "valid_rows": len(data.valid["click"]) if data.valid else 0,
         "tasks": list(model.tasks),
         "modalities": {"text": model.use_text, "image": model.use_image},
+        "retrieval_objective": objective.describe(),
         "samples_per_s": float(np.mean(rates)) if rates else None,
         "seconds": time.perf_counter() - started,
         **({"warm_start": warm} if warm else {}),
