@@ -92,6 +92,7 @@ def make_run(root: Path, tasks: tuple[str, ...] = ALL_TASKS, ann_recall: float |
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunDir, dict]:
     run = make_run(tmp_path_factory.mktemp("full") / "run")
+    run.record("train", {"retrieval_objective": "full softmax over the catalogue + the set term (weight 1, 20% of each user's train clicks held out)"})
     return run, evaluate(run)
 
 
@@ -237,6 +238,9 @@ def test_report_md_shows_this_runs_metrics_and_the_summary_its_counts(full_run):
     assert f"| Click log loss | {metrics['click']['logloss']:.3f} |" in report_md
     assert f"90 test rows, {metrics['counts']['retrieval_users']} users in the retrieval metrics, {N_ITEMS} catalogue items." in report_md
     assert "<h2>Retrieval</h2>" in run.report_html.read_text()
+    # what the towers trained with, from RUN/summary.json, in metrics.json and the report's retrieval section
+    assert metrics["retrieval_objective"].endswith("held out)")
+    assert "The towers' training objective: full softmax over the catalogue + the set term (weight 1, 20% of each user&#x27;s train clicks held out)." in run.report_html.read_text()
     summary = read_json(run.summary_path)["evaluate"]
     assert summary["test_rows"] == 90 and summary["retrieval_users"] == metrics["counts"]["retrieval_users"]
 

@@ -386,8 +386,9 @@ def test_set_weight_adds_the_held_out_multinomial_to_training_only(tmp_path):
     lines = {}
     for weight in (0, 1):
         run = make_run(tmp_path / f"run{weight}", overrides=["train.epochs=1", f"train.set_weight={weight}"])
-        train(run)
+        summary = train(run)
         (lines[weight],) = read_log(run)
+        assert ("set term" in summary["retrieval_objective"]) == bool(weight), summary["retrieval_objective"]
     # training adds minus the mean log-probability of each user's held-out clicks (about log of the catalogue);
     # validation measures the rows' own next-item loss, unchanged by the term apart from what it trained
     assert lines[1]["train_loss"]["retrieval"] > lines[0]["train_loss"]["retrieval"] + 1.0, lines

@@ -107,6 +107,9 @@ def evaluate(run: RunDir, compare: list[Path] | None = None) -> dict[str, Any]:
     if model.has_prior:  # the towers' score includes beta log(1 + clicks) (training.prior), as in the index
         prior = read_json(run.model / "model.json").get("popularity_prior", {})
         metrics_out["retrieval_prior"] = {"beta": prior.get("beta"), "chosen_on": prior.get("chosen_on")}
+    objective = (read_json(run.summary_path).get("train", {}) if run.summary_path.is_file() else {}).get("retrieval_objective")
+    if objective:  # what the towers were trained with (training.epochs.RetrievalObjective.describe), for the report
+        metrics_out["retrieval_objective"] = objective
     metrics_out["counts"] = {
         "test_rows": test.height,
         "retrieval_users": int(retrieval.user_idx.size),

@@ -262,6 +262,7 @@ def section_retrieval(metrics: dict[str, Any]) -> str:
         "or valid are excluded, and the user's clicked test items that are not re-clicks are relevant. The served row "
         "re-orders the towers' top <code>serve.candidates</code> by the ranker's blended score, as the service does. "
         f"{_prior_sentence(metrics.get('retrieval_prior'))}"
+        f"{_objective_sentence(metrics.get('retrieval_objective'))}"
         f"{counts.get('retrieval_users', '?')} users evaluated{_sampled(counts)} ({counts.get('retrieval_users_without_relevant', 0)} more had "
         "only re-clicks of training items). Coverage is the share of the catalogue recommended to anyone; the exposure "
         "Gini (0 = even, 1 = one item gets everything) and the mean log(1 + train clicks) of recommended items "
@@ -278,6 +279,11 @@ def _prior_sentence(prior: dict[str, Any] | None) -> str:
         f"The towers' score adds a popularity prior, {prior['beta']:g} &times; log(1 + train and valid clicks of the item) "
         f"(beta chosen on: {html.escape(str(prior.get('chosen_on')))}). "
     )
+
+
+def _objective_sentence(objective: str | None) -> str:
+    """What the towers were trained with (RUN/summary.json ``train.retrieval_objective``), when recorded."""
+    return f"The towers' training objective: {html.escape(objective)}. " if objective else ""
 
 
 def baseline_rows(metrics: dict[str, Any], ks: list[int]) -> list[tuple[str, list[Any], str]]:
