@@ -142,9 +142,16 @@ def full_softmax_loss(
     targets[rows.unsqueeze(1).expand_as(future), future] = True
     targets[:, 0] = False
     targets[rows, positive_item] = True
-    log_p = torch.log_softmax(logits.masked_fill(masked & ~targets, float("-inf")), dim=1)
-    multinomial = -(log_p.masked_fill(~targets, 0.0).sum(1) / targets.sum(1)).mean()
-    return loss + future_weight * multinomial
+    return loss + future_weight * multinomial_loss(logits, masked, targets)
+
+
+def multinomial_loss(logits: torch.Tensor, hidden: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
+    """Minus the mean log-softmax of each row's targets, averaged over rows (Mult-VAE's likelihood).
+
+    ``logits (P, N)``; ``hidden (P, N)``: not candidates unless a target; ``is_target (P, N)``. A row without targets counts 0.
+    """
+    log_p = torch.log_softmax(logits.masked_fill(hidden & ~is_target, float("-inf")), dim=1)
+    return -(log_p.masked_fill(~is_target, 0.0).sum(1) / is_target.sum(1).clamp(min=1)).mean()
 
 
 def set_softmax_loss(user_vec: torch.Tensor, catalogue: torch.Tensor, temperature: float, targets: tuple[torch.Tensor, torch.Tensor], masked: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -153,7 +160,7 @@ def set_softmax_loss(user_vec: torch.Tensor, catalogue: torch.Tensor, temperatur
     ``targets = (rows, item_idx)``: each row's held-out items, the labels; ``masked = (rows,
     item_idx)``: items that are neither candidates nor labels (the user's items that the state
     was built from, or left out of both). Minus the mean log-softmax of each row's labels,
-    averaged over rows (Mult-VAE's likelihood). A row without labels counts 0.
+    averaged over rows (``multinomial_loss``). A row without labels counts 0.
     """
     logits = user_vec @ catalogue.T / temperature  # (U, N)
     hidden = torch.zeros_like(logits, dtype=torch.bool)
@@ -161,9 +168,7 @@ def set_softmax_loss(user_vec: torch.Tensor, catalogue: torch.Tensor, temperatur
     hidden[masked[0], masked[1]] = True
     is_target = torch.zeros_like(hidden)
     is_target[targets[0], targets[1]] = True
-    log_p = torch.log_softmax(logits.masked_fill(hidden & ~is_target, float("-inf")), dim=1)
-    per_row = log_p.masked_fill(~is_target, 0.0).sum(1) / is_target.sum(1).clamp(min=1)
-    return -per_row.mean()
+    return multinomial_loss(logits, hidden, is_target)
 
 
 def mixed_log_q(item_counts: torch.Tensor, candidates_per_batch: float, uniform: int) -> torch.Tensor:
