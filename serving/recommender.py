@@ -31,7 +31,7 @@ from recsys.candidates import SOURCES, ItemNeighbours, distinct_recent, item_ite
 from recsys.config import Config
 from recsys.errors import RecsysError, RunError
 from recsys.events import COLUMNS as EVENT_COLUMNS
-from recsys.history import pad_sequences, padded_history
+from recsys.history import pad_sequences
 from recsys.model import RecsysModel, load_model
 from recsys.ranking import score_candidates
 from recsys.rundir import RunDir, read_json, sha256_file
@@ -117,11 +117,19 @@ def decode_image_base64(value: str) -> bytes:
 class Behaviour:
     """Per-user stored behaviour, dense by user_idx (row 0 = unknown user)."""
 
-    history: np.ndarray  # (U+1, L) int64: last L clicked item_idx over all splits, oldest first, 0-padded
     seen_ptr: np.ndarray  # (U+2,) CSR offsets into seen_items
-    seen_items: np.ndarray  # item_idx of every item the user interacted with (not sampled negatives)
+    seen_items: np.ndarray  # item_idx of every item the user clicked over all splits, each user's oldest first (not sampled negatives)
     popular: np.ndarray  # item_idx by descending click count
+    history_len: int  # L: the model's history is a user's last L clicks
     data_cut: int = 0  # the latest timestamp in the run's data: live events after it are news to this run
+
+    def seen(self, user_idx: int) -> np.ndarray:
+        """Every item ``user_idx`` clicked, oldest first (empty for row 0, the unknown user)."""
+        return self.seen_items[self.seen_ptr[user_idx] : self.seen_ptr[user_idx + 1]] if user_idx else np.zeros(0, dtype=np.int64)
+
+    def history(self, user_idx: int) -> np.ndarray:
+        """The user's last ``history_len`` clicks, oldest first: the history the model reads (a view, no copy)."""
+        return self.seen(user_idx)[-self.history_len :]
 
 
 def _interaction_frames(run: RunDir) -> list[Path]:
@@ -154,12 +162,8 @@ def load_behaviour(run: RunDir, n_users: int, history_len: int) -> Behaviour:
     np.add.at(seen_ptr, user_idx + 1, 1)
     seen_ptr = np.cumsum(seen_ptr)
 
-    clicks = positives.group_by("user_idx", maintain_order=True).agg("item_idx")  # per user, oldest first
-    history = np.zeros((n_users, history_len), dtype=np.int64)
-    history[clicks["user_idx"].to_numpy()] = padded_history(clicks["item_idx"], history_len)  # the last L clicks
-
     counts = positives.group_by("item_idx").len().sort(["len", "item_idx"], descending=[True, False])
-    return Behaviour(history, seen_ptr, item_idx, counts["item_idx"].to_numpy(), int(data_cut))
+    return Behaviour(seen_ptr, item_idx, counts["item_idx"].to_numpy(), history_len, int(data_cut))
 
 
 def id_lookup(ids: pl.Series) -> tuple[dict[Any, int], bool]:
@@ -339,7 +343,7 @@ class Recommender:
                 warnings.append(f"user_id {user_id!r} is not in the trained run: recommending from its {len(live)} live click(s)")
             elif user_idx == 0:
                 warnings.append(f"unknown user_id {user_id!r}: recommending from the request history or popular items")
-        stored = self.behaviour.history[user_idx] if user_idx else np.zeros(0, dtype=np.int64)
+        stored = self.behaviour.history(user_idx)
         stored = stored[stored > 0]  # item_idx == faiss id for catalogue items
         live_ids = self.index.faiss_ids_of(live)  # items this index does not hold (a reload to another catalogue) are skipped
         request_ids, unknown = self._history_ids(history or [])
@@ -464,8 +468,7 @@ class Recommender:
         return one_user_union(candidates, seen, cooccurrence, serve.cooccurrence_candidates, self.behaviour.popular, serve.popular_candidates)
 
     def _seen(self, user_idx: int) -> np.ndarray:
-        ptr = self.behaviour.seen_ptr
-        return self.behaviour.seen_items[ptr[user_idx] : ptr[user_idx + 1]] if user_idx else np.zeros(0, dtype=np.int64)
+        return self.behaviour.seen(user_idx)
 
     def _popular(self, n: int, seen: np.ndarray) -> np.ndarray:
         return top_unseen(self.behaviour.popular, seen, n)

@@ -172,7 +172,7 @@ def recommended(client: TestClient, **request) -> list[dict]:
 def test_known_user_history_is_their_last_clicks_over_all_splits_oldest_first(template_run):
     recommender = Recommender.load(template_run)
     user_idx = recommender.user_row["u3"]
-    assert recommender.behaviour.history[user_idx].tolist() == [4, 5, 6, 7, 8]  # clicks 3..8, last 5 (test split included)
+    assert recommender.behaviour.history(user_idx).tolist() == [4, 5, 6, 7, 8]  # clicks 3..8, last 5 (test split included)
 
 
 def test_sampled_negatives_are_not_part_of_the_history_or_the_seen_set(template_run):
@@ -192,7 +192,7 @@ def test_served_scores_equal_the_evaluation_pass_for_the_same_user_and_items(tem
     item_idx = torch.from_numpy(recommender.index.item_idx(faiss_ids))
     content = load_content(template_run, recommender.model)
     batch = {"user_idx": torch.full((len(item_idx),), user_idx), "item_idx": item_idx,
-             "history": torch.from_numpy(recommender.behaviour.history[user_idx]).expand(len(item_idx), -1)}
+             "history": torch.from_numpy(recommender.behaviour.history(user_idx).copy()).expand(len(item_idx), -1)}
     for modality in ("text", "image"):
         if f"{modality}_mask" in content and getattr(recommender.model, f"use_{modality}"):
             batch[modality] = content[modality][item_idx]
