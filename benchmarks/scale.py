@@ -72,14 +72,14 @@ def one_size(rows: int, items: int, out: Path, overrides: list[str]) -> dict:
     return result
 
 
-def prepare_only(rows: int, items: int, out: Path) -> dict:
+def prepare_only(rows: int, items: int, out: Path, history_len: int) -> dict:
     """``recsys prepare`` alone on benchmarks/pipeline.py's generated impressions (~100 per user)."""
     from benchmarks.pipeline import generate
 
     data, run_dir, log = out / f"data_prepare_{rows}", out / f"run_prepare_{rows}", out / f"log_prepare_{rows}.txt"
     if not (data / "interactions.parquet").is_file():
         generate(data, rows, items, events_per_user=100, seed=0)
-    run = RunDir.create(run_dir, load_config(None, ["embed.text_model=none"]), data)
+    run = RunDir.create(run_dir, load_config(None, ["embed.text_model=none", f"data.history_len={history_len}"]), data)
     measured = child(["-m", "recsys", "prepare", "--run", str(run.root)], log)
     print(f"{rows:>11,} rows  prepare alone  {measured['seconds']:8.1f} s  {measured['peak_rss_mb']:7,} MB" + ("" if measured["rc"] == 0 else f"  FAILED rc={measured['rc']}"), flush=True)
     return {"rows": rows, "items": items, **measured}
@@ -93,14 +93,15 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/recsys-scale", help="datasets and runs (kept: reruns reuse the datasets)")
     parser.add_argument("--text", choices=["none", "minilm"], default="none")
     parser.add_argument("--eval-users", type=int, default=10_000, help="eval.max_eval_users: the retrieval metrics on a uniform sample of this many test users (0 = all)")
+    parser.add_argument("--history-len", type=int, default=50, help="data.history_len of every run (the curve in docs/scaling.md was measured at 50, the default before it became 100)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides for the runs")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = ["train.epochs=1", f"embed.text_model={args.text}", f"eval.max_eval_users={args.eval_users}", *args.set]
+    overrides = ["train.epochs=1", f"embed.text_model={args.text}", f"eval.max_eval_users={args.eval_users}", f"data.history_len={args.history_len}", *args.set]
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     runs = [one_size(rows, args.items, out, overrides) for rows in sizes]
-    prepare = prepare_only(args.prepare_rows, args.items, out) if args.prepare_rows else None
+    prepare = prepare_only(args.prepare_rows, args.items, out, args.history_len) if args.prepare_rows else None
 
     done = [r for r in runs if "failed_at" not in r]
     by_rows = {r["rows"]: r for r in done}

@@ -63,7 +63,7 @@ def main() -> None:
     out: dict[str, object] = {"rows": args.rows, "items": args.items, "budget_mb": args.budget_mb}
     runs = {}
     for name, budget in (("in_memory", 0), ("chunks", args.budget_mb)):
-        cfg = load_config(None, ["train.epochs=1", "train.batch_size=4096", "eval.baseline_mf=false", f"train.memory_budget_mb={budget}", "model.use_text=false", "model.use_image=false"])
+        cfg = load_config(None, ["train.epochs=1", "train.batch_size=4096", "eval.baseline_mf=false", f"train.memory_budget_mb={budget}", "model.use_text=false", "model.use_image=false", "data.history_len=50"])
         runs[name] = RunDir.create(work / name, cfg, work / "data").root
     prepared = child(runs["in_memory"], "run_step('prepare', run)")
     shutil.copytree(runs["in_memory"] / "data", runs["chunks"] / "data", dirs_exist_ok=True)  # the same prepared rows

@@ -48,7 +48,7 @@ class DataConfig(_Section):
     valid_fraction: float = Field(0.1, ge=0, lt=1)  # temporal: share of events (by time) in valid
     test_fraction: float = Field(0.1, gt=0, lt=1)
     leave_last_n: int = 1  # leave_last: the last n events of each user go to test, the n before to valid
-    history_len: int = Field(50, ge=1)  # L: item indices strictly before the event
+    history_len: int = Field(100, ge=1)  # L: item indices strictly before the event (the user tower pools them all; the set term draws its states from up to L train clicks); 100 against 50: ML-100K u1 towers' NDCG@20 +0.010 to +0.016 on 3 seeds, u2 +0.012, recall@20 within 0.004; synthetic (3 seeds) click and cold-item efficiency up, recall@20 -0.006 (README)
     negatives_per_positive: int = Field(4, ge=0)  # only when the data has no impressions (no click column)
     negative_alpha: float = 0.75  # sampling probability ∝ popularity^alpha
     seed: int = 0
