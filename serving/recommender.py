@@ -356,11 +356,11 @@ class Recommender:
         item_item_history = np.zeros(0, dtype=np.int64)
         if self.neighbours is not None:  # all the user's clicks, as the evaluation reads train + valid (not the towers' last history_len)
             fresh_idx = clicked_idx[len(stored) :]
-            item_item_history = distinct_recent(np.concatenate([self._seen(user_idx), fresh_idx[fresh_idx > 0]]), serve.cooccurrence_recent)
+            item_item_history = distinct_recent(np.concatenate([self.behaviour.seen(user_idx), fresh_idx[fresh_idx > 0]]), serve.cooccurrence_recent)
         return Prepared(
             k=k, user_idx=user_idx, model_history=model_history, item_item_history=item_item_history,
             content_history=clicked[-self.history_len :],  # added items count through their content
-            seen=np.union1d(self._seen(user_idx), fresh), source="user" if user_idx else ("history" if len(fresh) else "popular"),
+            seen=np.union1d(self.behaviour.seen(user_idx), fresh), source="user" if user_idx else ("history" if len(fresh) else "popular"),
             warnings=warnings, prepare_s=time.perf_counter() - started,
         )  # fmt: skip
 
@@ -466,9 +466,6 @@ class Recommender:
         """The towers' candidates plus the co-occurrence and popular quotas (``recsys.candidates.one_user_union``) -> faiss ids and source codes."""
         serve = self.cfg.serve
         return one_user_union(candidates, seen, cooccurrence, serve.cooccurrence_candidates, self.behaviour.popular, serve.popular_candidates)
-
-    def _seen(self, user_idx: int) -> np.ndarray:
-        return self.behaviour.seen(user_idx)
 
     def _popular(self, n: int, seen: np.ndarray) -> np.ndarray:
         return top_unseen(self.behaviour.popular, seen, n)

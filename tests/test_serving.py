@@ -177,7 +177,7 @@ def test_known_user_history_is_their_last_clicks_over_all_splits_oldest_first(te
 
 def test_sampled_negatives_are_not_part_of_the_history_or_the_seen_set(template_run):
     recommender = Recommender.load(template_run)
-    seen = recommender._seen(recommender.user_row["u3"]).tolist()
+    seen = recommender.behaviour.seen(recommender.user_row["u3"]).tolist()
     assert sorted(seen) == [3, 4, 5, 6, 7, 8]  # the sampled negative (item 57) is absent
 
 
@@ -271,7 +271,7 @@ def test_recommend_scores_are_the_configured_blend_sorted_descending(client, tem
     precision = np.linalg.inv(x.T @ x + 300.0 * np.eye(n_items))  # EASE by hand, lambda = serve.ease_lambda
     b = -precision / np.diag(precision)
     np.fill_diagonal(b, 0.0)
-    clicked = np.unique(recommender._seen(recommender.user_row["u5"]))
+    clicked = np.unique(recommender.behaviour.seen(recommender.user_row["u5"]))
     ease = b[clicked].sum(0) / len(clicked)  # summed over u5's clicked items, divided by their number
     assert any(abs(ease[int(item["item_id"][2:])]) > 1e-4 for item in items)  # the item-item term is not 0 everywhere
     for item in items:  # defaults: w_click 1, w_ctcvr 1, w_rating 0.5, w_retrieval 1, w_ease 1000; rating from [1, 5] and cosine from [-1, 1] to [0, 1]
